@@ -1,0 +1,154 @@
+"""Epoch-level callbacks: TensorBoard with the diagnostics, checkpoints, progress, NaN stop."""
+
+import math
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from resnet_cifar import models, tags
+from resnet_cifar.train_step import layer_sqsum
+
+
+class EpochTensorBoard(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback, with step = epoch number and the post's diagnostics.
+
+    Keras logs epoch e (0-based) at step e; we log it at e + 1 so that step 0 can
+    hold the initial state (weights before any update), as the post's curves
+    start from it. Diagnostics go to the same `train/` writer as Keras' own
+    tags; the epoch means are added to `logs` for the callbacks that follow.
+    """
+
+    def __init__(self, model_dir, per_layer_factor=False):
+        super().__init__(log_dir=model_dir, histogram_freq=0, write_graph=False,
+                         update_freq="epoch", profile_batch=0)
+        self._per_layer_factor = per_layer_factor
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if int(self.model.optimizer.iterations.numpy()) == 0:
+            self._write_initial_state()
+
+    def _layer_names(self):
+        return [layer.name for layer in models.conv_layers(self.model)]
+
+    def _write_initial_state(self):
+        sq = np.asarray(layer_sqsum(self.model), np.float32)
+        factor = self.model.conv_factor(tf.constant(sq)).numpy()
+        lr = float(tf.cast(self.model.optimizer.learning_rate, tf.float32).numpy())
+        self._write(0, sq, None, factor, lr)
+
+    def _write(self, step, sqsum, rel_step, factor, lr):
+        s = self.summary
+        names = self._layer_names()
+        with self._train_writer.as_default():
+            s.scalar(tags.CONV_SQSUM, float(np.sum(sqsum)), step=step)
+            s.scalar(tags.CONV_LR_FACTOR, float(np.mean(factor)), step=step)
+            s.scalar(tags.LEARNING_RATE, lr, step=step)
+            if rel_step is not None:
+                s.scalar(tags.CONV_RELATIVE_STEP, float(np.mean(rel_step)), step=step)
+            for i, name in enumerate(names):
+                s.scalar(tags.per_layer(tags.CONV_SQSUM, name), float(sqsum[i]), step=step)
+                if rel_step is not None:
+                    s.scalar(tags.per_layer(tags.CONV_RELATIVE_STEP, name), float(rel_step[i]), step=step)
+                if self._per_layer_factor:
+                    s.scalar(tags.per_layer(tags.CONV_LR_FACTOR, name), float(factor[i]), step=step)
+        self._train_writer.flush()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self.model.diagnostics.reset()
+
+    def on_epoch_end(self, epoch, logs=None):
+        means = self.model.diagnostics.means()
+        sq = np.asarray(layer_sqsum(self.model))
+        self._write(epoch + 1, sq, means["relative_step"], means["lr_factor"], means["learning_rate"])
+        super().on_epoch_end(epoch + 1, logs)
+        if logs is not None:
+            logs.update({tags.CONV_SQSUM: float(sq.sum()),
+                         tags.CONV_RELATIVE_STEP: float(np.mean(means["relative_step"])),
+                         tags.CONV_LR_FACTOR: float(np.mean(means["lr_factor"])),
+                         tags.LEARNING_RATE: means["learning_rate"]})
+        for writer in self._writers.values():
+            writer.flush()
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves model, optimizer accumulators and the epoch count after every epoch.
+
+    `tf.train.CheckpointManager` writes the new checkpoint's files first and only
+    then rewrites its small `checkpoint` index file, so a kill during a save
+    leaves the previous checkpoint in force. Keras' BackupAndRestore restores
+    inside `fit`, after the input pipeline exists; the trainer must know the
+    epoch before it builds the (resumable) data stream, hence this callback.
+    """
+
+    def __init__(self, manager, epoch_variable):
+        super().__init__()
+        self.manager = manager
+        self.epoch_variable = epoch_variable
+
+    def on_epoch_end(self, epoch, logs=None):
+        if getattr(self.model, "stop_training", False) and _non_finite(logs):
+            return   # never save diverged weights over the last good checkpoint
+        self.epoch_variable.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+
+
+class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
+    """Keras' TerminateOnNaN, remembering where the loss went bad."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)) and self.where is None:
+            self.where = (self._epoch + 1, batch + 1, float(loss))
+        super().on_batch_end(batch, logs)
+
+
+class EpochSummary(keras.callbacks.Callback):
+    """One line per epoch: the numbers that matter and the time left."""
+
+    def __init__(self, total_epochs, print_fn=print):
+        super().__init__()
+        self.total = total_epochs
+        self.print_fn = print_fn
+
+    def on_train_begin(self, logs=None):
+        self._start = time.time()
+        self._epochs_run = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self._epochs_run += 1
+        per_epoch = (time.time() - self._start) / self._epochs_run
+        left = per_epoch * (self.total - epoch - 1)
+        parts = [f"epoch {epoch + 1}/{self.total}",
+                 f"loss {logs.get('loss', math.nan):.4f}",
+                 f"acc {logs.get('accuracy', math.nan):.4f}"]
+        if "val_accuracy" in logs:
+            parts.append(f"test acc {logs['val_accuracy']:.4f}")
+        if tags.CONV_SQSUM in logs:
+            parts.append(f"conv_sqsum {logs[tags.CONV_SQSUM]:.1f}")
+            parts.append(f"rel step {logs[tags.CONV_RELATIVE_STEP]:.3g}")
+            parts.append(f"lr {logs[tags.LEARNING_RATE]:.3g}")
+        parts.append(f"{per_epoch:.1f} s/epoch, ETA {_hms(left)}")
+        self.print_fn(" | ".join(parts), flush=True)
+
+
+def _non_finite(logs):
+    loss = (logs or {}).get("loss")
+    return loss is not None and not np.isfinite(float(loss))
+
+
+def _hms(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,105 @@
+"""The one configuration object of a run.
+
+Flags become a `TrainConfig` at the entry point (`resnet_cifar/train.py`); the
+library only ever sees this object, so tests and notebooks build it directly.
+Defaults reproduce the post's baseline run.
+"""
+
+import dataclasses
+from typing import Optional, Tuple
+
+from resnet_cifar import fidelity
+
+DATA_SOURCES = ("tfds", "binary", "synthetic")
+CONV_LR_FACTORS = ("piecewise", "replay", "per_layer")
+DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+class ConfigError(ValueError):
+    """A bad setting; its message is one line, meant for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model_dir: str
+    data_source: str = "tfds"
+    data_dir: Optional[str] = None
+    train_epochs: int = fidelity.TRAIN_EPOCHS
+    epochs_between_evals: int = 1
+    batch_size: int = fidelity.BATCH_SIZE
+    boundary_epochs: Tuple[float, ...] = fidelity.BOUNDARY_EPOCHS
+    decay_rates: Tuple[float, ...] = fidelity.DECAY_RATES
+    weight_decay: float = fidelity.WEIGHT_DECAY
+    conv_l2: bool = True
+    conv_grad_scale: bool = False
+    conv_lr_factor: str = "piecewise"
+    replay_from: Optional[str] = None
+    bn_decay: float = fidelity.BATCH_NORM_DECAY
+    steps_per_epoch: Optional[int] = None
+    eval_steps: Optional[int] = None
+    seed: int = 0
+    deterministic: bool = False
+    jit_compile: Optional[bool] = None      # None: on for GPU, off for CPU
+    steps_per_execution: int = 1
+    dtype: str = "float32"
+    overwrite: bool = False
+    verbose: int = 1                        # Keras progress output: 0, 1 (bar), 2 (line)
+
+    def __post_init__(self):
+        # Normalise sequences so that configs from flags, JSON and code compare equal.
+        object.__setattr__(self, "boundary_epochs", tuple(float(b) for b in self.boundary_epochs))
+        object.__setattr__(self, "decay_rates", tuple(float(r) for r in self.decay_rates))
+        self.validate()
+
+    @property
+    def base_learning_rate(self) -> float:
+        """0.1 * batch/128, as `resnet_run_loop.learning_rate_with_decay`."""
+        return fidelity.BASE_LEARNING_RATE * self.batch_size / fidelity.BATCH_DENOM
+
+    def validate(self):
+        def fail(msg):
+            raise ConfigError(msg)
+
+        if not self.model_dir:
+            fail("--model_dir is required")
+        if self.data_source not in DATA_SOURCES:
+            fail(f"--data_source={self.data_source!r}: choose one of {', '.join(DATA_SOURCES)}")
+        if self.conv_lr_factor not in CONV_LR_FACTORS:
+            fail(f"--conv_lr_factor={self.conv_lr_factor!r}: choose one of {', '.join(CONV_LR_FACTORS)}")
+        if self.dtype not in DTYPES:
+            fail(f"--dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        for name in ("batch_size", "train_epochs", "epochs_between_evals", "steps_per_execution"):
+            if getattr(self, name) <= 0:
+                fail(f"--{name}={getattr(self, name)} must be positive")
+        for name in ("steps_per_epoch", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                fail(f"--{name}={value} must be positive")
+        b = self.boundary_epochs
+        if any(x <= 0 for x in b) or any(y <= x for x, y in zip(b, b[1:])):
+            fail(f"--boundary_epochs={_csv(b)} must be positive and strictly increasing")
+        if len(self.decay_rates) != len(b) + 1:
+            fail(f"--decay_rates needs {len(b) + 1} values (one more than --boundary_epochs), "
+                 f"got {len(self.decay_rates)}")
+        if any(r < 0 for r in self.decay_rates):
+            fail(f"--decay_rates={_csv(self.decay_rates)} must not be negative")
+        if self.weight_decay < 0:
+            fail(f"--weight_decay={self.weight_decay} must not be negative")
+        if not 0.0 <= self.bn_decay < 1.0:
+            fail(f"--bn_decay={self.bn_decay} must be in [0, 1)")
+        if self.conv_lr_factor in ("replay", "per_layer"):
+            if not self.conv_grad_scale:
+                fail(f"--conv_lr_factor={self.conv_lr_factor} needs --conv_grad_scale")
+            if not self.replay_from:
+                fail(f"--conv_lr_factor={self.conv_lr_factor} needs --replay_from=BASELINE_DIR")
+        elif self.replay_from:
+            fail("--replay_from is only used with --conv_lr_factor=replay or per_layer")
+        if self.verbose not in (0, 1, 2):
+            fail(f"--verbose={self.verbose}: choose 0, 1 or 2")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _csv(values):
+    return ",".join(f"{v:g}" for v in values)

@@ -1,0 +1,82 @@
+"""The conv-gradient factor of the "ConvLRScale" runs.
+
+With batch norm after a conv, the conv's effective learning rate is lr / ||w||^2.
+Taking the conv kernels out of L2 lets ||w|| grow; multiplying their gradients by
+a factor proportional to ||w||^2 undoes that growth, and a second factor
+reproduces the baseline's own ||w||^2 trajectory. Three ways to get it:
+
+- `piecewise` (the post): piecewise(epoch) * conv_sqsum / 800, the post's hand fit
+  of 800 / baseline conv_sqsum(epoch), valid for the 150-epoch schedule.
+- `replay`: conv_sqsum / baseline_conv_sqsum(epoch), the baseline run's own logged
+  trajectory, linearly interpolated in epoch; works for any schedule.
+- `per_layer`: each layer's ||w_l||^2 / baseline ||w_l||^2(epoch); each conv
+  followed by BN is scale-invariant on its own.
+
+Every factor is computed inside the train step from the current weights and the
+fractional epoch (step / steps_per_epoch), and returned per conv layer (a global
+factor is broadcast), so the step multiplies conv gradient l by factor[l].
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from resnet_cifar import fidelity
+
+
+def piecewise(epoch):
+    """The post's `tf.where` chain: 1-0.05e, 0.5-0.0025(e-10), 0.4+0.006(e-50), 0.7+0.001(e-100)."""
+    epoch = tf.convert_to_tensor(epoch, tf.float32)
+    start, value, slope = fidelity.PIECEWISE_FACTOR[0]
+    out = value + slope * (epoch - start)
+    for start, value, slope in fidelity.PIECEWISE_FACTOR[1:]:
+        out = tf.where(epoch < start, out, value + slope * (epoch - start))
+    return out
+
+
+def interpolate(epoch, epochs, values):
+    """Linear interpolation of `values` (n,) or (n, L) at `epoch`, clamped at both ends."""
+    epochs = tf.constant(np.asarray(epochs, np.float32))
+    values = tf.constant(np.asarray(values, np.float32))
+    n = int(epochs.shape[0])
+    if n == 1:
+        return values[0]
+    epoch = tf.clip_by_value(tf.cast(epoch, tf.float32), epochs[0], epochs[-1])
+    i = tf.clip_by_value(tf.searchsorted(epochs, epoch[None], side="right")[0] - 1, 0, n - 2)
+    t = (epoch - epochs[i]) / (epochs[i + 1] - epochs[i])
+    return values[i] + t * (values[i + 1] - values[i])
+
+
+class ConvLRFactor:
+    """Callable (epoch, per-layer sum of squares (L,)) -> per-layer factor (L,)."""
+
+    def __init__(self, mode, baseline=None):
+        """mode: None (no scaling), 'piecewise', 'replay' or 'per_layer'.
+
+        baseline: for replay / per_layer, a `BaselineTrajectory`.
+        """
+        if mode in ("replay", "per_layer") and baseline is None:
+            raise ValueError(f"conv_lr_factor={mode} needs a baseline trajectory")
+        self.mode = mode
+        self.baseline = baseline
+
+    def __call__(self, epoch, layer_sqsum):
+        ones = tf.ones_like(layer_sqsum)
+        total = tf.reduce_sum(layer_sqsum)
+        if self.mode is None:
+            return ones
+        if self.mode == "piecewise":
+            return ones * piecewise(epoch) * total / fidelity.INITIAL_CONV_SQSUM
+        if self.mode == "replay":
+            return ones * total / interpolate(epoch, self.baseline.epochs, self.baseline.total)
+        if self.mode == "per_layer":
+            return layer_sqsum / interpolate(epoch, self.baseline.epochs, self.baseline.per_layer)
+        raise ValueError(f"unknown conv_lr_factor mode {self.mode!r}")
+
+
+class BaselineTrajectory:
+    """A baseline run's logged conv sums of squares by epoch (total and per layer)."""
+
+    def __init__(self, epochs, total, per_layer=None):
+        self.epochs = np.asarray(epochs, np.float64)
+        self.total = np.asarray(total, np.float64)
+        self.per_layer = None if per_layer is None else np.asarray(per_layer, np.float64)

@@ -1,0 +1,59 @@
+"""Every constant that the post or the original TensorFlow code fixes, in one place.
+
+The source of each number is the original TF 1.11 CIFAR-10 ResNet of
+tensorflow/models (`official/resnet/resnet_model.py`, `cifar10_main.py`,
+`resnet_run_loop.py`) and the blog post's snippets. Tests check each value
+against `shared/reference/FIDELITY.md`; change none of them without the post.
+"""
+
+# --- Model: ResNet-20 v1, CIFAR variant (resnet_model.py, cifar10_main.py) ---
+RESNET_SIZE = 20                  # 6n + 2 with n = 3 blocks per stage
+BLOCKS_PER_STAGE = 3
+STAGE_FILTERS = (16, 32, 64)
+STAGE_STRIDES = (1, 2, 2)
+INITIAL_FILTERS = 16
+INITIAL_KERNEL_SIZE = 3
+NUM_CLASSES = 10
+BATCH_NORM_DECAY = 0.997          # _BATCH_NORM_DECAY
+BATCH_NORM_EPSILON = 1e-5         # _BATCH_NORM_EPSILON
+NUM_CONV_KERNELS = 22             # 19 3x3 convs + 3 1x1 projection shortcuts
+TRAINABLE_PARAMETERS = 272_762
+
+# --- Data (cifar10_main.py) ---
+HEIGHT = 32
+WIDTH = 32
+NUM_CHANNELS = 3
+PADDED_SIZE = HEIGHT + 8          # resize_image_with_crop_or_pad(image, 40, 40)
+NUM_TRAIN_IMAGES = 50_000
+NUM_TEST_IMAGES = 10_000
+LABEL_BYTES = 1
+IMAGE_BYTES = HEIGHT * WIDTH * NUM_CHANNELS
+RECORD_BYTES = LABEL_BYTES + IMAGE_BYTES   # 3073
+TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+TEST_FILES = ("test_batch.bin",)
+BINARY_FOLDER = "cifar-10-batches-bin"
+
+# --- Objective and optimizer (resnet_run_loop.py, cifar10_main.py) ---
+WEIGHT_DECAY = 2e-4               # cifar10_main: weight_decay=2e-4
+MOMENTUM = 0.9                    # tf.train.MomentumOptimizer(momentum=0.9)
+BASE_LEARNING_RATE = 0.1          # base_lr = .1
+BATCH_DENOM = 128                 # lr = 0.1 * batch_size / 128
+BATCH_SIZE = 128
+
+# --- The post's schedule: 150 epochs at 0.1 / 0.01 / 0.001 ---
+TRAIN_EPOCHS = 150
+BOUNDARY_EPOCHS = (50, 100)
+DECAY_RATES = (1.0, 0.1, 0.01)
+
+# --- The post's gradient scaling ("ConvLRScale") ---
+INITIAL_CONV_SQSUM = 800.0        # initial_conv2d_sqsum = 800.0
+CONV_NAME = "conv2d"              # the post selects conv kernels by this name
+# piecewise(e): the post's hand fit of 800 / baseline conv_sqsum(e).
+# Each piece: (start epoch, value at start, slope per epoch); tf.where chain in the post.
+PIECEWISE_FACTOR = (
+    (0.0, 1.0, -0.05),
+    (10.0, 0.5, -0.0025),
+    (50.0, 0.4, 0.006),
+    (100.0, 0.7, 0.001),
+)
+BN_DECAY_FAST = 0.98              # the fourth run's _BATCH_NORM_DECAY

@@ -1,0 +1,125 @@
+"""ResNet-20 version 1 for CIFAR-10, as `official/resnet/resnet_model.py` built it.
+
+Layers are named in the order TF1 created them (`conv2d`, `conv2d_1`, ...,
+`batch_normalization_21`, `dense`), so variable paths such as `conv2d_3/kernel`
+mean the same layer as in the original graph, whatever else the Keras session
+has built before.
+"""
+
+import keras
+import tensorflow as tf
+
+from resnet_cifar import fidelity
+
+
+class _Namer:
+    """Hands out TF1-style names: `base`, `base_1`, `base_2`, ... per base."""
+
+    def __init__(self):
+        self._counts = {}
+
+    def __call__(self, base):
+        n = self._counts.get(base, 0)
+        self._counts[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+
+def fixed_padding(kernel_size):
+    """Padding of `resnet_model.fixed_padding`: total k-1, begin (k-1)//2.
+
+    Used before strided convs so that the padding does not depend on the input
+    size, unlike "SAME" (which pads (0, 1) for a 3x3 stride-2 conv on 32x32).
+    """
+    pad_total = kernel_size - 1
+    pad_beg = pad_total // 2
+    return pad_beg, pad_total - pad_beg
+
+
+def _conv(x, filters, kernel_size, strides, name):
+    """`conv2d_fixed_padding`: explicit padding + VALID when strided, SAME otherwise."""
+    if strides > 1:
+        beg, end = fixed_padding(kernel_size)
+        if beg or end:
+            x = keras.layers.ZeroPadding2D(((beg, end), (beg, end)), name=f"{name}_pad")(x)
+    return keras.layers.Conv2D(
+        filters, kernel_size, strides=strides,
+        padding="same" if strides == 1 else "valid",
+        use_bias=False,
+        # tf.variance_scaling_initializer(): scale 1, fan_in, truncated normal.
+        kernel_initializer=keras.initializers.VarianceScaling(1.0, "fan_in", "truncated_normal"),
+        name=name,
+    )(x)
+
+
+def _bn(x, bn_decay, name):
+    # Keras' `momentum` is TF1's `decay`: moving = momentum * moving + (1 - momentum) * batch.
+    return keras.layers.BatchNormalization(
+        axis=-1, momentum=bn_decay, epsilon=fidelity.BATCH_NORM_EPSILON,
+        center=True, scale=True, name=name,
+    )(x)
+
+
+def _block_v1(x, filters, strides, projection, bn_decay, names):
+    """`building_block_v1`: conv-BN-ReLU-conv-BN, add the shortcut, ReLU."""
+    shortcut = x
+    if projection:
+        shortcut = _conv(x, filters, 1, strides, names("conv2d"))
+        shortcut = _bn(shortcut, bn_decay, names("batch_normalization"))
+    x = _conv(x, filters, 3, strides, names("conv2d"))
+    x = _bn(x, bn_decay, names("batch_normalization"))
+    x = keras.layers.ReLU(name=names("re_lu"))(x)
+    x = _conv(x, filters, 3, 1, names("conv2d"))
+    x = _bn(x, bn_decay, names("batch_normalization"))
+    x = keras.layers.Add(name=names("add"))([x, shortcut])
+    return keras.layers.ReLU(name=names("re_lu"))(x)
+
+
+def build_resnet20(bn_decay=fidelity.BATCH_NORM_DECAY, model_cls=keras.Model, name="resnet20_v1"):
+    """The CIFAR-10 ResNet-20 v1 of the original code; returns logits.
+
+    `model_cls` lets the trainer build the same graph as its own `keras.Model`
+    subclass (with the custom `train_step`).
+    """
+    names = _Namer()
+    inputs = keras.Input((fidelity.HEIGHT, fidelity.WIDTH, fidelity.NUM_CHANNELS), name="images")
+    x = _conv(inputs, fidelity.INITIAL_FILTERS, fidelity.INITIAL_KERNEL_SIZE, 1, names("conv2d"))
+    x = _bn(x, bn_decay, names("batch_normalization"))     # version 1 only
+    x = keras.layers.ReLU(name=names("re_lu"))(x)
+    for filters, strides in zip(fidelity.STAGE_FILTERS, fidelity.STAGE_STRIDES):
+        for block in range(fidelity.BLOCKS_PER_STAGE):
+            # The original gives the FIRST block of EVERY stage a projection
+            # shortcut, the first stage (stride 1, 16 -> 16) included.
+            x = _block_v1(x, filters, strides if block == 0 else 1, block == 0, bn_decay, names)
+    x = keras.layers.GlobalAveragePooling2D(name="global_average_pooling2d")(x)
+    logits = keras.layers.Dense(fidelity.NUM_CLASSES, name="dense", dtype="float32")(x)
+    return model_cls(inputs, logits, name=name)
+
+
+def conv_layers(model):
+    """The 22 Conv2D layers, in creation order."""
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def conv_kernels(model):
+    """The conv kernels: the variables the post selects by the name `conv2d`.
+
+    The single definition used by the L2 filter, the gradient scaling and the
+    diagnostics. Selected by layer type, not by name, so a renamed layer can
+    not silently drop out; a test checks it equals the name-based selection.
+    """
+    return [layer.kernel for layer in conv_layers(model)]
+
+
+def batch_norm_layers(model):
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def set_bn_decay(model, bn_decay):
+    """Sets every BN layer's moving-average decay (Keras momentum)."""
+    for layer in batch_norm_layers(model):
+        layer.momentum = bn_decay
+
+
+def sum_of_squares(variables):
+    """sum(v**2) over the variables, in float32 (as the post's `conv2d_sqsum`)."""
+    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])

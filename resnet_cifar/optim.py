@@ -1,0 +1,73 @@
+"""The original optimizer: TF1 momentum and a piecewise-constant rate by epoch."""
+
+import keras
+from keras import ops
+
+from resnet_cifar import fidelity
+
+
+class TF1Momentum(keras.optimizers.Optimizer):
+    """`tf.compat.v1.train.MomentumOptimizer` semantics in Keras 3.
+
+        accum = momentum * accum + grad
+        var  -= lr * accum
+
+    Keras' SGD folds the rate into its velocity (v = m*v - lr*g), so after a
+    learning-rate drop it keeps moving with the old rate's momentum for a while;
+    TF1 multiplies the whole accumulator by the current rate, so a drop takes
+    effect at once. The post's runs used TF1's rule, so this does too.
+    """
+
+    def __init__(self, learning_rate, momentum=fidelity.MOMENTUM, name="tf1_momentum", **kwargs):
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.momentum = float(momentum)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self.accumulators = self.add_optimizer_variables(variables, "accumulator")
+
+    def update_step(self, gradient, variable, learning_rate):
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        accum = self.accumulators[self._get_variable_index(variable)]
+        self.assign(accum, ops.add(ops.multiply(accum, ops.cast(self.momentum, variable.dtype)), gradient))
+        self.assign_sub(variable, ops.multiply(accum, lr))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"momentum": self.momentum})
+        return config
+
+
+class PiecewiseByEpoch(keras.optimizers.schedules.LearningRateSchedule):
+    """base_rate * decay_rates[i], where i counts the boundaries at or below the epoch.
+
+    The epoch is fractional, step / steps_per_epoch, so the rate drops exactly at
+    the first step of epoch `boundary` (0-based step boundary * steps_per_epoch).
+    The original (`learning_rate_with_decay`) did the same with
+    `tf.train.piecewise_constant` on the global step.
+    """
+
+    def __init__(self, base_rate, boundary_epochs, decay_rates, steps_per_epoch):
+        self.base_rate = float(base_rate)
+        self.boundary_epochs = tuple(float(b) for b in boundary_epochs)
+        self.decay_rates = tuple(float(r) for r in decay_rates)
+        self.steps_per_epoch = int(steps_per_epoch)
+
+    def __call__(self, step):
+        epoch = ops.cast(step, "float32") / float(self.steps_per_epoch)
+        return rate_at_epoch(epoch, self.base_rate, self.boundary_epochs, self.decay_rates)
+
+    def get_config(self):
+        return dict(base_rate=self.base_rate, boundary_epochs=self.boundary_epochs,
+                    decay_rates=self.decay_rates, steps_per_epoch=self.steps_per_epoch)
+
+
+def rate_at_epoch(epoch, base_rate, boundary_epochs, decay_rates):
+    """Graph-friendly piecewise constant: a chain of `where`s, one per boundary."""
+    rate = ops.convert_to_tensor(base_rate * decay_rates[0], "float32")
+    for boundary, decay in zip(boundary_epochs, decay_rates[1:]):
+        rate = ops.where(epoch >= boundary, base_rate * decay, rate)
+    return rate

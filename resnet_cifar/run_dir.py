@@ -1,0 +1,140 @@
+"""The run folder (`--model_dir`): guards before training, run_config.json, done marker.
+
+A run folder belongs to one configuration. Re-running the same command resumes
+it (or says it is finished); a different configuration is refused, naming the
+flags that differ, unless `--overwrite`. Files are written atomically
+(temporary file + rename), so a kill never leaves half a JSON file.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+from resnet_cifar import config as config_lib
+from resnet_cifar import tags
+
+CHECKPOINTS = "checkpoints"
+MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 x ~3.3 MB) and event files, with margin
+# Settings that do not change what a run computes: they may differ on resume.
+OPERATIONAL = ("model_dir", "overwrite", "verbose", "data_dir", "steps_per_execution", "jit_compile")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDirState:
+    finished: bool
+
+
+def prepare(config):
+    """Checks the folder is usable and consistent with `config`; returns its state."""
+    d = config.model_dir
+    try:
+        os.makedirs(d, exist_ok=True)
+        probe = os.path.join(d, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise config_lib.ConfigError(f"--model_dir={d} is not writable ({e.strerror or e})") from None
+    free = shutil.disk_usage(d).free
+    if free < MIN_FREE_BYTES:
+        raise config_lib.ConfigError(
+            f"--model_dir={d}: only {free / 2**20:.0f} MB free on its disk, a run needs "
+            f"{MIN_FREE_BYTES / 2**20:.0f} MB for checkpoints and event files")
+
+    path = os.path.join(d, tags.RUN_CONFIG_FILE)
+    if not os.path.exists(path):
+        return RunDirState(finished=False)
+    try:
+        with open(path) as f:
+            old = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not config.overwrite:
+            raise config_lib.ConfigError(f"{path} is unreadable ({type(e).__name__}); "
+                                         "use --overwrite to start this run afresh") from None
+        old = None
+    diffs = differing_flags(old, config.to_dict()) if old is not None else ["(unreadable)"]
+    if diffs and not config.overwrite:
+        raise config_lib.ConfigError(
+            f"--model_dir={d} holds a run with other flags ({'; '.join(diffs)}); "
+            "use --overwrite to replace it, or another --model_dir")
+    if diffs:
+        clear(d)
+        return RunDirState(finished=False)
+    return RunDirState(finished=os.path.exists(os.path.join(d, tags.DONE_FILE)))
+
+
+def differing_flags(old, new):
+    """['--flag: old -> new', ...] over the settings that change what a run computes."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in OPERATIONAL:
+            continue
+        a, b = _norm(old.get(key)), _norm(new.get(key))
+        if a != b:
+            out.append(f"--{key}: {a} -> {b}")
+    return out
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def clear(d):
+    """Removes what a run wrote (and only that) from its folder."""
+    for name in (tags.TRAIN_DIR, tags.VALIDATION_DIR, CHECKPOINTS):
+        shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+    for name in (tags.RUN_CONFIG_FILE, tags.DONE_FILE):
+        if os.path.exists(os.path.join(d, name)):
+            os.remove(os.path.join(d, name))
+
+
+def write_json(path, payload):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions():
+    import keras
+    import numpy
+    import tensorflow as tf
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "tensorflow": tf.__version__,
+           "keras": keras.__version__, "numpy": numpy.__version__}
+    for package in ("tensorflow-datasets", "absl-py", "tensorboard"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_run_config(config, model, steps_per_epoch, num_train_images):
+    """run_config.json: every setting, versions, parameter count, seed: a figure's provenance."""
+    import tensorflow as tf
+
+    write_json(os.path.join(config.model_dir, tags.RUN_CONFIG_FILE), {
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "trainable_parameters": int(sum(int(v.numpy().size) for v in model.trainable_variables)),
+        "steps_per_epoch": steps_per_epoch,
+        "num_train_images": num_train_images,
+        "versions": versions(),
+        "devices": [d.name for d in tf.config.list_logical_devices()],
+        "command": sys.argv,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
+def mark_done(config, final_logs):
+    write_json(os.path.join(config.model_dir, tags.DONE_FILE),
+               {"epochs": config.train_epochs, "final": final_logs,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

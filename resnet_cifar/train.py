@@ -1,0 +1,130 @@
+"""Train one run of the post: `python -m resnet_cifar.train --model_dir=DIR [flags]`.
+
+This module only parses flags (names fixed by shared/reference/CLI.md) into a
+`TrainConfig` and hands it to `resnet_cifar.trainer`. Any bad flag, bad data
+or diverged run ends with one line on stderr and a non-zero exit code.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")   # TF's C++ INFO lines drown Keras' progress
+
+from absl import app, flags, logging
+
+from resnet_cifar import config as config_lib
+from resnet_cifar import fidelity
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model_dir", None, "Run folder: event files, checkpoints, run_config.json.")
+flags.DEFINE_enum("data_source", "tfds", list(config_lib.DATA_SOURCES),
+                  "tfds (downloads CIFAR-10), binary (official cifar-10-batches-bin files), "
+                  "or synthetic (random images, for smoke runs and benchmarks).")
+flags.DEFINE_string("data_dir", None, "TFDS data folder, or the binary folder (or its parent).")
+flags.DEFINE_integer("train_epochs", fidelity.TRAIN_EPOCHS, "Total epochs.")
+flags.DEFINE_integer("epochs_between_evals", 1, "Evaluate on the test set every this many epochs.")
+flags.DEFINE_integer("batch_size", fidelity.BATCH_SIZE, "Global batch; the learning rate is 0.1*batch/128.")
+flags.DEFINE_list("boundary_epochs", [f"{b:g}" for b in fidelity.BOUNDARY_EPOCHS],
+                  "Learning-rate boundaries in epochs (comma list, increasing).")
+flags.DEFINE_list("decay_rates", [f"{r:g}" for r in fidelity.DECAY_RATES],
+                  "Multipliers of the base rate, one more than --boundary_epochs.")
+flags.DEFINE_float("weight_decay", fidelity.WEIGHT_DECAY,
+                   "L2 coefficient: weight_decay * sum(tf.nn.l2_loss(v)).")
+flags.DEFINE_boolean("conv_l2", True, "Keep the conv kernels in the L2 sum; --noconv_l2 takes "
+                     "them out (BN and dense stay in): the post's NoConvL2 run.")
+flags.DEFINE_boolean("flag_noconv_l2", False, "Synonym of --noconv_l2.")
+flags.DEFINE_boolean("conv_grad_scale", False, "Multiply conv-kernel gradients by the conv LR "
+                     "factor (the post's ConvLRScale runs).")
+flags.DEFINE_enum("conv_lr_factor", "piecewise", list(config_lib.CONV_LR_FACTORS),
+                  "piecewise: the post's fit * conv_sqsum/800; replay: conv_sqsum / the "
+                  "baseline's logged conv_sqsum; per_layer: the same for each conv layer.")
+flags.DEFINE_string("replay_from", None, "Finished baseline run folder whose conv_sqsum is replayed.")
+flags.DEFINE_float("bn_decay", fidelity.BATCH_NORM_DECAY, "Batch-norm moving-average decay.")
+flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: the whole training set).")
+flags.DEFINE_integer("eval_steps", None, "Test batches per evaluation (default: the whole test set).")
+flags.DEFINE_integer("seed", 0, "Seed of all randomness (initial weights, data order, augmentation).")
+flags.DEFINE_boolean("deterministic", False, "TF op determinism: bitwise-repeatable runs (slower).")
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
+                  "XLA-compile the train step; auto: on GPU only (it is slower on CPU).")
+flags.DEFINE_integer("steps_per_execution", 1, "Train steps per tf.function call.")
+flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
+                  "float32 (faithful) or a mixed-precision policy; the conv factor stays float32.")
+flags.DEFINE_boolean("overwrite", False, "Replace a run with other flags in --model_dir.")
+flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+
+def config_from_flags(f=FLAGS):
+    if f.conv_l2 and f["conv_l2"].present and f.flag_noconv_l2:
+        raise config_lib.ConfigError("--conv_l2 and --flag_noconv_l2 contradict each other")
+    try:
+        boundaries = tuple(float(b) for b in f.boundary_epochs)
+        rates = tuple(float(r) for r in f.decay_rates)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"--boundary_epochs/--decay_rates: {e}") from None
+    return config_lib.TrainConfig(
+        model_dir=f.model_dir,
+        data_source=f.data_source,
+        data_dir=f.data_dir,
+        train_epochs=f.train_epochs,
+        epochs_between_evals=f.epochs_between_evals,
+        batch_size=f.batch_size,
+        boundary_epochs=boundaries,
+        decay_rates=rates,
+        weight_decay=f.weight_decay,
+        conv_l2=f.conv_l2 and not f.flag_noconv_l2,
+        conv_grad_scale=f.conv_grad_scale,
+        conv_lr_factor=f.conv_lr_factor,
+        replay_from=f.replay_from,
+        bn_decay=f.bn_decay,
+        steps_per_epoch=f.steps_per_epoch,
+        eval_steps=f.eval_steps,
+        seed=f.seed,
+        deterministic=f.deterministic,
+        jit_compile={"auto": None, "true": True, "false": False}[f.jit_compile],
+        steps_per_execution=f.steps_per_execution,
+        dtype=f.dtype,
+        overwrite=f.overwrite,
+        verbose=f.verbose,
+    )
+
+
+def fail(message, code=2):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def parse_flags(argv):
+    """absl parsing with a one-line error instead of absl's usage dump."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).splitlines()[0])
+
+
+def main(argv):
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are spelled --name=value)")
+    try:
+        config = config_from_flags()
+    except config_lib.ConfigError as e:
+        fail(str(e))
+
+    from resnet_cifar import input_pipeline, trainer   # after flags: --help stays fast
+
+    try:
+        trainer.run(config)
+    except (config_lib.ConfigError, input_pipeline.DataError) as e:
+        fail(str(e))
+    except trainer.TrainingError as e:
+        fail(str(e), code=1)
+
+
+def run():
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
