@@ -97,7 +97,7 @@ class ReproductionModel(keras.Model):
     # -- the step -------------------------------------------------------------------
 
     def train_step(self, data):
-        x, y = data
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         conv = models.conv_kernels(self)
         conv_index = {id(v): i for i, v in enumerate(conv)}
         variables = self.trainable_variables
@@ -138,7 +138,7 @@ class ReproductionModel(keras.Model):
         return self.get_metrics_result()
 
     def test_step(self, data):
-        x, y = data
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
         logits = self(x, training=False)
         loss = self.compute_loss(x=x, y=y, y_pred=logits, training=False)
         for metric in self.metrics:

@@ -44,25 +44,24 @@ def load_baseline(path, train_epochs):
     """The logged conv_sqsum trajectory (total and per layer) of a finished baseline run."""
     if not os.path.isdir(path):
         raise config_lib.ConfigError(f"--replay_from={path}: no such run folder")
+    if not events.is_complete(path):
+        raise config_lib.ConfigError(f"--replay_from={path}: that run has not finished "
+                                     f"(no {tags.DONE_FILE}); let the baseline finish first")
     try:
-        epochs, total = events.read_scalars(path, tags.CONV_SQSUM)
+        scalars = events.read_all_scalars(path)
     except events.EventsError as e:
         raise config_lib.ConfigError(f"--replay_from={path}: {e}") from None
-    if len(epochs) == 0:
-        raise config_lib.ConfigError(f"--replay_from={path}: no {tags.CONV_SQSUM} logged")
+    if tags.CONV_SQSUM not in scalars or len(scalars[tags.CONV_SQSUM][0]) == 0:
+        raise config_lib.ConfigError(f"--replay_from={path}: no {tags.CONV_SQSUM} logged in it")
+    epochs, total = scalars[tags.CONV_SQSUM]
     if epochs[-1] < train_epochs:
         raise config_lib.ConfigError(
             f"--replay_from={path}: its {tags.CONV_SQSUM} ends at epoch {int(epochs[-1])}, "
-            f"this run needs {train_epochs}: let the baseline finish first")
-    names = [n for n in events.list_tags(path) if n.startswith(tags.CONV_SQSUM + "/")]
+            f"this run needs {train_epochs}")
+    names = sorted((n for n in scalars if n.startswith(tags.CONV_SQSUM + "/")), key=_layer_order)
     per_layer = None
     if names:
-        ordered = sorted(names, key=_layer_order)
-        columns = []
-        for name in ordered:
-            e, v = events.read_scalars(path, name)
-            columns.append(np.interp(epochs, e, v))
-        per_layer = np.stack(columns, axis=1)
+        per_layer = np.stack([np.interp(epochs, *scalars[n]) for n in names], axis=1)
     return conv_scaling.BaselineTrajectory(epochs, total, per_layer)
 
 

@@ -1,0 +1,241 @@
+"""The post's figures, one function each, built from already loaded curves.
+
+Every function takes `curves`: run name -> one (epochs, values) series per seed, for
+the one tag the figure shows, and returns a matplotlib Figure (or None when none of
+its runs is there). Nothing here reads files or writes them, so tests can build a
+figure from made-up arrays and look at `fig.axes[0].lines`. Figures are built with
+`matplotlib.figure.Figure` directly (rendered by Agg), never through pyplot, so no
+global figure state piles up and no display is needed.
+
+Several seeds of a run are drawn as their mean with a min-max band; one seed as a line.
+A run that is missing is left out with a note on stderr: partial results still plot.
+"""
+
+import sys
+from typing import Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from resnet_cifar import fidelity, tags
+
+# The post's four runs (results folder names) and their legend labels, in its order.
+BASELINE = "baseline"
+NOCONV_L2 = "noconv_l2"
+CONV_LR_SCALE = "conv_lr_scale"
+CONV_LR_SCALE_BN098 = "conv_lr_scale_bn098"
+LABELS = {
+    BASELINE: "Baseline",
+    NOCONV_L2: "NoConvL2",
+    CONV_LR_SCALE: "ConvLRScale",
+    CONV_LR_SCALE_BN098: "ConvLRScale BN 0.98",
+}
+POST_RUNS = tuple(LABELS)
+# The post's plots show the baseline orange and the BN 0.98 run purple.
+_COLORS = {BASELINE: "tab:orange", NOCONV_L2: "tab:blue", CONV_LR_SCALE: "tab:green",
+           CONV_LR_SCALE_BN098: "tab:purple"}
+_EXTRA_COLORS = ("tab:red", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+
+FIGSIZE = (6, 4)   # inches; at DPI 100 a PNG stays well under 200 KB
+DPI = 100
+
+Series = Tuple[np.ndarray, np.ndarray]
+Curves = Mapping[str, Sequence[Series]]   # run name -> one series per seed
+
+
+def note(message: str) -> None:
+    """A remark for the user that must not stop the other figures."""
+    print(message, file=sys.stderr)
+
+
+def ordered_names(names) -> list:
+    """The post's runs in the post's order, then any others alphabetically."""
+    names = set(names)
+    return [n for n in POST_RUNS if n in names] + sorted(names - set(POST_RUNS))
+
+
+def label_of(name: str, labels: Optional[Mapping[str, str]] = None) -> str:
+    if labels and name in labels:
+        return labels[name]
+    return LABELS.get(name, name)
+
+
+def _color_of(name: str) -> str:
+    if name in _COLORS:
+        return _COLORS[name]
+    # Stable per name, so one extra run keeps its colour across figures.
+    return _EXTRA_COLORS[sum(map(ord, name)) % len(_EXTRA_COLORS)]
+
+
+def aggregate_seeds(series: Sequence[Series]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(epochs, mean, min, max) over seeds, per epoch.
+
+    Seeds of an unfinished run may stop at different epochs: each epoch is averaged
+    over the seeds that reached it, so the curve runs as far as the longest seed.
+    """
+    if not series:
+        raise ValueError("aggregate_seeds needs at least one series")
+    steps = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s, _ in series]))
+    table = np.full((len(series), len(steps)), np.nan)
+    for row, (s, v) in zip(table, series):
+        row[np.searchsorted(steps, np.asarray(s, dtype=np.int64))] = v
+    return steps, np.nanmean(table, axis=0), np.nanmin(table, axis=0), np.nanmax(table, axis=0)
+
+
+def piecewise_np(epochs) -> np.ndarray:
+    """The post's hand fit piecewise(epoch) of 800 / baseline conv_sqsum, in numpy.
+
+    Same pieces as the post's tf.where chain (fidelity.PIECEWISE_FACTOR): each piece
+    (start, value at start, slope) holds from its start to the next piece's start.
+    """
+    epochs = np.asarray(epochs, dtype=np.float64)
+    starts = np.array([p[0] for p in fidelity.PIECEWISE_FACTOR])
+    values = np.array([p[1] for p in fidelity.PIECEWISE_FACTOR])
+    slopes = np.array([p[2] for p in fidelity.PIECEWISE_FACTOR])
+    piece = np.clip(np.searchsorted(starts, epochs, side="right") - 1, 0, len(starts) - 1)
+    return values[piece] + slopes[piece] * (epochs - starts[piece])
+
+
+def _new_figure(title: str, ylabel: str):
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int = 0):
+    """Mean line, plus a min-max band when there are several seeds."""
+    steps, mean, lo, hi = aggregate_seeds(series)
+    keep = steps >= start_epoch
+    steps, mean, lo, hi = steps[keep], mean[keep], lo[keep], hi[keep]
+    if len(series) > 1:
+        label = f"{label} ({len(series)} seeds)"
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.25, linewidth=0)
+    ax.plot(steps, mean, label=label, color=color, linewidth=1.2)
+
+
+def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, ylabel: str,
+                 labels=None, log_y=False, start_epoch=0) -> Optional[Figure]:
+    """One line (or band) per run of `names` that has data; None if none has."""
+    present = [n for n in names if curves.get(n)]
+    for name in names:
+        if name not in present:
+            note(f"{figure}: no {label_of(name)} ({name}) data, drawn without it")
+    if not present:
+        note(f"{figure}: none of its runs has data, skipped")
+        return None
+    fig, ax = _new_figure(title, ylabel)
+    for name in present:
+        _draw(ax, curves[name], label_of(name, labels), _color_of(name), start_epoch)
+    if log_y:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _post_three_and_extras(curves: Curves) -> list:
+    """The post's first three runs, plus runs the post did not have (e.g. per-layer).
+
+    The BN 0.98 run is left out as in the post: it trains exactly like ConvLRScale
+    (only test-time moving averages differ), so its line would hide that one.
+    """
+    extras = [n for n in ordered_names(curves) if n not in POST_RUNS]
+    return [BASELINE, NOCONV_L2, CONV_LR_SCALE] + extras
+
+
+# --- The post's figures, in its order -------------------------------------------------
+
+def test_accuracy(accuracy: Curves, labels=None) -> Optional[Figure]:
+    """Test accuracy of the baseline and NoConvL2 (the post's first plot)."""
+    return _runs_figure("test_accuracy", accuracy, [BASELINE, NOCONV_L2],
+                        "Test accuracy", "test accuracy", labels)
+
+
+def conv_sqsum(sqsum: Curves, labels=None) -> Optional[Figure]:
+    """Sum of squared conv weights: without conv L2 they grow much faster."""
+    return _runs_figure("conv_sqsum", sqsum, [BASELINE, NOCONV_L2],
+                        "Sum of squared conv weights", "conv_sqsum", labels)
+
+
+def relative_step(step: Curves, labels=None) -> Optional[Figure]:
+    """Mean conv step / weight norm. Starts at epoch 1: epoch 0 is before any step."""
+    return _runs_figure("relative_step", step, [BASELINE, NOCONV_L2],
+                        "Relative step size of conv layers", "mean ||step|| / ||w||",
+                        labels, start_epoch=1)
+
+
+def conv_lr_scale_accuracy(accuracy: Curves, labels=None) -> Optional[Figure]:
+    """Test accuracy once conv L2 is replaced by conv gradient scaling."""
+    return _runs_figure("conv_lr_scale_accuracy", accuracy,
+                        [BASELINE, NOCONV_L2, CONV_LR_SCALE],
+                        "Test accuracy with conv gradient scaling", "test accuracy", labels)
+
+
+def piecewise_factor(sqsum: Curves, labels=None) -> Figure:
+    """The post's piecewise fit against what it fits: 800 / the baseline's conv_sqsum.
+
+    The fit is drawn over the post's 150 epochs (or as far as the data goes) even
+    without a baseline run, since the formula alone is what ConvLRScale uses.
+    """
+    fig, ax = _new_figure("Baseline conv weight-scale factor and its piecewise fit",
+                          f"{fidelity.INITIAL_CONV_SQSUM:g} / conv_sqsum")
+    baseline = sqsum.get(BASELINE) or []
+    last = fidelity.TRAIN_EPOCHS
+    if baseline:
+        ratios = [(s, fidelity.INITIAL_CONV_SQSUM / v) for s, v in baseline]
+        _draw(ax, ratios, f"{fidelity.INITIAL_CONV_SQSUM:g} / {label_of(BASELINE, labels)} conv_sqsum",
+              _color_of(BASELINE))
+        last = max([last] + [int(s.max()) for s, _ in baseline if len(s)])
+    else:
+        note(f"piecewise_factor: no {label_of(BASELINE)} ({BASELINE}) data, drawing the fit alone")
+    epochs = np.arange(0, last + 1)
+    ax.plot(epochs, piecewise_np(epochs), label="piecewise(epoch)", color="black",
+            linestyle="--", linewidth=1.2)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def bn098_accuracy(accuracy: Curves, labels=None) -> Optional[Figure]:
+    """A faster BN moving average (0.98) lets test-time statistics keep up."""
+    return _runs_figure("bn098_accuracy", accuracy,
+                        [BASELINE, CONV_LR_SCALE, CONV_LR_SCALE_BN098],
+                        "Test accuracy with BN decay 0.98", "test accuracy", labels)
+
+
+def relative_step_all(step: Curves, labels=None) -> Optional[Figure]:
+    """Gradient scaling reproduces the baseline's relative step size."""
+    return _runs_figure("relative_step_all", step, _post_three_and_extras(step),
+                        "Relative step size of conv layers", "mean ||step|| / ||w||",
+                        labels, start_epoch=1)
+
+
+def conv_sqsum_log(sqsum: Curves, labels=None) -> Optional[Figure]:
+    """On a log scale: under gradient scaling the weights grow exponentially."""
+    return _runs_figure("conv_sqsum_log", sqsum, _post_three_and_extras(sqsum),
+                        "Sum of squared conv weights (log scale)", "conv_sqsum",
+                        labels, log_y=True)
+
+
+def test_accuracy_all(accuracy: Curves, labels=None) -> Optional[Figure]:
+    """Not in the post: every run's test accuracy, so extra runs are seen too."""
+    return _runs_figure("test_accuracy_all", accuracy, ordered_names(accuracy),
+                        "Test accuracy, all runs", "test accuracy", labels)
+
+
+# File name -> (function, tag it plots, event sub-folder of that tag).
+FIGURES = {
+    "test_accuracy": (test_accuracy, tags.EPOCH_ACCURACY, tags.VALIDATION_DIR),
+    "conv_sqsum": (conv_sqsum, tags.CONV_SQSUM, tags.TRAIN_DIR),
+    "relative_step": (relative_step, tags.CONV_RELATIVE_STEP, tags.TRAIN_DIR),
+    "conv_lr_scale_accuracy": (conv_lr_scale_accuracy, tags.EPOCH_ACCURACY, tags.VALIDATION_DIR),
+    "piecewise_factor": (piecewise_factor, tags.CONV_SQSUM, tags.TRAIN_DIR),
+    "bn098_accuracy": (bn098_accuracy, tags.EPOCH_ACCURACY, tags.VALIDATION_DIR),
+    "relative_step_all": (relative_step_all, tags.CONV_RELATIVE_STEP, tags.TRAIN_DIR),
+    "conv_sqsum_log": (conv_sqsum_log, tags.CONV_SQSUM, tags.TRAIN_DIR),
+    "test_accuracy_all": (test_accuracy_all, tags.EPOCH_ACCURACY, tags.VALIDATION_DIR),
+}

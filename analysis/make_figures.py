@@ -1,0 +1,110 @@
+"""Draw the post's figures and the summary table from a results folder.
+
+    python -m analysis.make_figures RESULTS_DIR [--out DIR]
+
+RESULTS_DIR holds runs as `<name>/` or `<name>/seed_<k>/` (see `events.find_runs`);
+figures go to DIR (default RESULTS_DIR/figures) as NAME.png and NAME.svg, with
+summary.md and summary.csv beside them. Runs still training are drawn from what they
+logged so far and marked "(incomplete)" in legends and the table; missing runs are
+left out with a note, so the script is useful from the first finished run on.
+"""
+
+import argparse
+import os
+import sys
+from typing import Dict, List
+
+from analysis import figures, summary
+from resnet_cifar import events
+
+EXIT_NO_RUNS = 2
+FORMATS = ("png", "svg")
+
+
+def load_results(runs: Dict[str, List[str]]) -> Dict[str, List[events.Run]]:
+    """Read every run folder once; an unreadable one is skipped with a note."""
+    loaded = {}
+    for name, run_dirs in runs.items():
+        for run_dir in run_dirs:
+            try:
+                loaded.setdefault(name, []).append(events.load_run(run_dir))
+            except events.EventsError as e:
+                figures.note(f"skipped {run_dir}: {e}")
+    return {name: seeds for name, seeds in loaded.items() if seeds}
+
+
+def curves(loaded: Dict[str, List[events.Run]], tag: str, subdir: str) -> figures.Curves:
+    """name -> one (epochs, values) per seed that logged `tag`."""
+    out = {}
+    for name, seeds in loaded.items():
+        series = [run.scalars.get(subdir, {}).get(tag) for run in seeds]
+        series = [s for s in series if s is not None]
+        if series:
+            out[name] = series
+    return out
+
+
+def legend_labels(loaded: Dict[str, List[events.Run]]) -> Dict[str, str]:
+    """Legend labels, with runs that have not finished marked as such."""
+    return {name: figures.label_of(name) + ("" if all(r.complete for r in seeds)
+                                             else " (incomplete)")
+            for name, seeds in loaded.items()}
+
+
+def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
+    """Every figure that has data, in every format, plus the summary; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    labels = legend_labels(loaded)
+    written = []
+    for fig_name, (make, tag, subdir) in figures.FIGURES.items():
+        fig = make(curves(loaded, tag, subdir), labels=labels)
+        if fig is None:
+            continue
+        for fmt in FORMATS:
+            path = os.path.join(out_dir, f"{fig_name}.{fmt}")
+            # No date in the SVG, so re-running on the same data gives the same file.
+            fig.savefig(path, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+            written.append(path)
+    written += summary.write_summary(summary.summarize(loaded), out_dir)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.make_figures",
+        description="Draw the post's figures and a summary table from a results folder.")
+    parser.add_argument("results_dir", metavar="RESULTS_DIR",
+                        help="folder of runs: <name>/ or <name>/seed_<k>/, each with run_config.json")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="output folder (default: RESULTS_DIR/figures)")
+    args = parser.parse_args(argv)
+
+    def fail(message: str, code: int) -> int:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return code
+
+    try:
+        runs = events.find_runs(args.results_dir)
+    except events.EventsError as e:
+        return fail(str(e), EXIT_NO_RUNS)
+    if not runs:
+        return fail(f"no runs in {args.results_dir} (no run_config.json in it, "
+                    f"its <name>/ or <name>/seed_<k>/ folders)", EXIT_NO_RUNS)
+    loaded = load_results(runs)
+    if not loaded:
+        return fail(f"no readable runs in {args.results_dir}", EXIT_NO_RUNS)
+
+    out_dir = args.out or os.path.join(args.results_dir, "figures")
+    try:
+        written = write_all(loaded, out_dir)
+    except OSError as e:
+        return fail(f"cannot write to {out_dir}: {e}", 1)
+    for path in written:
+        print(f"wrote {path}")
+    seeds = sum(len(s) for s in loaded.values())
+    print(f"{len(loaded)} run names, {seeds} run folders -> {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The table of final numbers per run: what the post quotes beside its plots.
+
+The post compares final test accuracy (~91% baseline, ~89.5% NoConvL2) and, for
+NoConvL2, a train-test loss gap about 0.024 larger and a train loss about 0.025
+worse. This module computes those per run name from loaded runs (`events.Run`),
+averaging seeds as mean ± sample std, and writes them as summary.md and summary.csv.
+Unfinished runs are summarised from what they logged and marked as such.
+"""
+
+import csv
+import dataclasses
+import math
+import os
+from typing import List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from analysis.figures import label_of, ordered_names
+from resnet_cifar import events, tags
+
+
+@dataclasses.dataclass
+class Row:
+    """One run name; per-seed lists keep the seeds' order."""
+
+    name: str
+    label: str
+    seeds: int
+    complete_seeds: int
+    epochs: List[int]                  # epochs completed, per seed
+    train_epochs: Optional[int]        # epochs asked for (run_config.json)
+    test_accuracy: List[float]         # last validation epoch_accuracy
+    train_loss: List[float]            # last train epoch_loss
+    loss_gap: List[float]              # last validation epoch_loss - last train epoch_loss
+
+    @property
+    def complete(self) -> bool:
+        return self.complete_seeds == self.seeds
+
+
+def _nan(x: Optional[float]) -> float:
+    return math.nan if x is None else x
+
+
+def run_metrics(run: events.Run) -> dict:
+    """Final numbers of one run; NaN where a tag was never logged (a run just started)."""
+    test_acc = _nan(run.last(tags.EPOCH_ACCURACY, tags.VALIDATION_DIR))
+    train_loss = _nan(run.last(tags.EPOCH_LOSS, tags.TRAIN_DIR))
+    test_loss = _nan(run.last(tags.EPOCH_LOSS, tags.VALIDATION_DIR))
+    # Epochs completed = last epoch with a train loss (step = epoch number); a run
+    # whose train events are unreadable or absent falls back to its test loss.
+    epochs = 0
+    for subdir in (tags.TRAIN_DIR, tags.VALIDATION_DIR):
+        steps = run.scalars.get(subdir, {}).get(tags.EPOCH_LOSS, (np.empty(0),))[0]
+        if len(steps):
+            epochs = int(steps.max())
+            break
+    return {"test_accuracy": test_acc, "train_loss": train_loss,
+            "loss_gap": test_loss - train_loss, "epochs": epochs}
+
+
+def mean_std(values: Sequence[float]):
+    """(mean, sample std) over the finite values; std is NaN with fewer than two."""
+    finite = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
+    if not len(finite):
+        return math.nan, math.nan
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+    return float(np.mean(finite)), std
+
+
+def summarize(runs: Mapping[str, Sequence[events.Run]]) -> List[Row]:
+    """One row per run name (the post's runs first), from its seeds' final numbers."""
+    rows = []
+    for name in ordered_names(runs):
+        seeds = list(runs[name])
+        if not seeds:
+            continue
+        metrics = [run_metrics(r) for r in seeds]
+        train_epochs = seeds[0].config.get("train_epochs")
+        rows.append(Row(
+            name=name,
+            label=label_of(name),
+            seeds=len(seeds),
+            complete_seeds=sum(r.complete for r in seeds),
+            epochs=[m["epochs"] for m in metrics],
+            train_epochs=int(train_epochs) if train_epochs is not None else None,
+            test_accuracy=[m["test_accuracy"] for m in metrics],
+            train_loss=[m["train_loss"] for m in metrics],
+            loss_gap=[m["loss_gap"] for m in metrics],
+        ))
+    return rows
+
+
+def _fmt(values: Sequence[float], scale: float = 1.0, digits: int = 4) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    text = f"{mean * scale:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std * scale:.{digits}f}"
+
+
+def _fmt_epochs(row: Row) -> str:
+    lo, hi = min(row.epochs), max(row.epochs)
+    done = str(hi) if lo == hi else f"{lo}–{hi}"
+    return done if row.train_epochs is None else f"{done}/{row.train_epochs}"
+
+
+def _fmt_complete(row: Row) -> str:
+    if row.complete:
+        return "yes"
+    return "no" if row.seeds == 1 else f"no ({row.complete_seeds}/{row.seeds})"
+
+
+def to_markdown(rows: Sequence[Row]) -> str:
+    """A Markdown table; seeds averaged as mean ± std, accuracy in percent."""
+    lines = [
+        "| run | seeds | complete | epochs | test accuracy (%) | train loss | test − train loss |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.label} | {r.seeds} | {_fmt_complete(r)} | {_fmt_epochs(r)} | "
+                     f"{_fmt(r.test_accuracy, 100, 2)} | {_fmt(r.train_loss)} | {_fmt(r.loss_gap)} |")
+    if any(not r.complete for r in rows):
+        lines += ["", "Incomplete runs (no done.json) are summarised at their last logged epoch."]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("name", "label", "seeds", "complete_seeds", "complete", "epochs_min",
+              "epochs_max", "train_epochs", "test_accuracy_mean", "test_accuracy_std",
+              "train_loss_mean", "train_loss_std", "loss_gap_mean", "loss_gap_std")
+
+
+def _csv_number(x: float) -> str:
+    return "" if math.isnan(x) else repr(x)
+
+
+def write_csv(rows: Sequence[Row], path: str) -> None:
+    """Unrounded numbers, one row per run name; empty cells where there is no value."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for r in rows:
+            cells = [r.name, r.label, r.seeds, r.complete_seeds, "yes" if r.complete else "no",
+                     min(r.epochs), max(r.epochs), "" if r.train_epochs is None else r.train_epochs]
+            for values in (r.test_accuracy, r.train_loss, r.loss_gap):
+                cells += [_csv_number(x) for x in mean_std(values)]
+            writer.writerow(cells)
+
+
+def write_summary(rows: Sequence[Row], out_dir: str) -> List[str]:
+    """summary.md and summary.csv in `out_dir`; returns their paths."""
+    md_path = os.path.join(out_dir, "summary.md")
+    csv_path = os.path.join(out_dir, "summary.csv")
+    with open(md_path, "w") as f:
+        f.write(to_markdown(rows))
+    write_csv(rows, csv_path)
+    return [md_path, csv_path]

@@ -1,0 +1,182 @@
+"""Read what training logged: run folders, their flags and their TensorBoard scalars.
+
+Shared by `analysis/` (figures and the summary table) and by training itself, which
+replays a baseline's logged `conv_sqsum` (`--conv_lr_factor=replay`). So this module
+stays light: no flags, no matplotlib, and TensorFlow is only pulled in (by
+TensorBoard's file reader) when an event file is actually read.
+
+TF2's `tf.summary.scalar` (and Keras' TensorBoard callback) write scalars as TENSOR
+summaries, so they are read with `EventAccumulator.Tensors`, never `.Scalars`, and
+with no sampling (`size_guidance` 0 keeps every event). Values were logged as float32;
+they come back as float64 arrays holding exactly those float32 numbers.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import re
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from resnet_cifar import tags
+
+Series = Tuple[np.ndarray, np.ndarray]   # (steps as int64, values as float64), by step
+
+_SEED_DIR = re.compile(r"^seed_(\d+)$")
+
+
+class EventsError(ValueError):
+    """A run folder or a tag is missing or unreadable; the message is one line."""
+
+
+def _event_dir(run_dir: str, subdir: str) -> str:
+    path = os.path.join(run_dir, subdir) if subdir else run_dir
+    if not glob.glob(os.path.join(path, "*tfevents*")):
+        raise EventsError(f"run {run_dir}: no event files in {path}")
+    return path
+
+
+def _tensor_events(path: str) -> Dict[str, list]:
+    """All tensor events of one event folder, tag -> events in reading order."""
+    # Imported here: TensorBoard's reader imports TensorFlow, which takes seconds
+    # and is not needed to list runs.
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    # purge_orphaned_data=False: duplicates of a resumed run are resolved below,
+    # by write time, rather than by TensorBoard's restart heuristics.
+    acc = ea.EventAccumulator(path, size_guidance={ea.TENSORS: 0},
+                              purge_orphaned_data=False)
+    try:
+        acc.Reload()
+    except Exception as e:  # a truncated or corrupt file; report it on one line
+        raise EventsError(f"cannot read events in {path}: {type(e).__name__}: {e}") from None
+    return {tag: acc.Tensors(tag) for tag in acc.Tags()[ea.TENSORS]}
+
+
+def _to_series(events: list) -> Series:
+    """Steps sorted; of several values for one step the last written wins.
+
+    A resumed run logs some epochs twice; the later value (largest wall time; for
+    equal times the one read last) belongs to the run as it continued.
+    """
+    from tensorboard.util import tensor_util  # same as tf.make_ndarray, no TF import
+
+    latest = {}
+    for ev in sorted(events, key=lambda e: e.wall_time):   # stable: ties keep file order
+        latest[int(ev.step)] = float(np.asarray(tensor_util.make_ndarray(ev.tensor_proto)))
+    steps = np.array(sorted(latest), dtype=np.int64)
+    values = np.array([latest[s] for s in steps], dtype=np.float64)
+    return steps, values
+
+
+def read_all_scalars(run_dir: str, subdir: str = tags.TRAIN_DIR) -> Dict[str, Series]:
+    """Every scalar tag of `run_dir/subdir` as tag -> (steps, values); reads the files once."""
+    path = _event_dir(run_dir, subdir)
+    return {tag: _to_series(events) for tag, events in _tensor_events(path).items()}
+
+
+def read_scalars(run_dir: str, tag: str, subdir: str = tags.TRAIN_DIR) -> Series:
+    """One scalar tag as (steps int64, values float64), sorted by step, one value per step."""
+    path = _event_dir(run_dir, subdir)
+    events = _tensor_events(path)
+    if tag not in events:
+        known = ", ".join(sorted(events)[:6]) + (", ..." if len(events) > 6 else "")
+        raise EventsError(f"run {run_dir}: no tag {tag!r} in {subdir or '.'}/ "
+                          f"(has: {known or 'no scalars'})")
+    return _to_series(events[tag])
+
+
+def list_tags(run_dir: str, subdir: str = tags.TRAIN_DIR) -> List[str]:
+    """The scalar (tensor) tags logged in `run_dir/subdir`, sorted."""
+    return sorted(_tensor_events(_event_dir(run_dir, subdir)))
+
+
+def is_complete(run_dir: str) -> bool:
+    """True when training wrote its done-marker, i.e. ran all its epochs."""
+    return os.path.isfile(os.path.join(run_dir, tags.DONE_FILE))
+
+
+def read_config(run_dir: str) -> dict:
+    """The run's flag values: the "config" object of run_config.json (or the whole file)."""
+    path = os.path.join(run_dir, tags.RUN_CONFIG_FILE)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise EventsError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise EventsError(f"{path}: expected a JSON object")
+    config = data.get("config", data)
+    return config if isinstance(config, dict) else {}
+
+
+def _is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, tags.RUN_CONFIG_FILE))
+
+
+def _seed_key(path: str):
+    match = _SEED_DIR.match(os.path.basename(path))
+    return (int(match.group(1)) if match else 0, path)
+
+
+def find_runs(results_dir: str) -> Dict[str, List[str]]:
+    """Run folders of a results folder, grouped by name: name -> [run_dir, ...].
+
+    `RESULTS/<name>/` is one run; `RESULTS/<name>/seed_<k>/` are seeds of one run
+    (ordered by k). A folder counts as a run once it holds run_config.json. If
+    `results_dir` is itself a run folder, it is the only run, named after itself.
+    """
+    if not os.path.isdir(results_dir):
+        raise EventsError(f"no such folder: {results_dir}")
+    if _is_run_dir(results_dir):
+        return {os.path.basename(os.path.normpath(results_dir)): [results_dir]}
+    runs = {}
+    for name in sorted(os.listdir(results_dir)):
+        folder = os.path.join(results_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        if _is_run_dir(folder):
+            runs[name] = [folder]
+            continue
+        seeds = [os.path.join(folder, s) for s in os.listdir(folder) if _SEED_DIR.match(s)]
+        seeds = sorted((s for s in seeds if _is_run_dir(s)), key=_seed_key)
+        if seeds:
+            runs[name] = seeds
+    return runs
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything logged by one run folder, read once."""
+
+    run_dir: str
+    config: dict
+    complete: bool
+    scalars: Dict[str, Dict[str, Series]]   # subdir -> tag -> series
+
+    def series(self, tag: str, subdir: str = tags.TRAIN_DIR) -> Series:
+        try:
+            return self.scalars[subdir][tag]
+        except KeyError:
+            raise EventsError(f"run {self.run_dir}: no tag {tag!r} in {subdir}/") from None
+
+    def last(self, tag: str, subdir: str = tags.TRAIN_DIR) -> Optional[float]:
+        """Value at the last logged step, or None if the tag was never logged."""
+        values = self.scalars.get(subdir, {}).get(tag, (None, np.empty(0)))[1]
+        return float(values[-1]) if len(values) else None
+
+
+def load_run(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR)) -> Run:
+    """Read a run folder; a sub-folder without event files (a run just started) is empty."""
+    scalars = {}
+    for subdir in subdirs:
+        try:
+            scalars[subdir] = read_all_scalars(run_dir, subdir)
+        except EventsError:
+            if glob.glob(os.path.join(run_dir, subdir, "*tfevents*")):
+                raise   # files exist but are unreadable: say so
+            scalars[subdir] = {}
+    return Run(run_dir=run_dir, config=read_config(run_dir),
+               complete=is_complete(run_dir), scalars=scalars)

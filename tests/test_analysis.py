@@ -1,0 +1,351 @@
+"""Tests of reading event logs, the figures, the summary table and the CLI.
+
+Runs are fabricated with tf.summary (as training writes them), a few epochs each,
+so the whole file runs in seconds and never trains anything.
+"""
+
+import csv
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+import tensorflow as tf
+
+from analysis import figures, make_figures, summary
+from resnet_cifar import events, fidelity, tags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = "/work/venv/bin/python"
+EPOCHS = 6
+PER_LAYER = "conv_lr_scale_per_layer"
+ALL_NAMES = [figures.BASELINE, figures.NOCONV_L2, figures.CONV_LR_SCALE,
+             figures.CONV_LR_SCALE_BN098, PER_LAYER]
+
+
+def f32(values):
+    """What a logged value reads back as: tf.summary stores float32."""
+    return np.asarray(values, dtype=np.float32).astype(np.float64)
+
+
+def write_events(folder, scalars):
+    """Write tag -> list of (step, value) with one TF2 summary writer, in list order."""
+    writer = tf.summary.create_file_writer(folder)
+    with writer.as_default():
+        for tag, points in scalars.items():
+            for step, value in points:
+                tf.summary.scalar(tag, value, step=step)
+    writer.close()
+
+
+def write_run(run_dir, train=None, validation=None, config=None, done=False):
+    """A fake run folder: train/ and validation/ as tag -> (steps, values), plus JSON files."""
+    os.makedirs(run_dir, exist_ok=True)
+    for subdir, scalars in ((tags.TRAIN_DIR, train), (tags.VALIDATION_DIR, validation)):
+        if scalars:
+            write_events(os.path.join(run_dir, subdir),
+                         {tag: list(zip(s, v)) for tag, (s, v) in scalars.items()})
+    with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
+        json.dump({"config": dict({"train_epochs": EPOCHS, "seed": 0}, **(config or {}))}, f)
+    if done:
+        with open(os.path.join(run_dir, tags.DONE_FILE), "w") as f:
+            json.dump({"epochs": EPOCHS}, f)
+    return run_dir
+
+
+def fake_logs(rng, epochs=EPOCHS):
+    """Per-epoch arrays of one run: Keras tags from epoch 1, diagnostics from epoch 0."""
+    e1 = np.arange(1, epochs + 1)
+    e0 = np.arange(0, epochs + 1)
+    train = {
+        tags.EPOCH_LOSS: (e1, rng.uniform(0.1, 2.0, epochs)),
+        tags.EPOCH_ACCURACY: (e1, rng.uniform(0.3, 1.0, epochs)),
+        tags.CONV_SQSUM: (e0, rng.uniform(500.0, 3000.0, epochs + 1)),
+        tags.CONV_RELATIVE_STEP: (e1, rng.uniform(1e-3, 1e-2, epochs)),
+        tags.per_layer(tags.CONV_SQSUM, "conv2d_3"): (e0, rng.uniform(1.0, 50.0, epochs + 1)),
+    }
+    validation = {
+        tags.EPOCH_LOSS: (e1, rng.uniform(0.3, 2.5, epochs)),
+        tags.EPOCH_ACCURACY: (e1, rng.uniform(0.3, 0.95, epochs)),
+    }
+    return train, validation
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A results folder with the post's runs (baseline with two seeds), an extra run,
+    and an unfinished BN 0.98 run. Returns (folder, name -> [(train, validation)])."""
+    root = str(tmp_path_factory.mktemp("results"))
+    rng = np.random.default_rng(0)
+    logs = {}
+    for name in ALL_NAMES:
+        if name == figures.BASELINE:
+            dirs = [os.path.join(root, name, f"seed_{k}") for k in (0, 1)]
+        else:
+            dirs = [os.path.join(root, name)]
+        epochs = 4 if name == figures.CONV_LR_SCALE_BN098 else EPOCHS
+        logs[name] = []
+        for k, run_dir in enumerate(dirs):
+            train, validation = fake_logs(rng, epochs)
+            write_run(run_dir, train, validation, {"seed": k},
+                      done=name != figures.CONV_LR_SCALE_BN098)
+            logs[name].append((train, validation))
+    return root, logs
+
+
+# --- events.py --------------------------------------------------------------------------
+
+def test_read_scalars_round_trips_values(tmp_path):
+    values = np.random.default_rng(1).normal(size=EPOCHS + 1) * 1000
+    steps = np.arange(EPOCHS + 1)
+    run = write_run(str(tmp_path / "run"), train={tags.CONV_SQSUM: (steps, values)})
+
+    got_steps, got_values = events.read_scalars(run, tags.CONV_SQSUM)
+
+    assert got_steps.dtype == np.int64 and got_values.dtype == np.float64
+    np.testing.assert_array_equal(got_steps, steps)
+    np.testing.assert_array_equal(got_values, f32(values))
+
+
+def test_read_scalars_keeps_last_value_of_a_repeated_step(tmp_path):
+    run = str(tmp_path / "run")
+    train = os.path.join(run, tags.TRAIN_DIR)
+    # Out of step order, step 1 twice in one file, then a "resumed" writer redoes step 2.
+    write_events(train, {tags.CONV_SQSUM: [(0, 800.0), (2, 1.5), (1, 10.0), (1, 11.0)]})
+    write_events(train, {tags.CONV_SQSUM: [(2, 2.5), (3, 3.5)]})
+    write_run(run)
+
+    steps, values = events.read_scalars(run, tags.CONV_SQSUM)
+
+    np.testing.assert_array_equal(steps, [0, 1, 2, 3])
+    np.testing.assert_array_equal(values, [800.0, 11.0, 2.5, 3.5])
+
+
+def test_read_scalars_errors_are_one_line_and_name_run_and_tag(tmp_path):
+    run = write_run(str(tmp_path / "run"), train={tags.EPOCH_LOSS: ([1], [0.5])})
+    with pytest.raises(events.EventsError) as missing_tag:
+        events.read_scalars(run, tags.CONV_SQSUM)
+    with pytest.raises(events.EventsError) as missing_dir:
+        events.read_scalars(run, tags.EPOCH_ACCURACY, tags.VALIDATION_DIR)
+    for err in (missing_tag, missing_dir):
+        assert "\n" not in str(err.value) and run in str(err.value)
+    assert tags.CONV_SQSUM in str(missing_tag.value)
+    assert isinstance(missing_tag.value, ValueError)
+
+
+def test_list_tags_and_is_complete(tmp_path):
+    layer_tag = tags.per_layer(tags.CONV_SQSUM, "conv2d_3")
+    run = write_run(str(tmp_path / "a"), train={tags.CONV_SQSUM: ([0], [800.0]),
+                                                layer_tag: ([0], [16.0])}, done=True)
+    unfinished = write_run(str(tmp_path / "b"), train={tags.CONV_SQSUM: ([0], [800.0])})
+    assert events.list_tags(run) == sorted([tags.CONV_SQSUM, layer_tag])
+    assert events.is_complete(run) and not events.is_complete(unfinished)
+
+
+def test_find_runs_groups_seeds(tmp_path):
+    root = tmp_path / "results"
+    for d in ("baseline/seed_0", "baseline/seed_2", "baseline/seed_10", "noconv_l2"):
+        write_run(str(root / d))
+    (root / "figures").mkdir()                 # output folder: not a run
+    (root / "pending" / "seed_0").mkdir(parents=True)   # no run_config.json yet
+    runs = events.find_runs(str(root))
+    assert runs == {
+        "baseline": [str(root / "baseline" / f"seed_{k}") for k in (0, 2, 10)],
+        "noconv_l2": [str(root / "noconv_l2")],
+    }
+    with pytest.raises(events.EventsError):
+        events.find_runs(str(tmp_path / "nowhere"))
+
+
+# --- figures.py -------------------------------------------------------------------------
+
+def test_piecewise_np_matches_the_posts_formula():
+    epochs = [0, 10, 30, 50, 75, 100, 150]
+    np.testing.assert_allclose(figures.piecewise_np(epochs),
+                               [1.0, 0.5, 0.45, 0.4, 0.55, 0.7, 0.75], rtol=0, atol=1e-12)
+
+
+def test_piecewise_figure_shows_the_fit_and_800_over_baseline_sqsum():
+    steps = np.arange(0, 8)
+    sqsum = np.array([800.0, 1000.0, 1300.0, 1500.0, 1700.0, 1600.0, 1650.0, 1700.0])
+    fig = figures.piecewise_factor({figures.BASELINE: [(steps, sqsum)]})
+    measured, fit = fig.axes[0].lines
+
+    np.testing.assert_array_equal(measured.get_xdata(), steps)
+    np.testing.assert_allclose(measured.get_ydata(), fidelity.INITIAL_CONV_SQSUM / sqsum)
+    x, y = np.asarray(fit.get_xdata()), np.asarray(fit.get_ydata())
+    assert x[0] == 0 and x[-1] == fidelity.TRAIN_EPOCHS
+    at = {e: y[np.flatnonzero(x == e)[0]] for e in (0, 10, 30, 50, 75, 100, 150)}
+    np.testing.assert_allclose([at[e] for e in (0, 10, 30, 50, 75, 100, 150)],
+                               [1.0, 0.5, 0.45, 0.4, 0.55, 0.7, 0.75], atol=1e-12)
+
+
+def test_piecewise_np_agrees_with_the_trainers_tf_version():
+    """The figure must show the factor training applies (resnet_cifar.conv_scaling)."""
+    conv_scaling = pytest.importorskip("resnet_cifar.conv_scaling")
+    epochs = np.linspace(0.0, 160.0, 1601)
+    np.testing.assert_allclose(figures.piecewise_np(epochs),
+                               conv_scaling.piecewise(epochs).numpy(), atol=1e-6)
+
+
+# Which runs each figure shows, in order (the per-layer run stands for "other runs").
+FIGURE_RUNS = {
+    "test_accuracy": [figures.BASELINE, figures.NOCONV_L2],
+    "conv_sqsum": [figures.BASELINE, figures.NOCONV_L2],
+    "relative_step": [figures.BASELINE, figures.NOCONV_L2],
+    "conv_lr_scale_accuracy": [figures.BASELINE, figures.NOCONV_L2, figures.CONV_LR_SCALE],
+    "bn098_accuracy": [figures.BASELINE, figures.CONV_LR_SCALE, figures.CONV_LR_SCALE_BN098],
+    "relative_step_all": [figures.BASELINE, figures.NOCONV_L2, figures.CONV_LR_SCALE, PER_LAYER],
+    "conv_sqsum_log": [figures.BASELINE, figures.NOCONV_L2, figures.CONV_LR_SCALE, PER_LAYER],
+    "test_accuracy_all": ALL_NAMES,
+}
+
+
+def test_every_figure_is_covered():
+    assert set(FIGURE_RUNS) | {"piecewise_factor"} == set(figures.FIGURES)
+
+
+@pytest.mark.parametrize("name", sorted(FIGURE_RUNS))
+def test_figure_plots_the_given_arrays(name):
+    make, tag, _ = figures.FIGURES[name]
+    rng = np.random.default_rng(2)
+    first = 1 if tag == tags.CONV_RELATIVE_STEP else 0
+    steps = np.arange(first, EPOCHS + 1)
+    data = {n: [(steps, rng.uniform(0.1, 900.0, len(steps)))] for n in ALL_NAMES}
+
+    ax = make(data).axes[0]
+
+    assert [line.get_label() for line in ax.lines] == [figures.LABELS.get(n, n)
+                                                      for n in FIGURE_RUNS[name]]
+    for line, run in zip(ax.lines, FIGURE_RUNS[name]):
+        np.testing.assert_array_equal(line.get_xdata(), steps)
+        np.testing.assert_array_equal(line.get_ydata(), data[run][0][1])
+    assert not ax.collections                      # one seed: no band
+    assert ax.get_yscale() == ("log" if name == "conv_sqsum_log" else "linear")
+
+
+def test_relative_step_leaves_out_epoch_0():
+    steps = np.arange(0, 4)
+    data = {figures.BASELINE: [(steps, np.array([0.0, 3.0, 2.0, 1.0]))]}
+    line = figures.relative_step(data).axes[0].lines[0]
+    np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3])
+    np.testing.assert_array_equal(line.get_ydata(), [3.0, 2.0, 1.0])
+
+
+def test_seeds_are_drawn_as_mean_and_min_max_band():
+    rng = np.random.default_rng(3)
+    steps = np.arange(1, EPOCHS + 1)
+    seeds = [(steps, rng.uniform(0.5, 0.9, EPOCHS)) for _ in range(3)]
+    stacked = np.stack([v for _, v in seeds])
+
+    got_steps, mean, lo, hi = figures.aggregate_seeds(seeds)
+    np.testing.assert_array_equal(got_steps, steps)
+    np.testing.assert_allclose(mean, stacked.mean(axis=0), rtol=1e-15)
+    np.testing.assert_array_equal(lo, stacked.min(axis=0))
+    np.testing.assert_array_equal(hi, stacked.max(axis=0))
+
+    ax = figures.test_accuracy({figures.BASELINE: seeds}).axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), stacked.mean(axis=0), rtol=1e-15)
+    (band,) = ax.collections
+    band_y = band.get_paths()[0].vertices[:, 1]
+    expected = np.concatenate([stacked.min(axis=0), stacked.max(axis=0)])
+    assert np.isin(expected, band_y).all() and np.isin(band_y, expected).all()
+
+
+def test_seeds_of_different_lengths_average_what_exists():
+    a = (np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0]))
+    b = (np.array([1, 2]), np.array([3.0, 6.0]))
+    steps, mean, lo, hi = figures.aggregate_seeds([a, b])
+    np.testing.assert_array_equal(steps, [1, 2, 3])
+    np.testing.assert_array_equal(mean, [2.0, 4.0, 3.0])
+    np.testing.assert_array_equal(lo, [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(hi, [3.0, 6.0, 3.0])
+
+
+def test_figures_skip_missing_runs_with_a_note(capsys):
+    only_baseline = {figures.BASELINE: [(np.arange(1, 4), np.array([0.5, 0.6, 0.7]))]}
+    fig = figures.conv_lr_scale_accuracy(only_baseline)
+    assert [line.get_label() for line in fig.axes[0].lines] == ["Baseline"]
+    err = capsys.readouterr().err
+    assert "NoConvL2" in err and "ConvLRScale" in err
+
+    assert figures.test_accuracy({}) is None
+    assert "skipped" in capsys.readouterr().err
+
+
+# --- summary.py ---------------------------------------------------------------------------
+
+def test_summary_values_match_hand_computation(results):
+    root, logs = results
+    loaded = make_figures.load_results(events.find_runs(root))
+    rows = {r.name: r for r in summary.summarize(loaded)}
+    assert list(rows) == ALL_NAMES                 # the post's order, extras after
+
+    def final(run_logs, subdir, tag):
+        train, validation = run_logs
+        return f32((train if subdir == tags.TRAIN_DIR else validation)[tag][1])[-1]
+
+    for name, row in rows.items():
+        acc = [final(r, tags.VALIDATION_DIR, tags.EPOCH_ACCURACY) for r in logs[name]]
+        gap = [final(r, tags.VALIDATION_DIR, tags.EPOCH_LOSS) - final(r, tags.TRAIN_DIR, tags.EPOCH_LOSS)
+               for r in logs[name]]
+        assert row.test_accuracy == acc
+        assert row.loss_gap == pytest.approx(gap, rel=1e-12)
+        assert row.seeds == len(logs[name])
+
+    base = rows[figures.BASELINE]
+    acc = np.array(base.test_accuracy)
+    assert summary.mean_std(base.test_accuracy) == pytest.approx((acc.mean(), acc.std(ddof=1)))
+    markdown = summary.to_markdown(rows.values())
+    assert f"{acc.mean() * 100:.2f} ± {acc.std(ddof=1) * 100:.2f}" in markdown
+
+
+def test_summary_marks_incomplete_runs(results):
+    root, _ = results
+    rows = {r.name: r for r in summary.summarize(make_figures.load_results(events.find_runs(root)))}
+    bn = rows[figures.CONV_LR_SCALE_BN098]
+    assert not bn.complete and bn.epochs == [4] and bn.train_epochs == EPOCHS
+    assert rows[figures.BASELINE].complete
+    line = next(l for l in summary.to_markdown(rows.values()).splitlines()
+                if l.startswith("| ConvLRScale BN 0.98 |"))
+    assert "| no |" in line and "| 4/6 |" in line
+
+
+# --- the command line ---------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([PYTHON, "-m", "analysis.make_figures", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_every_figure_and_the_table(results, tmp_path):
+    root, logs = results
+    out = tmp_path / "figs"
+    proc = run_cli(root, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+
+    for name in figures.FIGURES:
+        for fmt in ("png", "svg"):
+            path = out / f"{name}.{fmt}"
+            assert path.is_file() and str(path) in proc.stdout
+        assert (out / f"{name}.png").stat().st_size < 200_000
+    with open(out / "summary.csv") as f:
+        table = {row["name"]: row for row in csv.DictReader(f)}
+    assert table[figures.CONV_LR_SCALE_BN098]["complete"] == "no"
+    assert table[figures.NOCONV_L2]["complete"] == "yes"
+    acc = f32(logs[figures.NOCONV_L2][0][1][tags.EPOCH_ACCURACY][1])[-1]
+    assert float(table[figures.NOCONV_L2]["test_accuracy_mean"]) == acc
+    assert "ConvLRScale BN 0.98" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("folder", ["empty", "missing"])
+def test_cli_without_runs_exits_2_with_one_line(tmp_path, folder):
+    path = tmp_path / folder
+    if folder == "empty":
+        path.mkdir()
+    proc = run_cli(str(path))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert str(path) in proc.stderr

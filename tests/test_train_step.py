@@ -1,0 +1,192 @@
+"""The custom train step against an independent float64 NumPy computation of the update."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from resnet_cifar import config as config_lib
+from resnet_cifar import conv_scaling, fidelity, models, trainer
+
+MOMENTUM = fidelity.MOMENTUM
+BATCH = 8
+
+
+def make_model(steps_per_epoch=10, seed=1, **overrides):
+    keras.utils.set_random_seed(seed)
+    cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, jit_compile=False, **overrides)
+    return trainer.build_model(cfg, steps_per_epoch), cfg
+
+
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((BATCH, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, BATCH).astype(np.int32)
+    return x, y
+
+
+def data_gradients(model, x, y):
+    """Gradient of the mean cross entropy alone (no L2, no scaling), by plain autodiff.
+
+    BN in training mode uses batch statistics, so this forward pass is the one the
+    train step will make; its moving-average update does not touch trainables.
+    """
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+    return [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
+
+
+def hand_piecewise(e):
+    """The post's tf.where chain, transcribed literally."""
+    if e < 10.0:
+        return 1.0 - 0.05 * e
+    if e < 50.0:
+        return 0.5 - 0.0025 * (e - 10.0)
+    if e < 100.0:
+        return 0.4 + 0.006 * (e - 50.0)
+    return 0.7 + 0.001 * (e - 100.0)
+
+
+def expected_update(model, cfg, grads_data, weights, accum, step, steps_per_epoch):
+    """NumPy float64: L2 gradient, conv factor, TF1 momentum. Returns (new weights, new accum)."""
+    names = [v.path for v in model.trainable_variables]
+    is_conv = ["conv2d" in n for n in names]         # the post's name-based selection
+    epoch = step / steps_per_epoch
+    rate = cfg.base_learning_rate * cfg.decay_rates[int(np.searchsorted(cfg.boundary_epochs, epoch, "right"))]
+    conv_sq = sum(float(np.sum(w ** 2)) for w, c in zip(weights, is_conv) if c)
+    factor = hand_piecewise(epoch) * conv_sq / 800.0 if cfg.conv_grad_scale else 1.0
+    new_w, new_a = [], []
+    for g, w, a, c in zip(grads_data, weights, accum, is_conv):
+        if cfg.conv_l2 or not c:
+            g = g + cfg.weight_decay * w                 # d/dw of wd * sum(w^2)/2
+        if c:
+            g = g * factor
+        a = MOMENTUM * a + g                             # TF1: accumulate raw gradients
+        new_w.append(w - rate * a)                       # ... times the current rate
+        new_a.append(a)
+    return new_w, new_a, factor
+
+
+def assert_close_update(actual, desired, weights, name, tol=1e-3):
+    """Float32 tolerance for an update tensor, in norm.
+
+    The two gradients come from different graphs (eager vs tf.function), so they
+    agree to float32 rounding relative to the tensor's norm, not elementwise; and
+    the TF update is read back as a difference of float32 weights, which rounds
+    it to about eps32 * |w| per element.
+    """
+    eps32 = np.finfo(np.float32).eps
+    err = np.linalg.norm(actual - desired)
+    bound = tol * np.linalg.norm(desired) + 2 * eps32 * np.linalg.norm(weights) + 1e-12
+    assert err <= bound, f"{name}: |error| {err:.3g} > {bound:.3g} (|update| {np.linalg.norm(desired):.3g})"
+
+
+def check_steps(n_steps, steps_per_epoch=10, weight_decay=1e-2, **overrides):
+    """n train steps, each against NumPy. weight_decay is raised from 2e-4 so that an L2
+    mistake (e.g. Keras' L2, twice the original) moves updates far beyond tolerance."""
+    model, cfg = make_model(steps_per_epoch, weight_decay=weight_decay, **overrides)
+    x, y = batch()
+    accum = [np.zeros(v.shape) for v in model.trainable_variables]
+    for step in range(n_steps):
+        weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+        grads = data_gradients(model, x, y)
+        want, accum, factor = expected_update(model, cfg, grads, weights, accum, step, steps_per_epoch)
+        model.train_on_batch(x, y)
+        for v, w0, w1 in zip(model.trainable_variables, weights, want):
+            assert_close_update(v.numpy() - w0, w1 - w0, w0, v.path)
+    return model, cfg, factor
+
+
+def test_baseline_step_matches_numpy():
+    check_steps(2)
+
+
+def test_noconv_l2_step_matches_numpy():
+    check_steps(2, conv_l2=False)
+
+
+def test_conv_lr_scale_step_matches_numpy():
+    # steps_per_epoch=1: steps 0 and 1 are epochs 0 and 1, factors 1.0 and 0.95 * sqsum/800.
+    model, _, factor = check_steps(2, steps_per_epoch=1, conv_l2=False, conv_grad_scale=True,
+                                   boundary_epochs=(50, 100))
+    assert factor == pytest.approx(0.95 * float(models.sum_of_squares(models.conv_kernels(model))) / 800,
+                                   rel=1e-2)
+
+
+def test_momentum_across_learning_rate_boundary_is_tf1():
+    """Boundary at epoch 1 (= step 1): the drop multiplies the whole accumulator at once."""
+    model, cfg, _ = check_steps(3, steps_per_epoch=1, boundary_epochs=(1, 2), decay_rates=(1, 0.1, 0.01))
+    # And Keras' SGD would not: its velocity keeps the old rate's contribution.
+    assert cfg.decay_rates[1] != cfg.decay_rates[0]
+
+
+def test_keras_sgd_would_differ_after_a_boundary():
+    """The check above can fail: a Keras-SGD-style update is measurably different."""
+    a, g1, lr0, lr1 = 1.0, 0.5, 0.1, 0.01
+    tf1 = lr1 * (MOMENTUM * a + g1)                  # TF1: step uses lr1 on the whole accumulator
+    keras_sgd = MOMENTUM * (lr0 * a) + lr1 * g1      # Keras: velocity carries lr0
+    assert abs(tf1 - keras_sgd) > 0.05 * keras_sgd
+
+
+def test_scaling_touches_only_conv_kernels():
+    """Factor != 1 changes conv updates only; every other variable moves as without scaling."""
+    x, y = batch(3)
+    deltas = {}
+    for scale in (False, True):
+        model, _ = make_model(1, seed=5, conv_l2=False, conv_grad_scale=scale)
+        # Inflate the conv weights so the factor (sqsum/800) is far from 1.
+        for k in models.conv_kernels(model):
+            k.assign(k * 2.0)
+        before = [v.numpy() for v in model.trainable_variables]
+        model.train_on_batch(x, y)
+        deltas[scale] = {v.path: v.numpy() - b for v, b in zip(model.trainable_variables, before)}
+        before_w = {v.path: b for v, b in zip(model.trainable_variables, before)}
+    conv = {k.path for k in models.conv_kernels(model)}
+    for path, d in deltas[True].items():
+        if path in conv:
+            assert_close_update(d, deltas[False][path] * 4.0, before_w[path], path)   # factor sqsum/800 = 4
+        else:
+            assert_close_update(d, deltas[False][path], before_w[path], path)
+
+
+def test_l2_term_is_half_sum_of_squares_over_right_variables():
+    for conv_l2, n_vars in ((True, 68), (False, 46)):
+        model, cfg = make_model(conv_l2=conv_l2)
+        chosen = [v for v in model.trainable_variables if conv_l2 or "conv2d" not in v.path]
+        assert len(chosen) == n_vars == len(model.l2_variables())
+        want = cfg.weight_decay * sum(np.sum(v.numpy().astype(np.float64) ** 2) / 2 for v in chosen)
+        assert float(model.l2_penalty()) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("epoch,value", [(0, 1.0), (10, 0.5), (30, 0.45), (50, 0.4), (75, 0.55),
+                                         (100, 0.7), (150, 0.75)])
+def test_piecewise_factor_matches_post(epoch, value):
+    assert float(conv_scaling.piecewise(float(epoch))) == pytest.approx(value, abs=1e-6)
+    assert hand_piecewise(float(epoch)) == pytest.approx(value, abs=1e-12)
+
+
+def test_piecewise_factor_between_points():
+    for e in np.linspace(0, 160, 97):
+        assert float(conv_scaling.piecewise(e)) == pytest.approx(hand_piecewise(e), abs=1e-5)
+
+
+def test_diagnostics_of_one_step():
+    model, _ = make_model(conv_l2=False)
+    x, y = batch(1)
+    conv = models.conv_kernels(model)
+    before = [k.numpy().astype(np.float64) for k in conv]
+    model.diagnostics.reset()
+    model.train_on_batch(x, y)
+    want = [np.linalg.norm(k.numpy() - b) / np.linalg.norm(b) for k, b in zip(conv, before)]
+    means = model.diagnostics.means()
+    np.testing.assert_allclose(means["relative_step"], want, rtol=1e-3)
+    np.testing.assert_allclose(means["lr_factor"], 1.0)
+    assert means["learning_rate"] == pytest.approx(0.1 * BATCH / 128)
+    assert means["steps"] == 1
+
+
+def test_learning_rate_scales_with_batch():
+    for b in (64, 128, 256):
+        cfg = config_lib.TrainConfig(model_dir="/x", batch_size=b)
+        assert cfg.base_learning_rate == pytest.approx(0.1 * b / 128)
