@@ -67,6 +67,10 @@ def prepare(config):
     return RunDirState(finished=os.path.exists(os.path.join(d, tags.DONE_FILE)))
 
 
+def finished_message(config):
+    return f"{config.model_dir}: this run already finished ({config.train_epochs} epochs); nothing to do"
+
+
 def differing_flags(old, new):
     """['--flag: old -> new', ...] over the settings that change what a run computes."""
     out = []

@@ -112,11 +112,23 @@ def main(argv):
     except config_lib.ConfigError as e:
         fail(str(e))
 
-    from resnet_cifar import input_pipeline, trainer   # after flags: --help stays fast
+    # Checks that need no TensorFlow come first: a mistake is reported in a second,
+    # before TF's start-up lines, and before anything is written.
+    from resnet_cifar import cifar_data, run_dir
 
     try:
-        trainer.run(config)
-    except (config_lib.ConfigError, input_pipeline.DataError) as e:
+        if run_dir.prepare(config).finished:
+            print(run_dir.finished_message(config), flush=True)
+            return
+        arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
+    except (config_lib.ConfigError, cifar_data.DataError) as e:
+        fail(str(e))
+
+    from resnet_cifar import trainer
+
+    try:
+        trainer.run(config, arrays)
+    except (config_lib.ConfigError, cifar_data.DataError) as e:
         fail(str(e))
     except trainer.TrainingError as e:
         fail(str(e), code=1)

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import (callbacks, config as config_lib, conv_scaling, events, fidelity,
+from resnet_cifar import (callbacks, cifar_data, config as config_lib, conv_scaling, events, fidelity,
                           input_pipeline, models, optim, run_dir, tags)
 from resnet_cifar.train_step import ReproductionModel
 
@@ -97,20 +97,23 @@ def build_model(config, steps_per_epoch, baseline=None):
     return model
 
 
-def run(config, print_fn=print):
-    """Trains `config.train_epochs` epochs (resuming if the model dir holds a checkpoint)."""
+def run(config, arrays=None, print_fn=print):
+    """Trains `config.train_epochs` epochs (resuming if the model dir holds a checkpoint).
+
+    arrays: the data as `cifar_data.Arrays`, if already loaded; else loaded here.
+    """
     setup_devices()
     state = run_dir.prepare(config)          # guards, run_config check, resume/no-op decision
     if state.finished:
-        print_fn(f"{config.model_dir}: this run already finished "
-                 f"({config.train_epochs} epochs); nothing to do", flush=True)
+        print_fn(run_dir.finished_message(config), flush=True)
         return RunResult("already_finished", config.train_epochs, {})
 
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    arrays = input_pipeline.load_arrays(config.data_source, config.data_dir, config.seed)
+    if arrays is None:
+        arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
     steps_per_epoch = config.steps_per_epoch or len(arrays.train_labels) // config.batch_size
     baseline = None
     if config.conv_grad_scale and config.conv_lr_factor in ("replay", "per_layer"):
