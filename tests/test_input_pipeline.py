@@ -304,20 +304,29 @@ def test_tfds_download_failure(monkeypatch, tmp_path, error):
 
 def test_per_image_standardization_matches_numpy():
     rng = np.random.default_rng(5)
+    nearly_flat = np.zeros((32, 32, 3), np.uint8)
+    nearly_flat[7, 9, 1] = 1                  # std 0.018039, just under 1/sqrt(3072) = 0.018042
+    tiny = np.zeros((32, 32, 3), np.float32)
+    tiny[7, 9, 1] = 0.01                      # std 1.8e-4: far under the floor
     images = [
         rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-        np.full((32, 32, 3), 200, np.uint8),                    # std 0 -> all zeros
-        np.full((32, 32, 3), 100, np.uint8),                    # std 0.01804 < 1/sqrt(3072)
+        np.full((32, 32, 3), 200, np.uint8),  # std 0 -> all zeros, no NaN
+        nearly_flat,
+        tiny,
     ]
-    images[2][7, 9, 1] = 101
-    assert images[2].astype(np.float64).std() < 1 / np.sqrt(N_PIXELS)
     for image in images:
         got = input_pipeline.preprocess_test(tf.constant(image)).numpy()
         assert got.dtype == np.float32 and got.shape == (32, 32, 3)
         np.testing.assert_allclose(got, np_standardize(image), rtol=1e-4, atol=1e-5)
-    # The clamped case: deviations divided by 1/sqrt(N), not by the (smaller) std.
-    got = input_pipeline.preprocess_test(tf.constant(images[2])).numpy()
-    assert got[7, 9, 1] == pytest.approx((1 - 1 / N_PIXELS) * np.sqrt(N_PIXELS), rel=1e-4)
+    # The floor: deviations are divided by 1/sqrt(N), not by the (much smaller) std,
+    # which would give about 55 here instead of 0.55.
+    got = input_pipeline.preprocess_test(tf.constant(tiny)).numpy()
+    assert got[7, 9, 1] == pytest.approx(0.01 * (1 - 1 / N_PIXELS) * np.sqrt(N_PIXELS), rel=1e-4)
+    # uint8 input is standardized in pixel units (0..255), as the original cast to
+    # float32 first; a conversion to [0, 1] would make the floor bite on ordinary images.
+    low_contrast = (100 + rng.integers(0, 3, (32, 32, 3))).astype(np.uint8)   # std ~0.8
+    got = input_pipeline.preprocess_test(tf.constant(low_contrast)).numpy()
+    assert float(got.std()) == pytest.approx(1.0, rel=1e-3)
 
 
 def test_preprocess_train_is_a_window_of_the_padded_image():
@@ -337,6 +346,11 @@ def test_preprocess_train_is_a_window_of_the_padded_image():
     # the crop is (nearly) fixed. Both flip states must occur.
     assert len(offsets) > 20
     assert {f for _, _, f in seen} == {False, True}
+    # Every row and column offset 0..8 occurs, so the padding is the full 4 pixels
+    # (a 36x36 pad would only reach offsets 2..6). A given offset is missed by 120
+    # uniform draws with probability (8/9)^120 < 1e-6.
+    assert {dy for dy, _ in offsets} == set(range(9))
+    assert {dx for _, dx in offsets} == set(range(9))
     # Same seed, same crop and flip.
     a = input_pipeline.preprocess_train(tf.constant(image), tf.constant([3, 4], tf.int64))
     b = input_pipeline.preprocess_train(tf.constant(image), tf.constant([3, 4], tf.int64))

@@ -254,9 +254,9 @@ def test_initial_sqsum_per_layer(model, init_sqsums):
     smallest layer (1x1, 16 -> 16, n = 256) and S = 5 that is 3.3%. A sum of
     >= 256 i.i.d. terms is close to normal, so 4.5 sigma (two-sided 7e-6 per
     layer, < 2e-4 for all 22) is a bound a correct initializer practically never
-    crosses, while a wrong initializer fails it on most layers (an untruncated
-    normal with the 0.8796 factor: +29%; fan_avg on the 16->32 and 32->64 convs:
-    -33%; fan_out there: -50%).
+    crosses, while a wrong initializer fails it (an untruncated normal with the
+    0.8796 factor: +29% on every layer, 9 sigma even on the smallest; fan_avg or
+    fan_out: -33% or -50% on the 16->32 and 32->64 convs).
     """
     m2, m4 = truncated_normal_square_moments()
     assert m2 == pytest.approx(0.87962566103423978 ** 2, rel=1e-7)
