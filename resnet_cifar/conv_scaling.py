@@ -74,9 +74,18 @@ class ConvLRFactor:
 
 
 class BaselineTrajectory:
-    """A baseline run's logged conv sums of squares by epoch (total and per layer)."""
+    """A baseline run's logged conv sums of squares by epoch (total and per layer).
 
-    def __init__(self, epochs, total, per_layer=None):
+    per_layer: (epochs, layers) with columns named by `layer_names`.
+    """
+
+    def __init__(self, epochs, total, per_layer=None, layer_names=None):
         self.epochs = np.asarray(epochs, np.float64)
         self.total = np.asarray(total, np.float64)
         self.per_layer = None if per_layer is None else np.asarray(per_layer, np.float64)
+        self.layer_names = list(layer_names or [])
+
+    def aligned(self, names):
+        """The same trajectory with per-layer columns in the order of `names` (KeyError if one is missing)."""
+        index = [self.layer_names.index(n) for n in names]
+        return BaselineTrajectory(self.epochs, self.total, self.per_layer[:, index], names)

@@ -96,8 +96,19 @@ def build_resnet20(bn_decay=fidelity.BATCH_NORM_DECAY, model_cls=keras.Model, na
 
 
 def conv_layers(model):
-    """The 22 Conv2D layers, in creation order."""
-    return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    """The 22 Conv2D layers in TF1 creation order: conv2d, conv2d_1, ..., conv2d_21.
+
+    (`model.layers` is in graph order, where a block's projection conv comes after
+    its main-path convs; per-layer logs and replays use the creation order.)
+    """
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    return sorted(convs, key=lambda layer: creation_index(layer.name))
+
+
+def creation_index(name):
+    """`conv2d` -> 0, `conv2d_7` -> 7: the index of a TF1-style layer name."""
+    base, _, suffix = name.rpartition("_")
+    return int(suffix) if base and suffix.isdigit() else 0
 
 
 def conv_kernels(model):

@@ -58,18 +58,12 @@ def load_baseline(path, train_epochs):
         raise config_lib.ConfigError(
             f"--replay_from={path}: its {tags.CONV_SQSUM} ends at epoch {int(epochs[-1])}, "
             f"this run needs {train_epochs}")
-    names = sorted((n for n in scalars if n.startswith(tags.CONV_SQSUM + "/")), key=_layer_order)
+    prefix = tags.per_layer(tags.CONV_SQSUM, "")
+    names = [n[len(prefix):] for n in scalars if n.startswith(prefix)]
     per_layer = None
     if names:
-        per_layer = np.stack([np.interp(epochs, *scalars[n]) for n in names], axis=1)
-    return conv_scaling.BaselineTrajectory(epochs, total, per_layer)
-
-
-def _layer_order(tag):
-    """conv2d < conv2d_1 < ... < conv2d_21, the creation order."""
-    name = tag.rsplit("/", 1)[1]
-    suffix = name.rsplit("_", 1)
-    return int(suffix[1]) if len(suffix) == 2 and suffix[1].isdigit() else 0
+        per_layer = np.stack([np.interp(epochs, *scalars[prefix + n]) for n in names], axis=1)
+    return conv_scaling.BaselineTrajectory(epochs, total, per_layer, names)
 
 
 def build_model(config, steps_per_epoch, baseline=None):
@@ -77,10 +71,14 @@ def build_model(config, steps_per_epoch, baseline=None):
     keras.mixed_precision.set_dtype_policy(config.dtype)
     model = models.build_resnet20(bn_decay=config.bn_decay, model_cls=ReproductionModel)
     mode = config.conv_lr_factor if config.conv_grad_scale else None
-    if mode == "per_layer" and (baseline is None or baseline.per_layer is None
-                                or baseline.per_layer.shape[1] != len(models.conv_kernels(model))):
-        raise config_lib.ConfigError("--conv_lr_factor=per_layer: the baseline run has no per-layer "
-                                     f"{tags.CONV_SQSUM}/<layer> curves for all 22 conv layers")
+    if mode == "per_layer":
+        names = [layer.name for layer in models.conv_layers(model)]
+        try:
+            baseline = baseline.aligned(names)      # columns in the model's layer order
+        except (AttributeError, TypeError, ValueError):
+            raise config_lib.ConfigError(
+                "--conv_lr_factor=per_layer: the baseline run lacks per-layer "
+                f"{tags.CONV_SQSUM}/<layer> curves for the 22 conv layers") from None
     model.configure(weight_decay=config.weight_decay, conv_l2=config.conv_l2,
                     conv_lr_factor=conv_scaling.ConvLRFactor(mode, baseline),
                     steps_per_epoch=steps_per_epoch)

@@ -1,0 +1,111 @@
+"""Replayed and per-layer conv factors against hand computations on fabricated event logs."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from resnet_cifar import config as config_lib
+from resnet_cifar import conv_scaling, models, tags, trainer
+from tests.test_train_step import assert_close_update
+
+LAYERS = ["conv2d"] + [f"conv2d_{i}" for i in range(1, 22)]
+EPOCHS = np.array([0, 1, 2, 3, 4])
+TOTAL = np.array([800.0, 1000.0, 1200.0, 1100.0, 1000.0])
+
+
+def layer_curve(i):
+    """A distinct trajectory per layer: starts at its share, grows by (i+1)% per epoch."""
+    return (10.0 + i) * (1.0 + 0.01 * (i + 1)) ** EPOCHS
+
+
+def fabricate_baseline(path, done=True, with_sqsum=True, epochs=EPOCHS):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, tags.RUN_CONFIG_FILE), "w") as f:
+        json.dump({"config": {"conv_l2": True}}, f)
+    if done:
+        with open(os.path.join(path, tags.DONE_FILE), "w") as f:
+            json.dump({"epochs": int(epochs[-1])}, f)
+    writer = tf.summary.create_file_writer(os.path.join(path, tags.TRAIN_DIR))
+    with writer.as_default():
+        for e in epochs:
+            tf.summary.scalar(tags.EPOCH_LOSS, 1.0, step=int(e))
+            if with_sqsum:
+                tf.summary.scalar(tags.CONV_SQSUM, TOTAL[e], step=int(e))
+                # Written in reverse order: the reader must align by name, not by position.
+                for i in reversed(range(len(LAYERS))):
+                    tf.summary.scalar(tags.per_layer(tags.CONV_SQSUM, LAYERS[i]), layer_curve(i)[e], step=int(e))
+    writer.close()
+    return path
+
+
+def test_replay_factor_by_hand(tmp_path):
+    traj = trainer.load_baseline(fabricate_baseline(str(tmp_path / "b")), train_epochs=4)
+    factor = conv_scaling.ConvLRFactor("replay", traj)
+    sq = np.full(22, 50.0, np.float32)                   # sum 1100
+    for epoch, baseline in [(0.0, 800.0), (1.5, 1100.0), (2.25, 1175.0), (4.0, 1000.0), (9.0, 1000.0)]:
+        got = factor(tf.constant(epoch), tf.constant(sq)).numpy()
+        np.testing.assert_allclose(got, 1100.0 / baseline, rtol=1e-6, err_msg=f"epoch {epoch}")
+
+
+def test_per_layer_factor_by_hand(tmp_path):
+    traj = trainer.load_baseline(fabricate_baseline(str(tmp_path / "b")), train_epochs=4)
+    factor = conv_scaling.ConvLRFactor("per_layer", traj.aligned(LAYERS))
+    sq = np.arange(1, 23, dtype=np.float32) * 3.0
+    epoch = 2.5
+    want = [sq[i] / (0.5 * layer_curve(i)[2] + 0.5 * layer_curve(i)[3]) for i in range(22)]
+    np.testing.assert_allclose(factor(tf.constant(epoch), tf.constant(sq)).numpy(), want, rtol=1e-5)
+
+
+def test_piecewise_factor_is_global(tmp_path):
+    sq = np.arange(1, 23, dtype=np.float32)
+    got = conv_scaling.ConvLRFactor("piecewise")(tf.constant(30.0), tf.constant(sq)).numpy()
+    np.testing.assert_allclose(got, 0.45 * sq.sum() / 800.0, rtol=1e-6)
+
+
+def test_per_layer_scaling_in_the_step(tmp_path):
+    """Each conv layer's update is its own factor times the unscaled update."""
+    baseline_dir = fabricate_baseline(str(tmp_path / "b"))
+    x = np.random.default_rng(0).standard_normal((8, 32, 32, 3)).astype(np.float32)
+    y = np.arange(8, dtype=np.int32) % 10
+    deltas, factors = {}, None
+    for scale in (False, True):
+        keras.utils.set_random_seed(4)
+        kwargs = dict(conv_grad_scale=True, conv_lr_factor="per_layer", replay_from=baseline_dir) if scale else {}
+        cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, conv_l2=False, train_epochs=4,
+                                     jit_compile=False, **kwargs)
+        traj = trainer.load_baseline(baseline_dir, 4) if scale else None
+        model = trainer.build_model(cfg, steps_per_epoch=10, baseline=traj)
+        conv = models.conv_kernels(model)
+        if scale:
+            sq = np.array([np.sum(k.numpy().astype(np.float64) ** 2) for k in conv])
+            names = [layer.name for layer in models.conv_layers(model)]
+            factors = {k.path: sq[j] / layer_curve(LAYERS.index(names[j]))[0] for j, k in enumerate(conv)}
+        before = {k.path: k.numpy() for k in conv}
+        model.train_on_batch(x, y)
+        deltas[scale] = {k.path: k.numpy() - before[k.path] for k in conv}
+    spread = max(factors.values()) / min(factors.values())
+    assert spread > 2, "the fabricated baseline must give the layers different factors"
+    for path, f in factors.items():
+        assert_close_update(deltas[True][path], f * deltas[False][path], before[path], path)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p + "_missing", "no such run folder"),
+    (lambda p: fabricate_baseline(p, done=False), "has not finished"),
+    (lambda p: fabricate_baseline(p, with_sqsum=False), "no conv_sqsum"),
+    (lambda p: fabricate_baseline(p, epochs=np.array([0, 1, 2])), "ends at epoch 2"),
+])
+def test_bad_replay_input_is_a_clear_error(tmp_path, make, needle):
+    path = make(str(tmp_path / "b"))
+    with pytest.raises(config_lib.ConfigError) as err:
+        trainer.load_baseline(path, train_epochs=4)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_interpolate_clamps_and_is_linear():
+    for e, want in [(-1.0, 800.0), (0.5, 900.0), (3.5, 1050.0), (7.0, 1000.0)]:
+        assert float(conv_scaling.interpolate(e, EPOCHS, TOTAL)) == pytest.approx(want)
