@@ -56,9 +56,10 @@ class Job:
 
 
 def replays_baseline(flagfile):
+    """True if the flagfile sets --conv_lr_factor=replay or per_layer (comments ignored)."""
     with open(flagfile) as f:
-        text = f.read()
-    return any(f"--conv_lr_factor={mode}" in text for mode in ("replay", "per_layer"))
+        lines = [line.strip() for line in f if not line.lstrip().startswith(("#", "//"))]
+    return any(line in (f"--conv_lr_factor={mode}" for mode in ("replay", "per_layer")) for line in lines)
 
 
 def plan(results_dir, preset, runs, seeds) -> List[Job]:
@@ -71,7 +72,7 @@ def plan(results_dir, preset, runs, seeds) -> List[Job]:
             if not os.path.isfile(flagfile):
                 raise ValueError(f"no flagfile {flagfile} for run {name!r}")
             needs = None
-            if replays_baseline(flagfile):
+            if name != BASELINE and replays_baseline(flagfile):
                 if BASELINE not in runs:
                     raise ValueError(f"run {name!r} replays the baseline: include {BASELINE} in --runs")
                 needs = run_dir(results_dir, BASELINE, seed)
@@ -121,7 +122,11 @@ def execute(jobs, extra, slots, log=print, poll=1.0):
             running[i] = (job, proc, logf)
             where = f" on GPU {slots[i]}" if slots[i] is not None else ""
             log(f"start {job.name} seed {job.seed}{where}: {job.run_dir}")
-        if not running and not [j for j in jobs if j.status == "pending" and _can_start(jobs, j)]:
+        if not running:                  # nothing running and nothing could start: done
+            for job in jobs:
+                if job.status == "pending":
+                    job.status = "skipped"
+                    log(f"skip {job.name} seed {job.seed}: {job.needs} did not finish")
             break
         time.sleep(poll)
     return jobs
@@ -132,10 +137,6 @@ def _status_of(jobs, path):
         if j.run_dir == path:
             return j.status
     return "done" if is_done(path) else "failed"
-
-
-def _can_start(jobs, job):
-    return not job.needs or _status_of(jobs, job.needs) in ("pending", "running", "done")
 
 
 def main(argv):
