@@ -190,3 +190,34 @@ def test_learning_rate_scales_with_batch():
     for b in (64, 128, 256):
         cfg = config_lib.TrainConfig(model_dir="/x", batch_size=b)
         assert cfg.base_learning_rate == pytest.approx(0.1 * b / 128)
+
+
+@pytest.mark.parametrize("dtype", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_float32_weights_and_factor(dtype):
+    """The opt-in mixed policies compute in low precision; weights and the conv factor stay float32."""
+    try:
+        model, _ = make_model(conv_l2=False, conv_grad_scale=True, dtype=dtype)
+        assert model.layers[1].compute_dtype != "float32"            # the first conv runs in low precision
+        x, y = batch(2)
+        sq = float(models.sum_of_squares(models.conv_kernels(model)))
+        model.diagnostics.reset()
+        model.train_on_batch(x, y)
+        assert all(v.dtype == "float32" for v in model.trainable_variables)
+        np.testing.assert_allclose(model.diagnostics.means()["lr_factor"], sq / 800.0, rtol=1e-5)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+
+
+def test_steps_per_execution_gives_the_same_updates():
+    x, y = batch(4)
+    results = []
+    for spe in (1, 2):
+        keras.utils.set_random_seed(7)
+        cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, jit_compile=False,
+                                     steps_per_execution=spe, conv_l2=False, conv_grad_scale=True)
+        model = trainer.build_model(cfg, steps_per_epoch=4)
+        ds = tf.data.Dataset.from_tensors((x, y)).repeat(4)
+        model.fit(ds, epochs=1, steps_per_epoch=4, verbose=0)
+        results.append([v.numpy() for v in model.trainable_variables])
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
