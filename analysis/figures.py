@@ -9,6 +9,10 @@ global figure state piles up and no display is needed.
 
 Several seeds of a run are drawn as their mean with a min-max band; one seed as a line.
 A run that is missing is left out with a note on stderr: partial results still plot.
+
+The relative-step figures can also show the theory's prediction (analysis/theory.py):
+`levels`, one (start_epoch, end_epoch, value) per learning-rate phase, drawn as
+dashed black segments after the runs' lines, labelled once in the legend.
 """
 
 import sys
@@ -41,6 +45,10 @@ DPI = 100
 
 Series = Tuple[np.ndarray, np.ndarray]
 Curves = Mapping[str, Sequence[Series]]   # run name -> one series per seed
+Levels = Sequence[Tuple[float, float, float]]   # (start_epoch, end_epoch, value) per phase
+
+LEVEL_LABEL = "equilibrium sqrt(2·lr·wd/(1+m))"
+LEVEL_STYLE = dict(color="black", linestyle="--", linewidth=1.0)
 
 
 def note(message: str) -> None:
@@ -117,8 +125,24 @@ def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int
     ax.plot(steps, mean, label=label, color=color, linewidth=1.2)
 
 
+def _draw_levels(ax, levels: Optional[Levels]) -> None:
+    """Each phase's predicted level as a dashed segment over its epochs; one legend entry.
+
+    An entry is (start, end, value), or any tuple with those first two and the value
+    last (e.g. theory.Level); a value of None (no prediction) is skipped.
+    """
+    labelled = False
+    for level in levels or ():
+        start, end, value = level[0], level[1], level[-1]
+        if value is None:
+            continue
+        ax.plot([start, end], [value, value], label="_nolegend_" if labelled else LEVEL_LABEL,
+                **LEVEL_STYLE)
+        labelled = True
+
+
 def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, ylabel: str,
-                 labels=None, log_y=False, start_epoch=0) -> Optional[Figure]:
+                 labels=None, log_y=False, start_epoch=0, levels=None) -> Optional[Figure]:
     """One line (or band) per run of `names` that has data; None if none has."""
     present = [n for n in names if curves.get(n)]
     for name in names:
@@ -130,6 +154,7 @@ def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, 
     fig, ax = _new_figure(title, ylabel)
     for name in present:
         _draw(ax, curves[name], label_of(name, labels), _color_of(name), start_epoch)
+    _draw_levels(ax, levels)
     if log_y:
         ax.set_yscale("log")
     ax.legend()
@@ -161,11 +186,16 @@ def conv_sqsum(sqsum: Curves, labels=None) -> Optional[Figure]:
                         "Sum of squared conv weights", "conv_sqsum", labels)
 
 
-def relative_step(step: Curves, labels=None) -> Optional[Figure]:
-    """Mean conv step / weight norm. Starts at epoch 1: epoch 0 is before any step."""
+def relative_step(step: Curves, labels=None, levels: Optional[Levels] = None,
+                  log_y: bool = False) -> Optional[Figure]:
+    """Mean conv step / weight norm. Starts at epoch 1: epoch 0 is before any step.
+
+    levels: the predicted equilibrium per phase (dashed); log_y: a log scale, which
+    make_figures uses since the phases' levels differ by about 10x each.
+    """
     return _runs_figure("relative_step", step, [BASELINE, NOCONV_L2],
                         "Relative step size of conv layers", "mean ||step|| / ||w||",
-                        labels, start_epoch=1)
+                        labels, log_y=log_y, start_epoch=1, levels=levels)
 
 
 def conv_lr_scale_accuracy(accuracy: Curves, labels=None) -> Optional[Figure]:
@@ -207,11 +237,13 @@ def bn098_accuracy(accuracy: Curves, labels=None) -> Optional[Figure]:
                         "Test accuracy with BN decay 0.98", "test accuracy", labels)
 
 
-def relative_step_all(step: Curves, labels=None) -> Optional[Figure]:
-    """Gradient scaling reproduces the baseline's relative step size."""
+def relative_step_all(step: Curves, labels=None, levels: Optional[Levels] = None,
+                      log_y: bool = False) -> Optional[Figure]:
+    """Gradient scaling reproduces the baseline's relative step size (levels, log_y:
+    as `relative_step`)."""
     return _runs_figure("relative_step_all", step, _post_three_and_extras(step),
                         "Relative step size of conv layers", "mean ||step|| / ||w||",
-                        labels, start_epoch=1)
+                        labels, log_y=log_y, start_epoch=1, levels=levels)
 
 
 def conv_sqsum_log(sqsum: Curves, labels=None) -> Optional[Figure]:
@@ -239,3 +271,5 @@ FIGURES = {
     "conv_sqsum_log": (conv_sqsum_log, tags.CONV_SQSUM, tags.TRAIN_DIR),
     "test_accuracy_all": (test_accuracy_all, tags.EPOCH_ACCURACY, tags.VALIDATION_DIR),
 }
+# Figures that take `levels` and `log_y` (the theory overlay), as make_figures draws them.
+LEVEL_FIGURES = ("relative_step", "relative_step_all")

@@ -4,7 +4,10 @@
 
 RESULTS_DIR holds runs as `<name>/` or `<name>/seed_<k>/` (see `events.find_runs`);
 figures go to DIR (default RESULTS_DIR/figures) as NAME.png and NAME.svg, with
-summary.md and summary.csv beside them. Runs still training are drawn from what they
+summary.md and summary.csv beside them, and the theory comparison theory.md,
+theory.csv and theory_per_layer.csv (analysis/theory.py). The relative-step figures
+are drawn on a log scale with the predicted equilibrium level of each phase (from
+the baseline's config) as dashed segments. Runs still training are drawn from what they
 logged so far and marked "(incomplete)" in legends and the table; missing runs are
 left out with a note, so the script is useful from the first finished run on.
 """
@@ -14,7 +17,7 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import figures, summary
+from analysis import figures, summary, theory
 from resnet_cifar import events
 
 EXIT_NO_RUNS = 2
@@ -52,12 +55,15 @@ def legend_labels(loaded: Dict[str, List[events.Run]]) -> Dict[str, str]:
 
 
 def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
-    """Every figure that has data, in every format, plus the summary; returns the paths."""
+    """Every figure that has data, in every format, plus the summary and the theory
+    tables; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     labels = legend_labels(loaded)
+    levels = theory.baseline_segments(loaded)
     written = []
     for fig_name, (make, tag, subdir) in figures.FIGURES.items():
-        fig = make(curves(loaded, tag, subdir), labels=labels)
+        extra = dict(levels=levels, log_y=True) if fig_name in figures.LEVEL_FIGURES else {}
+        fig = make(curves(loaded, tag, subdir), labels=labels, **extra)
         if fig is None:
             continue
         for fmt in FORMATS:
@@ -66,6 +72,7 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
             fig.savefig(path, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
             written.append(path)
     written += summary.write_summary(summary.summarize(loaded), out_dir)
+    written += theory.write_theory(loaded, out_dir)
     return written
 
 

@@ -1,0 +1,479 @@
+"""Theory overlay (beyond the post): the equilibrium relative step of conv kernels.
+
+A conv kernel w followed by batch norm is *scale-invariant*: L(c·w) = L(w) for c > 0.
+Trained by SGD with L2, its norm settles where the gradient noise that inflates it
+balances the weight decay that shrinks it, and there the relative update
+||dw||/||w|| depends on lr, wd and momentum only (not on the gradient's size):
+
+    ||dw|| / ||w||  ->  sqrt(2·lr·wd / (1 + m))
+
+This module computes that level per learning-rate phase of a run, measures the
+logged `conv_relative_step` late in each phase, and writes the comparison as
+theory.md, theory.csv and theory_per_layer.csv. See `equilibrium_relative_step`
+for the derivation and `equilibrium_time_constant` for how long reaching it takes
+(longer than most of the runs' phases: the table says so per phase).
+
+References
+    A. Kosson, B. Messmer, M. Jaggi, "Rotational Equilibrium: How Weight Decay
+      Balances Learning Across Neural Networks", ICML 2024, arXiv:2305.17212
+      (the expected angular update of SGDM, sqrt(2·lr·wd/(1+m)), and its
+      equilibrium dynamics).
+    R. Wan, Z. Zhu, X. Zhang, J. Sun, "Spherical Motion Dynamics: Learning
+      Dynamics of Normalized Neural Network using SGD and Weight Decay",
+      NeurIPS 2021, arXiv:2006.08419 (the same angular-update equilibrium for
+      SGD with momentum, and how fast it is approached).
+    T. van Laarhoven, "L2 Regularization versus Batch and Weight Normalization",
+      2017, arXiv:1706.05350 (L2 with normalisation acts as an effective learning
+      rate ∝ lr/||w||²).
+"""
+
+import csv
+import dataclasses
+import math
+import os
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from analysis.figures import BASELINE, label_of, note, ordered_names
+from analysis.summary import mean_std
+from resnet_cifar import events, fidelity, tags
+
+LATE_FRACTION = 0.2     # late phase = its last 20% of epochs (at least one)
+
+
+# --- the formula ------------------------------------------------------------------------
+
+def equilibrium_relative_step(lr: float, weight_decay: float,
+                              momentum: float = fidelity.MOMENTUM) -> float:
+    """Expected per-step ||dw||/||w|| of a scale-invariant weight at norm equilibrium.
+
+    = sqrt(2·lr·wd / (1 + m)) for TF1 heavy-ball momentum with an L2 term
+    wd·||w||²/2 (tf.nn.l2_loss), i.e. gradient g + wd·w:
+
+        accum_t = m·accum_{t-1} + g_t + wd·w_t,      w_{t+1} = w_t - lr·accum_t.
+
+    Scale invariance (conv followed by batch norm) gives two facts: the gradient
+    is orthogonal to w (differentiate L(c·w) = L(w) in c at c = 1), and it scales
+    inversely with the norm, ∇L(c·w) = ∇L(w)/c.
+
+    No momentum (m = 0). dw = -lr·(g + wd·w) with g ⊥ w, so
+
+        ||w_{t+1}||² = (1 - lr·wd)²·||w_t||² + lr²·||g_t||²:
+
+    the gradient grows ||w||² by lr²||g||² per step, the decay shrinks it by
+    (2·lr·wd - lr²wd²)·||w||² ≈ 2·lr·wd·||w||². At equilibrium (in expectation)
+    lr²||g||²/||w||² = 2·lr·wd - lr²wd², and the update's squared norm is
+    ||dw||² = lr²||g||² + lr²wd²||w||², so ||dw||²/||w||² = 2·lr·wd exactly.
+
+    With momentum. Each gradient g_s enters the updates at steps s, s+1, ... as
+    lr·g_s, lr·m·g_s, lr·m²·g_s, ..., in total lr/(1-m)·g_s; the decay term does
+    the same with w, which moves slowly, so the weight shrinks by lr·wd/(1-m)·w per
+    step. Momentum multiplies the effective rate of both by 1/(1-m).
+    - Norm balance. Taking gradients of different steps as uncorrelated, the
+      successive momentum steps of one gradient add coherently (the cross terms
+      between them are what makes the total lr/(1-m)·g_s count, not the single
+      steps), so ||w||² grows by lr²||g||²/(1-m)² per step and shrinks by
+      2·lr·wd/(1-m)·||w||². Balance: lr²||g||²/||w||² = 2·lr·wd·(1-m).
+    - The update of one step is dw_t = -lr·Σ_k m^k·g_{t-k} (plus the small radial
+      decay part), a sum of uncorrelated vectors, so E||dw||² = lr²||g||²·Σ_k m^{2k}
+      = lr²||g||²/(1-m²): only the 1/(1-m²) factor, not 1/(1-m)².
+    Together: ||dw||²/||w||² = 2·lr·wd·(1-m)/(1-m²) = 2·lr·wd/(1+m), up to terms
+    of relative order lr·wd/(1-m) (e.g. the decay part's own (lr·wd/(1-m))²).
+    The toy simulation in tests/test_theory.py agrees to well within 1%.
+
+    The level does not depend on ||g||: a larger gradient only raises the
+    equilibrium norm (||w||⁴ = lr·||∇L(w/||w||)||²/(2·wd·(1-m))), not the
+    relative step. Caveats for the measured tag: it is the *mean* of ||dw||/||w||
+    over steps while this is its root mean square (equal when ||g|| fluctuates
+    little); consecutive minibatch gradients of a real network are not exactly
+    uncorrelated, which changes the 1/(1+m) factor somewhat; and the level holds
+    only once the norm has equilibrated, see `equilibrium_time_constant`.
+    """
+    return math.sqrt(2.0 * lr * weight_decay / (1.0 + momentum))
+
+
+def equilibrium_time_constant(lr: float, weight_decay: float,
+                              momentum: float = fidelity.MOMENTUM) -> float:
+    """Steps over which ||w||² relaxes towards equilibrium: τ = (1-m)/(2·lr·wd).
+
+    With a = lr·wd/(1-m) the effective decay per step and the gradient growth
+    c/||w||² (c constant, since ||g|| ∝ 1/||w||), x = ||w||² follows
+    dx/dt = -2a·x + c/x (in expectation, continuous time), so x² relaxes as
+    exp(-4a·t) towards its equilibrium c/(2a): far above equilibrium
+    ||w||² decays as exp(-t/τ) with τ = 1/(2a), near it the deviation decays with
+    τ/2. This is 1/(2·lr·wd) for plain SGD; TF1 momentum makes the effective rate
+    lr/(1-m), so τ is (1-m) times that: at wd 2e-4, m 0.9 and 390 steps/epoch,
+    2,500 steps (6.4 epochs) at lr 0.1, 25,000 (64 epochs) at lr 0.01 and 250,000
+    (640 epochs) at lr 0.001. The relative step follows 1/||w||², so it lags by as
+    much: the post's 50-epoch phases reach equilibrium at lr 0.1 only, and short
+    (quick-preset) runs at no rate. Just after a rate drop the relative step falls
+    by the drop factor at once (same norm, smaller steps), then climbs towards the
+    new level, sqrt(drop) lower than the old, as the norm shrinks.
+    """
+    if lr <= 0 or weight_decay <= 0:
+        return math.inf
+    return (1.0 - momentum) / (2.0 * lr * weight_decay)
+
+
+# --- phases and predictions of a run config ---------------------------------------------
+
+class Phase(NamedTuple):
+    start: float    # epochs, fractional as the schedule's boundaries
+    end: float
+    lr: float
+
+
+class Level(NamedTuple):
+    start: float
+    end: float
+    lr: float
+    predicted: Optional[float]   # None: no equilibrium to predict
+
+
+def base_learning_rate(config: Mapping) -> float:
+    """0.1 · batch_size / 128, as the original `learning_rate_with_decay`."""
+    batch = config.get("batch_size") or fidelity.BATCH_SIZE
+    return fidelity.BASE_LEARNING_RATE * float(batch) / fidelity.BATCH_DENOM
+
+
+def steps_per_epoch(config: Mapping) -> int:
+    """The run's steps per epoch: its --steps_per_epoch, else the full CIFAR-10 epoch."""
+    steps = config.get("steps_per_epoch")
+    if steps:
+        return int(steps)
+    return fidelity.NUM_TRAIN_IMAGES // int(config.get("batch_size") or fidelity.BATCH_SIZE)
+
+
+def phases(config: Mapping) -> List[Phase]:
+    """(start_epoch, end_epoch, lr) per learning-rate phase of the run's schedule.
+
+    Keys missing from `config` take the training defaults (the post's schedule);
+    phases are cut at train_epochs and those starting after it are left out.
+    """
+    boundaries = [float(b) for b in config.get("boundary_epochs", fidelity.BOUNDARY_EPOCHS)]
+    rates = [float(r) for r in config.get("decay_rates", fidelity.DECAY_RATES)]
+    if len(rates) != len(boundaries) + 1:
+        raise ValueError(f"decay_rates {rates} needs one value more than boundary_epochs {boundaries}")
+    total = float(config.get("train_epochs", fidelity.TRAIN_EPOCHS))
+    base = base_learning_rate(config)
+    edges = [0.0] + boundaries + [math.inf]
+    out = []
+    for start, end, rate in zip(edges, edges[1:], rates):
+        if start >= total:
+            break
+        out.append(Phase(start, min(end, total), base * rate))
+    return out
+
+
+def prediction_basis(config: Mapping) -> str:
+    """Why a run gets the prediction it gets (a table column).
+
+    - conv L2, no gradient scaling (Baseline): the equilibrium at the run's lr, wd.
+    - no conv L2, no scaling (NoConvL2): none. Nothing shrinks the kernels, ||w||²
+      grows without bound (∝ sqrt(steps) at a fixed rate) and the relative step
+      keeps falling.
+    - no conv L2 with gradient scaling (ConvLRScale, its BN 0.98 and per-layer
+      variants): their factor replays the baseline's conv_sqsum trajectory (or the
+      post's fit of it), i.e. the baseline's effective rate, so they are predicted
+      at the baseline's level, with wd = the run's --weight_decay (the baseline's
+      in every run of the post).
+    - conv L2 *and* gradient scaling (no run of the post): the factor multiplies
+      the L2 part of the gradient too, so the effective rate is lr·factor, which
+      changes along training: not predicted.
+    """
+    conv_l2 = bool(config.get("conv_l2", True))
+    scaled = bool(config.get("conv_grad_scale", False))
+    if float(config.get("weight_decay", fidelity.WEIGHT_DECAY)) <= 0:
+        return "none: weight_decay 0, no equilibrium"
+    if conv_l2 and not scaled:
+        return "conv L2 equilibrium"
+    if scaled and not conv_l2:
+        return "gradient scaling: the baseline's level"
+    if not conv_l2:
+        return "none: no conv L2, the norm grows without bound"
+    return "none: conv L2 with gradient scaling"
+
+
+def predicted_levels(config: Mapping, momentum: float = fidelity.MOMENTUM) -> List[Level]:
+    """Per phase the predicted conv relative step, or None (see `prediction_basis`)."""
+    wd = float(config.get("weight_decay", fidelity.WEIGHT_DECAY))
+    predict = not prediction_basis(config).startswith("none")
+    return [Level(p.start, p.end, p.lr,
+                  equilibrium_relative_step(p.lr, wd, momentum) if predict else None)
+            for p in phases(config)]
+
+
+def level_segments(config: Mapping, momentum: float = fidelity.MOMENTUM
+                   ) -> List[Tuple[float, float, float]]:
+    """(start_epoch, end_epoch, level) of the phases that have a prediction, for figures."""
+    return [(lv.start, lv.end, lv.predicted) for lv in predicted_levels(config, momentum)
+            if lv.predicted is not None]
+
+
+def baseline_segments(loaded: Mapping[str, Sequence[events.Run]],
+                      momentum: float = fidelity.MOMENTUM) -> List[Tuple[float, float, float]]:
+    """The figures' level lines: from the baseline run's config; none without a baseline."""
+    seeds = loaded.get(BASELINE) or []
+    if not seeds:
+        note(f"theory: no {label_of(BASELINE)} ({BASELINE}) run, relative-step figures "
+             f"drawn without equilibrium levels")
+        return []
+    return level_segments(seeds[0].config, momentum)
+
+
+# --- measurement ----------------------------------------------------------------------
+
+def phase_epochs(phase: Phase) -> Tuple[int, int]:
+    """(first, last) logged epoch numbers of a phase.
+
+    The value logged at step e is the mean over training epoch e, the fractional
+    interval [e-1, e); a phase [start, end) holds the epochs entirely inside it.
+    If none is (a phase shorter than an epoch), the epochs overlapping it.
+    """
+    first, last = math.ceil(phase.start) + 1, math.floor(phase.end)
+    if last < first:
+        first, last = math.floor(phase.start) + 1, math.ceil(phase.end)
+    return first, last
+
+
+def late_window(phase: Phase, fraction: float = LATE_FRACTION) -> Tuple[int, int]:
+    """(first, last) epoch of the phase's last `fraction` of epochs, at least one."""
+    first, last = phase_epochs(phase)
+    n = max(1, int(round(fraction * (last - first + 1))))
+    return last - n + 1, last
+
+
+def layer_names(run: events.Run) -> List[str]:
+    """Conv layers with a per-layer relative step tag, in the order the tags sort."""
+    prefix = tags.per_layer(tags.CONV_RELATIVE_STEP, "")
+    return sorted(t[len(prefix):] for t in run.scalars.get(tags.TRAIN_DIR, {})
+                  if t.startswith(prefix))
+
+
+def _window_mean(series, first: int, last: int) -> float:
+    if series is None:
+        return math.nan
+    steps, values = series
+    keep = (steps >= first) & (steps <= last)
+    return float(np.mean(values[keep])) if keep.any() else math.nan
+
+
+@dataclasses.dataclass
+class PhaseMeasurement:
+    """One run's late-phase conv relative step in one phase; NaN where nothing was logged."""
+
+    phase: int                    # 0-based
+    start: float
+    end: float
+    lr: float
+    first_epoch: int              # the late window, logged epoch numbers
+    last_epoch: int
+    mean: float                   # conv_relative_step (mean over layers), window mean
+    layers: Dict[str, float]      # conv_relative_step/<layer>, window mean
+    layer_min: float
+    layer_max: float
+
+
+def late_phase_measurements(run: events.Run, fraction: float = LATE_FRACTION
+                            ) -> List[PhaseMeasurement]:
+    """Per phase of the run's schedule, the mean conv relative step over its last
+    `fraction` of epochs (at least one), overall and per layer with min and max.
+
+    Epochs of the window that the run has not logged yet are left out; a window
+    with none logged is NaN (an unfinished run's later phases).
+    """
+    train = run.scalars.get(tags.TRAIN_DIR, {})
+    names = layer_names(run)
+    out = []
+    for i, phase in enumerate(phases(run.config)):
+        first, last = late_window(phase, fraction)
+        layers = {name: _window_mean(train.get(tags.per_layer(tags.CONV_RELATIVE_STEP, name)),
+                                     first, last) for name in names}
+        finite = [v for v in layers.values() if np.isfinite(v)]
+        out.append(PhaseMeasurement(
+            phase=i, start=phase.start, end=phase.end, lr=phase.lr,
+            first_epoch=first, last_epoch=last,
+            mean=_window_mean(train.get(tags.CONV_RELATIVE_STEP), first, last),
+            layers=layers,
+            layer_min=min(finite) if finite else math.nan,
+            layer_max=max(finite) if finite else math.nan))
+    return out
+
+
+# --- the table ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    """One run name in one phase; per-seed lists keep the seeds' order."""
+
+    name: str
+    label: str
+    phase: int
+    start: float
+    end: float
+    lr: float
+    weight_decay: float
+    momentum: float
+    basis: str
+    predicted: Optional[float]
+    measured: List[float]          # late-phase mean per seed
+    layer_values: List[float]      # every (seed, layer) late-phase mean
+    first_epoch: int
+    last_epoch: int
+    steps_per_epoch: int
+
+    @property
+    def ratio(self) -> float:
+        mean = mean_std(self.measured)[0]
+        return mean / self.predicted if self.predicted and np.isfinite(mean) else math.nan
+
+    @property
+    def tau_steps(self) -> float:
+        return equilibrium_time_constant(self.lr, self.weight_decay, self.momentum)
+
+    @property
+    def phase_steps(self) -> float:
+        return (self.end - self.start) * self.steps_per_epoch
+
+    @property
+    def phase_over_tau(self) -> float:
+        return self.phase_steps / self.tau_steps
+
+
+def theory_rows(loaded: Mapping[str, Sequence[events.Run]], fraction: float = LATE_FRACTION,
+                momentum: float = fidelity.MOMENTUM) -> List[Row]:
+    """Rows per run name (the post's order) × phase of its first seed's schedule."""
+    rows = []
+    for name in ordered_names(loaded):
+        seeds = list(loaded[name])
+        if not seeds:
+            continue
+        config = seeds[0].config
+        per_seed = [late_phase_measurements(run, fraction) for run in seeds]
+        wd = float(config.get("weight_decay", fidelity.WEIGHT_DECAY))
+        for i, level in enumerate(predicted_levels(config, momentum)):
+            found = [m[i] for m in per_seed if i < len(m)]
+            first, last = late_window(Phase(level.start, level.end, level.lr), fraction)
+            rows.append(Row(
+                name=name, label=label_of(name), phase=i, start=level.start, end=level.end,
+                lr=level.lr, weight_decay=wd, momentum=momentum,
+                basis=prediction_basis(config), predicted=level.predicted,
+                measured=[m.mean for m in found],
+                layer_values=[v for m in found for v in m.layers.values()],
+                first_epoch=first, last_epoch=last, steps_per_epoch=steps_per_epoch(config)))
+    return rows
+
+
+def _sci(x: Optional[float]) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{x:.3e}"
+
+
+def _fmt_measured(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return _sci(mean) if math.isnan(std) else f"{_sci(mean)} ± {std:.1e}"
+
+
+def _fmt_range(values: Sequence[float]) -> str:
+    finite = [v for v in values if np.isfinite(v)]
+    return f"{_sci(min(finite))}–{_sci(max(finite))}" if finite else "n/a"
+
+
+def _fmt_epochs(a: float, b: float) -> str:
+    return f"{a:g}" if a == b else f"{a:g}–{b:g}"
+
+
+def to_markdown(rows: Sequence[Row], fraction: float = LATE_FRACTION) -> str:
+    lines = [
+        "# Conv relative step vs the equilibrium sqrt(2·lr·wd/(1+m))",
+        "",
+        "| run | phase (epochs) | lr | predicted | measured, late phase | layers min–max "
+        "| measured / predicted | window (epochs) | phase / τ |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        seeds = sum(np.isfinite(m) for m in r.measured)
+        label = r.label + (f" ({seeds} seeds)" if seeds > 1 else "")
+        ratio = "—" if math.isnan(r.ratio) else f"{r.ratio:.2f}"
+        lines.append(f"| {label} | {_fmt_epochs(r.start, r.end)} | {r.lr:g} | {_sci(r.predicted)} | "
+                     f"{_fmt_measured(r.measured)} | {_fmt_range(r.layer_values)} | {ratio} | "
+                     f"{_fmt_epochs(r.first_epoch, r.last_epoch)} | {r.phase_over_tau:.2f} |")
+    m = rows[0].momentum if rows else fidelity.MOMENTUM
+    lines += [
+        "",
+        f"**Equilibrium needs time:** the weight norm relaxes with τ ≈ 1/(2·lr_eff·wd) = "
+        f"(1−m)/(2·lr·wd) steps (lr_eff = lr/(1−m); 1/(2·lr·wd) for plain SGD), e.g. "
+        f"{equilibrium_time_constant(0.1, fidelity.WEIGHT_DECAY, m):,.0f} steps at lr 0.1, "
+        f"{equilibrium_time_constant(0.01, fidelity.WEIGHT_DECAY, m):,.0f} at lr 0.01, "
+        f"wd {fidelity.WEIGHT_DECAY:g}, m {m:g}; a phase with phase/τ below ~2 has not reached "
+        f"it, so its measured/predicted ratio is no test of the formula (after a rate drop "
+        f"the relative step starts below the new level and climbs towards it).",
+        "",
+        f"Predicted: sqrt(2·lr·wd/(1+m)), m = {m:g}, for conv L2 runs; gradient-scaled runs "
+        f"(no conv L2, factor replaying the baseline) get the baseline's level; runs without "
+        f"conv L2 or scaling have no equilibrium (—). Measured: mean of "
+        f"`{tags.CONV_RELATIVE_STEP}` (mean over conv layers of ||dw||/||w||, per-step mean "
+        f"of the epoch) over the last {fraction:.0%} of the phase's epochs (at least one); "
+        f"mean ± std over seeds; layers min–max over every layer and seed.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("name", "label", "phase", "start_epoch", "end_epoch", "lr", "weight_decay",
+              "momentum", "basis", "predicted", "seeds", "measured_mean", "measured_std",
+              "layer_min", "layer_max", "ratio", "window_first_epoch", "window_last_epoch",
+              "tau_steps", "phase_steps", "phase_over_tau")
+PER_LAYER_FIELDS = ("run", "seed", "phase", "start_epoch", "end_epoch", "lr", "layer",
+                    "measured", "predicted")
+
+
+def _num(x: Optional[float]) -> str:
+    return "" if x is None or not np.isfinite(x) else repr(float(x))
+
+
+def write_csv(rows: Sequence[Row], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for r in rows:
+            finite = [v for v in r.layer_values if np.isfinite(v)]
+            mean, std = mean_std(r.measured)
+            writer.writerow([r.name, r.label, r.phase, _num(r.start), _num(r.end), _num(r.lr),
+                             _num(r.weight_decay), _num(r.momentum), r.basis, _num(r.predicted),
+                             len(r.measured), _num(mean), _num(std),
+                             _num(min(finite) if finite else None),
+                             _num(max(finite) if finite else None), _num(r.ratio),
+                             r.first_epoch, r.last_epoch, _num(r.tau_steps), _num(r.phase_steps),
+                             _num(r.phase_over_tau)])
+
+
+def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
+                        fraction: float = LATE_FRACTION,
+                        momentum: float = fidelity.MOMENTUM) -> None:
+    """One row per run name × seed × phase × layer (seed: the run's --seed)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(PER_LAYER_FIELDS)
+        for name in ordered_names(loaded):
+            for k, run in enumerate(loaded[name]):
+                seed = run.config.get("seed", k)
+                levels = predicted_levels(run.config, momentum)
+                for m, level in zip(late_phase_measurements(run, fraction), levels):
+                    for layer, value in m.layers.items():
+                        writer.writerow([name, seed, m.phase, _num(m.start), _num(m.end),
+                                         _num(m.lr), layer, _num(value), _num(level.predicted)])
+
+
+def write_theory(loaded: Mapping[str, Sequence[events.Run]], out_dir: str,
+                 fraction: float = LATE_FRACTION,
+                 momentum: float = fidelity.MOMENTUM) -> List[str]:
+    """theory.md, theory.csv and theory_per_layer.csv in `out_dir`; returns their paths."""
+    rows = theory_rows(loaded, fraction, momentum)
+    paths = [os.path.join(out_dir, n) for n in ("theory.md", "theory.csv", "theory_per_layer.csv")]
+    with open(paths[0], "w") as f:
+        f.write(to_markdown(rows, fraction))
+    write_csv(rows, paths[1])
+    write_per_layer_csv(loaded, paths[2], fraction, momentum)
+    return paths

@@ -1,0 +1,298 @@
+"""Tests of the theory overlay (analysis/theory.py): the equilibrium formula against a
+simulation, phases and predictions of a config, late-phase measurements of fabricated
+event logs, the dashed level lines of the figures and the theory tables of the CLI.
+
+Fast: the simulation is a NumPy toy (a few thousand steps in R^1000), runs are
+fabricated with tf.summary, nothing is trained.
+"""
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import tensorflow as tf
+
+from analysis import figures, make_figures, theory
+from resnet_cifar import events, tags
+
+LAYERS = ("conv2d", "conv2d_1", "conv2d_2")
+
+
+# --- the formula against a toy scale-invariant problem ---------------------------------
+
+def simulate(lr, wd, momentum, steps, d=1000, norm0=1.0, seed=0, chunk=1000):
+    """TF1 momentum with L2 on w in R^d under the gradient of a scale-invariant loss:
+    a random N(0, I) vector projected orthogonal to w and divided by ||w||.
+
+    Returns (||dw||/||w|| per step, ||w||² before each step and after the last).
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(d)
+    w *= norm0 / np.linalg.norm(w)
+    accum = np.zeros(d)
+    rel = np.empty(steps)
+    sqnorm = np.empty(steps + 1)
+    for c0 in range(0, steps, chunk):
+        for j, g in enumerate(rng.standard_normal((min(chunk, steps - c0), d))):
+            sq = w @ w
+            sqnorm[c0 + j] = sq
+            g = (g - (g @ w) / sq * w) / math.sqrt(sq)
+            accum = momentum * accum + g + wd * w
+            dw = lr * accum
+            rel[c0 + j] = math.sqrt((dw @ dw) / sq)
+            w = w - dw
+    sqnorm[steps] = w @ w
+    return rel, sqnorm
+
+
+@pytest.mark.parametrize("lr, wd, momentum", [(0.1, 5e-3, 0.0), (0.1, 5e-3, 0.5),
+                                              (0.1, 5e-3, 0.9), (0.1, 1e-3, 0.9)])
+def test_equilibrium_relative_step_matches_simulation(lr, wd, momentum):
+    tau = theory.equilibrium_time_constant(lr, wd, momentum)
+    # From a norm far from equilibrium, 5 τ to settle, then 2,000 steps (≥ 2 τ) measured.
+    settle = int(5 * tau)
+    measure = int(max(2000, 2 * tau))
+    rel, _ = simulate(lr, wd, momentum, settle + measure)
+
+    measured = rel[settle:].mean()
+    predicted = theory.equilibrium_relative_step(lr, wd, momentum)
+    print(f"lr={lr} wd={wd} m={momentum}: measured {measured:.5g}, formula {predicted:.5g}, "
+          f"ratio {measured / predicted:.4f}")
+    assert measured == pytest.approx(predicted, rel=0.03)
+    if momentum:   # the momentum factor is really needed: the m=0 formula is far off
+        assert abs(measured / math.sqrt(2 * lr * wd) - 1) > 0.15
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_norm_relaxes_with_time_constant_one_minus_m_over_2_lr_wd(momentum):
+    """Far above equilibrium ||w||² decays as exp(-t/τ), τ = (1-m)/(2·lr·wd): momentum
+    shortens the plain-SGD time 1/(2·lr·wd) by (1-m)."""
+    lr, wd, d = 0.1, 1e-3, 1000
+    tau = theory.equilibrium_time_constant(lr, wd, momentum)
+    assert tau == pytest.approx((1 - momentum) / (2 * lr * wd))
+    eq_sqnorm = math.sqrt(lr * (d - 1) / (2 * wd * (1 - momentum)))  # ||w||⁴ = lr·||g||²||w||²/(2wd(1-m))
+    _, sqnorm = simulate(lr, wd, momentum, int(tau), d=d, norm0=10 * math.sqrt(eq_sqnorm))
+
+    decay = sqnorm[int(tau)] / sqnorm[0]
+    print(f"m={momentum}: ||w||² after τ={tau:.0f} steps: x{decay:.4f} (theory e^-1 = {math.exp(-1):.4f})")
+    assert decay == pytest.approx(math.exp(-1), rel=0.05)
+
+
+def test_time_constant_numbers():
+    assert theory.equilibrium_time_constant(0.1, 2e-4, 0.9) == pytest.approx(2_500)
+    assert theory.equilibrium_time_constant(0.01, 2e-4, 0.9) == pytest.approx(25_000)
+    assert theory.equilibrium_time_constant(0.1, 2e-4, 0.0) == pytest.approx(25_000)
+    assert theory.equilibrium_time_constant(0.1, 0.0, 0.9) == math.inf
+
+
+# --- phases and predictions of a config ------------------------------------------------
+
+POST_CONFIG = {"batch_size": 128, "boundary_epochs": [50.0, 100.0], "decay_rates": [1.0, 0.1, 0.01],
+               "train_epochs": 150, "weight_decay": 2e-4, "conv_l2": True, "conv_grad_scale": False}
+
+
+def test_phases_and_predicted_levels_by_hand():
+    np.testing.assert_allclose(theory.phases(POST_CONFIG),
+                               [(0.0, 50.0, 0.1), (50.0, 100.0, 0.01), (100.0, 150.0, 0.001)], rtol=1e-12)
+    levels = theory.predicted_levels(POST_CONFIG)
+    # sqrt(2 * lr * 2e-4 / 1.9)
+    np.testing.assert_allclose([lv.predicted for lv in levels], [4.588e-3, 1.451e-3, 4.588e-4],
+                               rtol=1e-3)
+    assert [lv[:3] for lv in levels] == theory.phases(POST_CONFIG)
+    assert theory.level_segments(POST_CONFIG) == [(lv.start, lv.end, lv.predicted) for lv in levels]
+
+    # Batch 256: lr 0.2 · rates; a run cut at 75 epochs has two phases.
+    big = dict(POST_CONFIG, batch_size=256, train_epochs=75)
+    np.testing.assert_allclose(theory.phases(big), [(0.0, 50.0, 0.2), (50.0, 75.0, 0.02)], rtol=1e-12)
+    assert theory.predicted_levels(big)[0].predicted == pytest.approx(math.sqrt(2 * 0.2 * 2e-4 / 1.9))
+
+
+def test_predictions_per_kind_of_run():
+    noconv = dict(POST_CONFIG, conv_l2=False)
+    scaled = dict(noconv, conv_grad_scale=True, conv_lr_factor="replay")
+    both = dict(POST_CONFIG, conv_grad_scale=True)
+    no_wd = dict(POST_CONFIG, weight_decay=0.0)
+    baseline = [lv.predicted for lv in theory.predicted_levels(POST_CONFIG)]
+    assert [lv.predicted for lv in theory.predicted_levels(noconv)] == [None] * 3
+    assert [lv.predicted for lv in theory.predicted_levels(scaled)] == baseline
+    assert [lv.predicted for lv in theory.predicted_levels(both)] == [None] * 3
+    assert [lv.predicted for lv in theory.predicted_levels(no_wd)] == [None] * 3
+    assert theory.level_segments(noconv) == []
+    # Missing keys: the training defaults (the post's schedule), cut at train_epochs.
+    assert theory.phases({"train_epochs": 6}) == [(0.0, 6.0, 0.1)]
+
+
+def test_phase_epochs_and_late_windows():
+    # Logged epoch e is the mean over [e-1, e): a phase [s, t) holds epochs s+1..t.
+    assert theory.phase_epochs(theory.Phase(0.0, 50.0, 0.1)) == (1, 50)
+    assert theory.phase_epochs(theory.Phase(50.0, 100.0, 0.01)) == (51, 100)
+    assert theory.late_window(theory.Phase(0.0, 50.0, 0.1)) == (41, 50)
+    assert theory.late_window(theory.Phase(4.0, 6.0, 0.1)) == (6, 6)      # at least one epoch
+    assert theory.late_window(theory.Phase(0.0, 10.0, 0.1), 0.5) == (6, 10)
+    # Fractional boundary: epoch 3 straddles 2.5 and belongs to neither phase.
+    assert theory.phase_epochs(theory.Phase(0.0, 2.5, 0.1)) == (1, 2)
+    assert theory.phase_epochs(theory.Phase(2.5, 6.0, 0.01)) == (4, 6)
+    assert theory.phase_epochs(theory.Phase(2.2, 2.7, 0.01)) == (3, 3)   # shorter than an epoch
+
+
+# --- late-phase measurements of fabricated logs ------------------------------------------
+
+def f32(values):
+    return np.asarray(values, dtype=np.float32).astype(np.float64)
+
+
+def write_run(run_dir, config, relative, layers):
+    """A run folder with conv_relative_step and its per-layer tags at steps 1..E."""
+    writer = tf.summary.create_file_writer(os.path.join(run_dir, tags.TRAIN_DIR))
+    with writer.as_default():
+        for e, value in enumerate(relative, start=1):
+            tf.summary.scalar(tags.CONV_RELATIVE_STEP, value, step=e)
+            for layer, values in layers.items():
+                tf.summary.scalar(tags.per_layer(tags.CONV_RELATIVE_STEP, layer), values[e - 1], step=e)
+    writer.close()
+    with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
+        json.dump({"config": config}, f)
+    return run_dir
+
+
+def fake_relative(rng, epochs):
+    layers = {name: rng.uniform(1e-4, 1e-2, epochs) for name in LAYERS}
+    return np.mean([layers[n] for n in LAYERS], axis=0), layers
+
+
+SMALL_CONFIG = {"batch_size": 256, "boundary_epochs": [10.0, 15.0], "decay_rates": [1.0, 0.1, 0.01],
+                "train_epochs": 20, "weight_decay": 2e-4, "conv_l2": True, "seed": 3}
+
+
+def test_late_phase_measurements_match_hand_computation(tmp_path):
+    rng = np.random.default_rng(0)
+    relative, layers = fake_relative(rng, 20)
+    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
+
+    got = theory.late_phase_measurements(run)
+
+    # Phases 0-10, 10-15, 15-20 at lr 0.2/0.02/0.002; last 20%: epochs 9-10, 15, 20.
+    windows = [(9, 10), (15, 15), (20, 20)]
+    assert [(m.first_epoch, m.last_epoch) for m in got] == windows
+    np.testing.assert_allclose([m.lr for m in got], [0.2, 0.02, 0.002])
+    for m, (first, last) in zip(got, windows):
+        sl = slice(first - 1, last)
+        assert m.mean == pytest.approx(f32(relative)[sl].mean(), rel=1e-12)
+        per_layer = {n: f32(layers[n])[sl].mean() for n in LAYERS}
+        assert m.layers == pytest.approx(per_layer, rel=1e-12)
+        assert m.layer_min == pytest.approx(min(per_layer.values()), rel=1e-12)
+        assert m.layer_max == pytest.approx(max(per_layer.values()), rel=1e-12)
+
+    half = theory.late_phase_measurements(run, fraction=0.5)
+    assert (half[0].first_epoch, half[0].last_epoch) == (6, 10)
+    assert half[0].mean == pytest.approx(f32(relative)[5:10].mean(), rel=1e-12)
+
+
+def test_late_phase_of_an_unfinished_run_is_nan_where_not_logged(tmp_path):
+    rng = np.random.default_rng(1)
+    relative, layers = fake_relative(rng, 12)   # stopped during the second phase
+    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
+    first, second, third = theory.late_phase_measurements(run)
+    assert first.mean == pytest.approx(f32(relative)[8:10].mean(), rel=1e-12)
+    assert math.isnan(second.mean) and math.isnan(third.mean) and math.isnan(second.layer_min)
+
+
+# --- figures ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [figures.relative_step, figures.relative_step_all])
+def test_relative_step_figures_show_the_predicted_levels(make):
+    steps = np.arange(1, 151)
+    data = {figures.BASELINE: [(steps, np.full(150, 3e-3))],
+            figures.NOCONV_L2: [(steps, np.full(150, 1e-3))]}
+    levels = theory.level_segments(POST_CONFIG)
+
+    ax = make(data, levels=levels, log_y=True).axes[0]
+
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert [line.get_label() for line in ax.lines[:2]] == ["Baseline", "NoConvL2"]
+    assert len(dashed) == 3 and ax.lines[2:] == dashed
+    for line, (start, end, _), value in zip(dashed, theory.phases(POST_CONFIG),
+                                            [4.588e-3, 1.451e-3, 4.588e-4]):
+        np.testing.assert_array_equal(line.get_xdata(), [start, end])
+        np.testing.assert_allclose(line.get_ydata(), [value, value], rtol=1e-3)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend.count(figures.LEVEL_LABEL) == 1
+    assert ax.get_yscale() == "log"
+
+
+def test_levels_without_prediction_are_skipped():
+    steps = np.arange(1, 7)
+    data = {figures.BASELINE: [(steps, np.full(6, 3e-3))]}
+    noconv = theory.predicted_levels(dict(POST_CONFIG, conv_l2=False, train_epochs=6))
+    ax = figures.relative_step(data, levels=noconv).axes[0]
+    assert len(ax.lines) == 1 and ax.get_yscale() == "linear"
+
+
+# --- the command line's theory tables ---------------------------------------------------
+
+CLI_CONFIG = {"batch_size": 128, "boundary_epochs": [5.0], "decay_rates": [1.0, 0.1],
+              "train_epochs": 10, "weight_decay": 2e-4, "conv_l2": True, "conv_grad_scale": False}
+
+
+def test_cli_writes_theory_tables_and_level_lines(tmp_path):
+    root = tmp_path / "results"
+    rng = np.random.default_rng(2)
+    logs = {}
+    runs = {figures.BASELINE: [dict(CLI_CONFIG, seed=0), dict(CLI_CONFIG, seed=1)],
+            figures.NOCONV_L2: [dict(CLI_CONFIG, conv_l2=False)],
+            figures.CONV_LR_SCALE: [dict(CLI_CONFIG, conv_l2=False, conv_grad_scale=True)]}
+    for name, configs in runs.items():
+        logs[name] = []
+        for k, config in enumerate(configs):
+            folder = root / name / f"seed_{k}" if len(configs) > 1 else root / name
+            folder.mkdir(parents=True)
+            relative, layers = fake_relative(rng, 10)
+            write_run(str(folder), config, relative, layers)
+            logs[name].append((relative, layers))
+    out = tmp_path / "figs"
+
+    assert make_figures.main([str(root), "--out", str(out)]) == 0
+
+    with open(out / "theory.csv") as f:
+        table = {(r["name"], int(r["phase"])): r for r in csv.DictReader(f)}
+    assert len(table) == 6
+    predicted = [theory.equilibrium_relative_step(lr, 2e-4, 0.9) for lr in (0.1, 0.01)]
+    for phase, epoch in ((0, 5), (1, 10)):   # one-epoch late windows: epochs 5 and 10
+        base = table[(figures.BASELINE, phase)]
+        seeds = [f32(rel)[epoch - 1] for rel, _ in logs[figures.BASELINE]]
+        layer_values = [f32(lay[n])[epoch - 1] for _, lay in logs[figures.BASELINE] for n in LAYERS]
+        assert float(base["lr"]) == pytest.approx([0.1, 0.01][phase])
+        assert float(base["predicted"]) == pytest.approx(predicted[phase], rel=1e-12)
+        assert float(base["measured_mean"]) == pytest.approx(np.mean(seeds), rel=1e-12)
+        assert float(base["measured_std"]) == pytest.approx(np.std(seeds, ddof=1), rel=1e-9)
+        assert float(base["layer_min"]) == pytest.approx(min(layer_values), rel=1e-12)
+        assert float(base["layer_max"]) == pytest.approx(max(layer_values), rel=1e-12)
+        assert float(base["ratio"]) == pytest.approx(np.mean(seeds) / predicted[phase], rel=1e-9)
+        # 5 epochs of 390 steps against τ = (1 - 0.9) / (2 · lr · 2e-4)
+        assert float(base["phase_over_tau"]) == pytest.approx(5 * 390 / (0.1 / (2 * [0.1, 0.01][phase] * 2e-4)))
+
+        noconv = table[(figures.NOCONV_L2, phase)]
+        assert noconv["predicted"] == "" and noconv["ratio"] == ""
+        assert float(noconv["measured_mean"]) == pytest.approx(f32(logs[figures.NOCONV_L2][0][0])[epoch - 1])
+        scaled = table[(figures.CONV_LR_SCALE, phase)]
+        assert float(scaled["predicted"]) == pytest.approx(predicted[phase], rel=1e-12)
+
+    md = (out / "theory.md").read_text()
+    assert "Equilibrium needs time" in md and "(1−m)/(2·lr·wd)" in md
+    seeds = [f32(rel)[4] for rel, _ in logs[figures.BASELINE]]
+    assert f"{np.mean(seeds):.3e} ± {np.std(seeds, ddof=1):.1e}" in md
+
+    with open(out / "theory_per_layer.csv") as f:
+        per_layer = list(csv.DictReader(f))
+    assert len(per_layer) == 4 * 2 * len(LAYERS)   # 4 run folders × 2 phases × 3 layers
+    row = next(r for r in per_layer if r["run"] == figures.BASELINE and r["seed"] == "1"
+               and r["phase"] == "1" and r["layer"] == "conv2d_2")
+    assert float(row["measured"]) == pytest.approx(f32(logs[figures.BASELINE][1][1]["conv2d_2"])[9])
+    assert float(row["predicted"]) == pytest.approx(predicted[1], rel=1e-12)
+
+    svg = (out / "relative_step.svg").read_text()
+    assert figures.LEVEL_LABEL in svg
