@@ -115,8 +115,9 @@ def main(argv):
     if FLAGS.xla and not gpu:
         variants["custom_xla"] = project_model(True, FLAGS.steps)
     logdir = tempfile.mkdtemp()
-    cbs = {name: [callbacks.EpochTensorBoard(os.path.join(logdir, name))] if name != "plain" else []
-           for name in variants}
+    # The project's variants carry the callbacks a training run has (bar checkpoints).
+    cbs = {name: [callbacks.EpochTensorBoard(os.path.join(logdir, name)), callbacks.StopOnNonFinite()]
+           if name != "plain" else [] for name in variants}
     for name, model in variants.items():        # warm-up: tracing, first-touch allocation
         time_fit(model, ds, 3, cbs[name])
     rates = {name: [] for name in variants}
