@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import figures, summary, theory
+from analysis import figures, replay_match, summary, theory
 from resnet_cifar import events
 
 EXIT_NO_RUNS = 2
@@ -54,9 +54,19 @@ def legend_labels(loaded: Dict[str, List[events.Run]]) -> Dict[str, str]:
             for name, seeds in loaded.items()}
 
 
+def save(fig, out_dir: str, name: str) -> List[str]:
+    """NAME.png and NAME.svg; no date in the SVG, so the same data gives the same file."""
+    paths = []
+    for fmt in FORMATS:
+        path = os.path.join(out_dir, f"{name}.{fmt}")
+        fig.savefig(path, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+        paths.append(path)
+    return paths
+
+
 def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
-    """Every figure that has data, in every format, plus the summary and the theory
-    tables; returns the paths."""
+    """Every figure that has data, in every format, plus the summary, theory and
+    replay-match tables; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     labels = legend_labels(loaded)
     levels = theory.baseline_segments(loaded)
@@ -64,13 +74,12 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
     for fig_name, (make, tag, subdir) in figures.FIGURES.items():
         extra = dict(levels=levels, log_y=True) if fig_name in figures.LEVEL_FIGURES else {}
         fig = make(curves(loaded, tag, subdir), labels=labels, **extra)
-        if fig is None:
-            continue
-        for fmt in FORMATS:
-            path = os.path.join(out_dir, f"{fig_name}.{fmt}")
-            # No date in the SVG, so re-running on the same data gives the same file.
-            fig.savefig(path, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
-            written.append(path)
+        if fig is not None:
+            written += save(fig, out_dir, fig_name)
+    fig = replay_match.replay_match_figure(loaded, labels)
+    if fig is not None:
+        written += save(fig, out_dir, "replay_match")
+    written += replay_match.write(loaded, out_dir)
     written += summary.write_summary(summary.summarize(loaded), out_dir)
     written += theory.write_theory(loaded, out_dir)
     return written
