@@ -90,8 +90,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.epoch_variable = epoch_variable
 
     def on_epoch_end(self, epoch, logs=None):
-        if getattr(self.model, "stop_training", False) and _non_finite(logs):
-            return   # never save diverged weights over the last good checkpoint
+        if (getattr(self.model, "stop_training", False) and _non_finite(logs)) \
+                or _non_finite(logs, tags.CONV_SQSUM):
+            # Never save diverged weights over the last good checkpoint. The loss
+            # is computed before each update, so the last step of an epoch can
+            # leave NaN weights behind a finite epoch loss: check the weights too
+            # (EpochTensorBoard, earlier in the list, put conv_sqsum in `logs`).
+            return
         self.epoch_variable.assign(epoch + 1)
         self.manager.save(checkpoint_number=epoch + 1)
 
@@ -102,16 +107,28 @@ class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
     def __init__(self):
         super().__init__()
         self.where = None
+        self.what = "loss"      # what went non-finite, for the message
         self._epoch = 0
+        self._batch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_batch_end(self, batch, logs=None):
+        self._batch = batch + 1
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(float(loss)) and self.where is None:
             self.where = (self._epoch + 1, batch + 1, float(loss))
         super().on_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The loss is computed before each update, so the last step of an epoch can
+        # leave non-finite weights behind a finite loss, and after the last epoch no
+        # step follows to notice. EpochTensorBoard put conv_sqsum in `logs`.
+        if self.where is None and _non_finite(logs, tags.CONV_SQSUM):
+            self.where = (epoch + 1, self._batch, float(logs[tags.CONV_SQSUM]))
+            self.what = f"the weights' {tags.CONV_SQSUM}"
+            self.model.stop_training = True
 
 
 class EpochSummary(keras.callbacks.Callback):
@@ -144,9 +161,9 @@ class EpochSummary(keras.callbacks.Callback):
         self.print_fn(" | ".join(parts), flush=True)
 
 
-def _non_finite(logs):
-    loss = (logs or {}).get("loss")
-    return loss is not None and not np.isfinite(float(loss))
+def _non_finite(logs, key="loss"):
+    value = (logs or {}).get(key)
+    return value is not None and not np.isfinite(float(value))
 
 
 def _hms(seconds):

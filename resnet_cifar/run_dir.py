@@ -51,6 +51,8 @@ def prepare(config):
     try:
         with open(path) as f:
             old = json.load(f)["config"]
+        if not isinstance(old, dict):
+            raise TypeError("its config is not a JSON object")
     except (OSError, ValueError, KeyError, TypeError) as e:
         if not config.overwrite:
             raise config_lib.ConfigError(f"{path} is unreadable ({type(e).__name__}); "

@@ -155,7 +155,7 @@ def run(config, arrays=None, print_fn=print):
     )
     if nan_stop.where is not None:
         epoch, step, loss = nan_stop.where
-        raise TrainingError(f"loss became {loss} at epoch {epoch}, step {step}: training stopped; "
+        raise TrainingError(f"{nan_stop.what} became {loss} at epoch {epoch}, step {step}: training stopped; "
                             f"logs up to there are in {config.model_dir}")
     logs = {k: float(v[-1]) for k, v in history.history.items() if v}
     run_dir.mark_done(config, logs)

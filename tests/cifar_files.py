@@ -34,3 +34,17 @@ def write_binary_cifar(parent, per_train_file=64, num_test=64, seed=0):
     with open(os.path.join(folder, fidelity.TEST_FILES[0]), "wb") as f:
         f.write(encode_records(images, labels))
     return folder
+
+
+def set_record_label(path, record, label):
+    """Overwrites the label byte of one record of an official binary file in place."""
+    with open(path, "r+b") as f:
+        f.seek(record * fidelity.RECORD_BYTES)
+        f.write(bytes([label]))
+
+
+def truncate(path, drop_bytes):
+    """Cuts the last `drop_bytes` bytes off a file (a half-copied download)."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(max(size - drop_bytes, 0))

@@ -1,0 +1,638 @@
+"""Reliability of the training program: kills, resumes, divergence, guarded run folders, bad data.
+
+Every training here is tiny (3 epochs of 3 steps of 16 images, one test batch) and
+goes through the real entry point (`python -m resnet_cifar.train`) in a subprocess,
+except where a fault has to be injected inside the process (a kill in the middle
+of a checkpoint write, a full disk). A failing run must exit with its code, say
+what went wrong in exactly one `error: ` line on stderr (TensorFlow's own start-up
+lines aside), and leave whatever was already on disk as it was.
+"""
+
+import collections
+import glob
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+from resnet_cifar import callbacks, events, run_dir, tags
+from resnet_cifar import config as config_lib
+from tests.cifar_files import set_record_label, truncate, write_binary_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 3
+# The same run as flags (for the CLI) and as a TrainConfig (for in-process drivers).
+# 12 steps per epoch: the SIGKILL sent on "epoch 1/3" must land while epoch 2 still
+# runs, so an epoch must outlast the test's reaction time even on a loaded machine.
+RUN = dict(data_source="binary", train_epochs=EPOCHS, steps_per_epoch=12, batch_size=16, eval_steps=1,
+           boundary_epochs=(2,), decay_rates=(1, 0.1), seed=1, deterministic=True, verbose=2)
+CKPT_RE = re.compile(r"ckpt-(\d+)\.")
+# TensorFlow's C++ start-up lines (I0000 00:00:..., E0000 ..., absl W1125 03:37:21...).
+TF_NOISE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def train_args(model_dir, data_dir, **overrides):
+    """Flags of RUN (or overrides) for `python -m resnet_cifar.train`."""
+    values = dict(RUN, model_dir=model_dir, data_dir=data_dir)
+    values.update(overrides)
+    out = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            out.append(f"--{name}" if value else f"--no{name}")
+        elif isinstance(value, tuple):
+            out.append(f"--{name}={','.join(f'{v:g}' for v in value)}")
+        else:
+            out.append(f"--{name}={value}")
+    return out
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="1")
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "resnet_cifar.train", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def meaningful(stderr):
+    """stderr without blank lines and TensorFlow's start-up lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not TF_NOISE.match(line)]
+
+
+def assert_one_error_line(r, code, *needles):
+    """Exit `code`, and exactly one meaningful stderr line: 'error: ...' containing `needles`."""
+    lines = meaningful(r.stderr)
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def snapshot(folder):
+    """Every file under `folder`: relative path -> (size, mtime_ns, sha1). {} if absent."""
+    out = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                digest = hashlib.sha1(f.read()).hexdigest()
+            out[os.path.relpath(path, folder)] = (st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+def copy_run(src, dst, finished=True):
+    shutil.copytree(src, dst)
+    if not finished:
+        os.remove(os.path.join(dst, tags.DONE_FILE))
+    return str(dst)
+
+
+def checkpoint_numbers(model_dir):
+    """Numbers of the checkpoints whose files exist on disk."""
+    names = os.listdir(os.path.join(model_dir, run_dir.CHECKPOINTS))
+    return sorted({int(m.group(1)) for m in map(CKPT_RE.match, names) if m})
+
+
+def checkpoint_tensors(prefix):
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+
+
+def latest_checkpoint(model_dir):
+    import tensorflow as tf
+
+    return tf.train.latest_checkpoint(os.path.join(model_dir, run_dir.CHECKPOINTS))
+
+
+def assert_same_weights(dir_a, dir_b):
+    """The latest checkpoints of two runs hold bitwise-identical variables (and the same names)."""
+    a_path, b_path = latest_checkpoint(dir_a), latest_checkpoint(dir_b)
+    assert os.path.basename(a_path) == os.path.basename(b_path) == f"ckpt-{EPOCHS}"
+    a, b = checkpoint_tensors(a_path), checkpoint_tensors(b_path)
+    assert sorted(a) == sorted(b)
+    # Model weights, BN moving statistics, momentum accumulators, iteration and epoch counters.
+    assert len(a) > 100 and any(n.startswith("optimizer/") for n in a), sorted(a)
+    assert any("moving_mean" in n for n in a), sorted(a)
+    differ = [n for n in a if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape
+              or a[n].tobytes() != b[n].tobytes()]
+    assert not differ, f"{len(differ)} of {len(a)} variables differ, e.g. {differ[:5]}"
+
+
+def curves(model_dir):
+    """(subdir, tag) -> (steps, values) of everything logged, as the analysis reads it."""
+    out = {}
+    for subdir in (tags.TRAIN_DIR, tags.VALIDATION_DIR):
+        for tag, series in events.read_all_scalars(str(model_dir), subdir).items():
+            out[subdir, tag] = series
+    return out
+
+
+def assert_same_curves(dir_a, dir_b):
+    a, b = curves(dir_a), curves(dir_b)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key][0], b[key][0], err_msg=str(key))
+        assert a[key][1].tobytes() == b[key][1].tobytes(), (key, a[key][1], b[key][1])
+    return a
+
+
+def assert_every_epoch_once(c, epochs=EPOCHS):
+    """Weight-based tags at 0..epochs (0: the initial state), the rest at 1..epochs."""
+    assert list(c[tags.TRAIN_DIR, tags.CONV_SQSUM][0]) == list(range(epochs + 1))
+    assert list(c[tags.TRAIN_DIR, tags.EPOCH_LOSS][0]) == list(range(1, epochs + 1))
+    assert list(c[tags.VALIDATION_DIR, tags.EPOCH_ACCURACY][0]) == list(range(1, epochs + 1))
+    for (subdir, tag), (steps, _) in c.items():
+        if tag.endswith("_vs_iterations"):   # Keras' evaluation_*_vs_iterations: step = train steps
+            assert list(steps) == [e * RUN["steps_per_epoch"] for e in range(1, epochs + 1)], (tag, steps)
+        else:
+            assert list(steps) in (list(range(epochs + 1)), list(range(1, epochs + 1))), (tag, steps)
+
+
+def raw_events(model_dir, subdir):
+    """tag -> [(step, value), ...] of every event in the files, duplicates included."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.util import tensor_util
+
+    acc = ea.EventAccumulator(os.path.join(model_dir, subdir), size_guidance={ea.TENSORS: 0},
+                              purge_orphaned_data=False)
+    acc.Reload()
+    return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()[ea.TENSORS]}
+
+
+def duplicated_epochs(model_dir):
+    """{epoch: [(subdir, tag, values)]} of the epochs logged more than once for a tag."""
+    dup = collections.defaultdict(list)
+    for subdir in (tags.TRAIN_DIR, tags.VALIDATION_DIR):
+        for tag, evs in raw_events(model_dir, subdir).items():
+            if tag.endswith("_vs_iterations"):   # logged at the train step, not the epoch
+                evs = [(step / RUN["steps_per_epoch"], v) for step, v in evs]
+            counts = collections.Counter(step for step, _ in evs)
+            for step, n in counts.items():
+                if n > 1:
+                    dup[step].append((subdir, tag, [v for s, v in evs if s == step]))
+    return dict(dup)
+
+
+def run_until_line(args, prefix, err_path, timeout=240):
+    """Starts training, reads stdout line by line, SIGKILLs it right after a line starting `prefix`."""
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", *args], cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    lines = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen, deadline, killed = [], time.monotonic() + timeout, False
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f"no {prefix!r} line within {timeout}s; stdout so far: {''.join(seen)[-2000:]}")
+            if line is None:
+                pytest.fail(f"training ended before {prefix!r}: {''.join(seen)[-2000:]}"
+                            f"{open(err_path).read()[-2000:]}")
+            seen.append(line)
+            if line.startswith(prefix):
+                proc.send_signal(signal.SIGKILL)
+                killed = True
+                break
+    finally:
+        if not killed and proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    return proc.returncode, seen
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Tiny learnable CIFAR-10 binary files (80 train, 32 test images)."""
+    parent = tmp_path_factory.mktemp("data")
+    write_binary_cifar(str(parent), per_train_file=16, num_test=32)
+    return str(parent)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted deterministic run every other run is compared with (never modified)."""
+    model_dir = str(tmp_path_factory.mktemp("reference") / "run")
+    r = run_cli(*train_args(model_dir, data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not meaningful(r.stderr), r.stderr[-3000:]
+    assert [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("epoch ")] == \
+        [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+    return model_dir
+
+
+@pytest.fixture
+def held_run(reference, tmp_path):
+    """A copy of the reference run stopped after its last checkpoint but before done.json."""
+    return copy_run(reference, tmp_path / "held", finished=False)
+
+
+@pytest.fixture
+def finished_run(reference, tmp_path):
+    return copy_run(reference, tmp_path / "finished")
+
+
+# ----------------------------------------------------------------------------- 1. kill + resume
+
+
+def test_sigkill_after_an_epoch_then_resume_is_exact(data, reference, tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = train_args(model_dir, data)
+    code, seen = run_until_line(args, "epoch 1/3 |", tmp_path / "killed.err")
+    assert code == -signal.SIGKILL
+    assert os.path.basename(latest_checkpoint(model_dir)) == "ckpt-1"
+    assert not os.path.exists(os.path.join(model_dir, tags.DONE_FILE))
+
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not meaningful(r.stderr), r.stderr[-3000:]
+    assert re.search(r"^resuming .* after epoch 1 \(ckpt-1\)$", r.stdout, re.M), r.stdout
+    assert [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("epoch ")] == \
+        ["epoch 2/3", "epoch 3/3"]
+    assert os.path.exists(os.path.join(model_dir, tags.DONE_FILE))
+
+    assert_same_weights(reference, model_dir)
+    c = assert_same_curves(reference, model_dir)
+    assert_every_epoch_once(c)
+    # Not just after de-duplication: no epoch was written twice (nor lost) in the files.
+    assert duplicated_epochs(model_dir) == {}
+    assert len(glob.glob(os.path.join(model_dir, tags.TRAIN_DIR, "*tfevents*"))) == 2   # two processes
+
+
+# ----------------------------------------------------------------------------- 2. kill mid-checkpoint
+
+
+DRIVER = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, {root!r})
+    import tensorflow as tf
+    from resnet_cifar import config as config_lib, trainer
+
+    original = tf.train.Checkpoint._write
+
+    def dying_write(self, file_prefix, options=None):
+        if str(file_prefix).endswith("-{number}"):
+            # Write checkpoint {number}'s files without the manager's callback (which
+            # rewrites the `checkpoint` index), cut them to half their size as if the
+            # disk write were under way, and die: SIGKILL cannot be caught.
+            original(self, file_prefix)
+            folder, base = os.path.split(str(file_prefix))
+            for name in os.listdir(folder):
+                if name.startswith(base + "."):
+                    path = os.path.join(folder, name)
+                    with open(path, "r+b") as f:
+                        f.truncate(os.path.getsize(path) // 2)
+            print("killing myself while writing", file_prefix, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, file_prefix, options=options)
+
+    tf.train.Checkpoint._write = dying_write
+    trainer.run(config_lib.TrainConfig(**json.loads(sys.argv[1])))
+    print("driver: training returned", flush=True)
+""")
+
+
+def test_kill_during_checkpoint_write_resumes_from_the_previous_one(data, reference, tmp_path):
+    model_dir = str(tmp_path / "run")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT, number=2))
+    config = dict(RUN, model_dir=model_dir, data_dir=data)
+    config_lib.TrainConfig(**config)   # the driver's config is valid
+    r = subprocess.run([sys.executable, str(driver), json.dumps(config)], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "killing myself while writing" in r.stdout and "ckpt-2" in r.stdout
+    assert "driver: training returned" not in r.stdout
+    # Half-written files of checkpoint 2 are on disk; the index still names checkpoint 1.
+    assert checkpoint_numbers(model_dir) == [1, 2]
+    assert os.path.basename(latest_checkpoint(model_dir)) == "ckpt-1"
+
+    r = run_cli(*train_args(model_dir, data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not meaningful(r.stderr), r.stderr[-3000:]
+    assert re.search(r"^resuming .* after epoch 1 \(ckpt-1\)$", r.stdout, re.M), r.stdout
+    assert os.path.exists(os.path.join(model_dir, tags.DONE_FILE))
+
+    assert_same_weights(reference, model_dir)
+    c = assert_same_curves(reference, model_dir)
+    assert_every_epoch_once(c)
+    # Epoch 2 was logged by the killed process (before its checkpoint) and again on
+    # resume; the repeat is bitwise the same, and read_scalars kept one value.
+    dup = duplicated_epochs(model_dir)
+    assert set(dup) == {2}, sorted(dup)
+    for subdir, tag, values in dup[2]:
+        assert len(values) == 2 and (values[0] == values[1] or np.isnan(values).all()), (subdir, tag, values)
+
+
+# ----------------------------------------------------------------------------- 3. divergence
+
+
+def test_checkpoint_callback_never_saves_non_finite_state():
+    """Unit check of the guard: a finite loss does not make NaN weights worth saving."""
+    class Manager:
+        def __init__(self):
+            self.saved = []
+
+        def save(self, checkpoint_number):
+            self.saved.append(checkpoint_number)
+
+    class Epoch:
+        def assign(self, value):
+            self.value = value
+
+    cases = [({"loss": 2.0, tags.CONV_SQSUM: 800.0}, False, True),
+             ({"loss": float("nan"), tags.CONV_SQSUM: 800.0}, True, False),
+             ({"loss": float("inf")}, True, False),
+             ({"loss": 2.0, tags.CONV_SQSUM: float("nan")}, False, False),   # weights went bad last step
+             ({"loss": 2.0, tags.CONV_SQSUM: float("inf")}, False, False)]
+    for logs, stop, saved in cases:
+        manager = Manager()
+        cb = callbacks.EpochCheckpoint(manager, Epoch())
+        cb.set_model(types.SimpleNamespace(stop_training=stop))
+        cb.on_epoch_end(4, logs)
+        assert manager.saved == ([5] if saved else []), logs
+
+
+def test_nan_stop_catches_non_finite_weights_after_a_finite_loss():
+    stop = callbacks.StopOnNonFinite()
+    model = types.SimpleNamespace(stop_training=False)
+    stop.set_model(model)
+    stop.on_epoch_begin(1)
+    for batch in range(3):
+        stop.on_batch_end(batch, {"loss": 1e21})
+    stop.on_epoch_end(1, {"loss": 1e21, tags.CONV_SQSUM: 800.0})
+    assert stop.where is None and not model.stop_training
+    stop.on_epoch_end(1, {"loss": 1e21, tags.CONV_SQSUM: float("nan")})
+    assert model.stop_training and stop.where[:2] == (2, 3) and np.isnan(stop.where[2])
+    assert "weights" in stop.what
+
+
+@pytest.mark.parametrize("decay_rates,train_epochs", [
+    ("1,1e30", 3),   # the loss is NaN within epoch 2
+    # The weights are NaN at the end of epoch 2 while its loss is still finite, and
+    # epoch 2 is the last: no later step would see a NaN loss (once: checkpoint 2
+    # held NaN weights, and the run exited 0 with done.json).
+    ("1,1e8", 2),
+])
+def test_diverged_run_exits_1_and_keeps_only_good_checkpoints(data, tmp_path, decay_rates, train_epochs):
+    model_dir = str(tmp_path / "run")
+    r = run_cli(*train_args(model_dir, data, boundary_epochs=(1,), decay_rates=decay_rates,
+                            train_epochs=train_epochs))
+    line = assert_one_error_line(r, 1, "training stopped", model_dir)
+    m = re.match(r"error: (loss|the weights' conv_sqsum) became (nan|-?inf) at epoch (\d+), step (\d+)", line)
+    assert m, line
+    what, epoch, step = m.group(1), int(m.group(3)), int(m.group(4))
+    if decay_rates == "1,1e30":
+        assert what == "loss" and epoch == 2, line
+    assert 2 <= epoch <= train_epochs and 1 <= step <= RUN["steps_per_epoch"], line   # epoch 1 is sane
+    assert f"epoch {epoch}/{train_epochs} |" in r.stdout   # the diverged epoch's summary still printed
+    assert not os.path.exists(os.path.join(model_dir, tags.DONE_FILE))
+
+    # Event files are readable, up to the diverged epoch.
+    c = curves(model_dir)
+    steps, loss = c[tags.TRAIN_DIR, tags.EPOCH_LOSS]
+    assert list(steps) == list(range(1, epoch + 1)) and np.isfinite(loss[0])
+    sq_steps, sqsum = c[tags.TRAIN_DIR, tags.CONV_SQSUM]
+    assert list(sq_steps) == list(range(epoch + 1)) and np.isfinite(sqsum[:-1]).all()
+    assert not np.isfinite(loss[-1] if what == "loss" else sqsum[-1])
+    assert list(c[tags.VALIDATION_DIR, tags.EPOCH_ACCURACY][0]) == list(range(1, epoch + 1))
+
+    # No checkpoint of the diverged epoch; every checkpoint left holds finite numbers.
+    numbers = checkpoint_numbers(model_dir)
+    assert numbers and max(numbers) < epoch, numbers
+    assert os.path.basename(latest_checkpoint(model_dir)) == f"ckpt-{max(numbers)}"
+    for n in numbers:
+        values = checkpoint_tensors(os.path.join(model_dir, run_dir.CHECKPOINTS, f"ckpt-{n}"))
+        bad = [k for k, v in values.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        assert not bad, f"ckpt-{n} holds non-finite {bad[:5]}"
+
+
+# ----------------------------------------------------------------------------- 4. the model dir
+
+
+def test_finished_run_rerun_is_a_no_op(data, finished_run):
+    before = snapshot(finished_run)
+    for extra in ([], ["--verbose=0", "--data_dir=/nonexistent"]):   # operational flags may differ
+        r = run_cli(*train_args(finished_run, data), *extra, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "already finished" in r.stdout and "nothing to do" in r.stdout
+        assert not meaningful(r.stderr), r.stderr
+        assert snapshot(finished_run) == before
+
+
+def test_other_flags_are_refused_naming_them(data, finished_run, held_run):
+    for model_dir in (finished_run, held_run):
+        before = snapshot(model_dir)
+        r = run_cli(*train_args(model_dir, data, weight_decay=1e-4, bn_decay=0.98, train_epochs=4,
+                                verbose=0), timeout=120)
+        line = assert_one_error_line(r, 2, model_dir, "other flags", "--overwrite",
+                                     "--weight_decay: 0.0002 -> 0.0001", "--bn_decay: 0.997 -> 0.98",
+                                     "--train_epochs: 3 -> 4")
+        assert "--verbose" not in line and "--data_dir" not in line
+        assert snapshot(model_dir) == before
+
+
+def test_overwrite_replaces_the_run(data, finished_run):
+    with open(os.path.join(finished_run, "notes.txt"), "w") as f:   # not the run's: must survive
+        f.write("mine")
+    old_events = set(os.listdir(os.path.join(finished_run, tags.TRAIN_DIR)))
+    r = run_cli(*train_args(finished_run, data, weight_decay=1e-4, train_epochs=2), "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" not in r.stdout
+    assert events.read_config(finished_run)["weight_decay"] == 1e-4
+    with open(os.path.join(finished_run, tags.DONE_FILE)) as f:
+        assert json.load(f)["epochs"] == 2
+    new_events = set(os.listdir(os.path.join(finished_run, tags.TRAIN_DIR)))
+    assert len(new_events) == 1 and not new_events & old_events
+    assert checkpoint_numbers(finished_run) == [1, 2]          # the old ckpt-3 is gone
+    assert_every_epoch_once(curves(finished_run), epochs=2)
+    with open(os.path.join(finished_run, "notes.txt")) as f:
+        assert f.read() == "mine"
+
+
+def test_unwritable_model_dir(data, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cases = [str(blocker / "run")]
+    if os.geteuid() != 0:               # root writes through 0o500; the file case covers it
+        ro = tmp_path / "readonly"
+        ro.mkdir()
+        ro.chmod(0o500)
+        cases.append(str(ro / "run"))
+    try:
+        for model_dir in cases:
+            r = run_cli(*train_args(model_dir, data), timeout=120)
+            assert_one_error_line(r, 2, f"--model_dir={model_dir}", "not writable")
+            assert not os.path.exists(model_dir)
+        assert blocker.read_text() == "not a folder"
+    finally:
+        if len(cases) > 1:
+            (tmp_path / "readonly").chmod(0o700)
+
+
+def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
+    from resnet_cifar import trainer
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+    before = snapshot(held_run)
+    fresh = str(tmp_path / "fresh")
+    for model_dir in (held_run, fresh):
+        config = config_lib.TrainConfig(**dict(RUN, model_dir=model_dir, data_dir="/nonexistent"))
+        for call in (run_dir.prepare, trainer.run):
+            with pytest.raises(config_lib.ConfigError) as e:
+                call(config)
+            message = str(e.value)
+            assert "\n" not in message and model_dir in message, message
+            assert "only 10 MB free" in message and "needs 100 MB" in message, message
+    assert snapshot(held_run) == before
+    assert snapshot(fresh) == {}
+
+
+@pytest.mark.parametrize("content", ["{not json", "", "[1, 2]", '{"nothing": 1}', '{"config": 3}',
+                                     '{"config": "x"}', '{"config": [1]}'])
+def test_corrupt_run_config_is_a_clear_error(data, finished_run, content):
+    path = os.path.join(finished_run, tags.RUN_CONFIG_FILE)
+    with open(path, "w") as f:
+        f.write(content)
+    before = snapshot(finished_run)
+    r = run_cli(*train_args(finished_run, data), timeout=120)
+    assert_one_error_line(r, 2, path, "unreadable", "--overwrite")
+    assert snapshot(finished_run) == before
+
+
+def test_overwrite_recovers_from_a_corrupt_run_config(data, reference, finished_run):
+    with open(os.path.join(finished_run, tags.RUN_CONFIG_FILE), "w") as f:
+        f.write("{not json")
+    r = run_cli(*train_args(finished_run, data), "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" not in r.stdout and "already finished" not in r.stdout
+    assert events.read_config(finished_run) == events.read_config(reference) | {"model_dir": finished_run,
+                                                                                "overwrite": True}
+    assert_every_epoch_once(curves(finished_run))
+    assert len(os.listdir(os.path.join(finished_run, tags.TRAIN_DIR))) == 1
+    # Retrained from scratch with the same flags: the same numbers as the reference.
+    assert_same_weights(reference, finished_run)
+
+
+def _no_conv_sqsum_baseline(reference, path):
+    """A finished run whose train/ events lack conv_sqsum (only Keras' epoch tags)."""
+    copy_run(reference, path)
+    train = os.path.join(path, tags.TRAIN_DIR)
+    shutil.rmtree(train)
+    shutil.copytree(os.path.join(path, tags.VALIDATION_DIR), train)
+    return str(path)
+
+
+@pytest.mark.parametrize("baseline,needles", [
+    ("missing", ["no such run folder"]),
+    ("unfinished", ["has not finished", tags.DONE_FILE]),
+    ("no_conv_sqsum", [f"no {tags.CONV_SQSUM} logged"]),
+])
+def test_bad_replay_baseline_fails_at_start_up(data, reference, tmp_path, baseline, needles):
+    path = {"missing": lambda: str(tmp_path / "nope"),
+            "unfinished": lambda: copy_run(reference, tmp_path / "base", finished=False),
+            "no_conv_sqsum": lambda: _no_conv_sqsum_baseline(reference, tmp_path / "base")}[baseline]()
+    before = snapshot(path)
+    model_dir = str(tmp_path / "replay")
+    r = run_cli(*train_args(model_dir, data, conv_l2=False, conv_grad_scale=True,
+                            conv_lr_factor="replay", replay_from=path), timeout=180)
+    assert_one_error_line(r, 2, f"--replay_from={path}", *needles)
+    assert snapshot(path) == before
+    assert snapshot(model_dir) == {}       # nothing written (the folder itself may exist)
+    assert "epoch 1/" not in r.stdout
+
+
+def test_replay_baseline_shorter_than_the_run(reference):
+    from resnet_cifar import trainer
+
+    with pytest.raises(config_lib.ConfigError, match=rf"ends at epoch {EPOCHS}, this run needs 10"):
+        trainer.load_baseline(reference, 10)
+    assert trainer.load_baseline(reference, EPOCHS).per_layer.shape == (EPOCHS + 1, 22)
+
+
+# ----------------------------------------------------------------------------- 5. bad data
+
+
+def _bad_data(data, tmp_path, kind):
+    """A copy of the data folder with one defect; returns (data_dir, words the error must contain)."""
+    if kind == "missing_folder":
+        return str(tmp_path / "no_data"), ["no CIFAR-10 binary files in", str(tmp_path / "no_data")]
+    parent = tmp_path / "bad_data"
+    shutil.copytree(data, parent)
+    folder = os.path.join(parent, "cifar-10-batches-bin")
+    f = lambda name: os.path.join(folder, name)   # noqa: E731
+    if kind == "truncated":
+        truncate(f("data_batch_3.bin"), 100)
+        return str(parent), [f("data_batch_3.bin"), "not a whole number"]
+    if kind == "empty":
+        truncate(f("data_batch_1.bin"), 10**9)
+        return str(parent), [f("data_batch_1.bin"), "0 bytes"]
+    if kind == "label_10_in_test":
+        set_record_label(f("test_batch.bin"), 5, 10)
+        return str(parent), [f("test_batch.bin"), "record 5 has label 10"]
+    if kind == "label_255_in_train":
+        set_record_label(f("data_batch_2.bin"), 0, 255)
+        return str(parent), [f("data_batch_2.bin"), "record 0 has label 255"]
+    if kind == "missing_train_file":
+        os.remove(f("data_batch_5.bin"))
+        return str(parent), ["missing CIFAR-10 file", f("data_batch_5.bin")]
+    if kind == "missing_test_file":
+        os.remove(f("test_batch.bin"))
+        return str(parent), ["no CIFAR-10 binary files in", "test_batch.bin"]
+    raise AssertionError(kind)
+
+
+BAD_DATA = ["missing_folder", "truncated", "empty", "label_10_in_test", "label_255_in_train",
+            "missing_train_file", "missing_test_file"]
+
+
+@pytest.mark.parametrize("kind", BAD_DATA)
+def test_bad_data_fails_in_one_line_and_keeps_the_held_run(data, held_run, tmp_path, kind):
+    data_dir, needles = _bad_data(data, tmp_path, kind)
+    before = snapshot(held_run)
+    r = run_cli(*train_args(held_run, data_dir), timeout=120)
+    assert_one_error_line(r, 2, *needles)
+    assert snapshot(held_run) == before
+    assert "resuming" not in r.stdout
+
+
+def test_bad_data_in_a_fresh_model_dir_writes_nothing(data, tmp_path):
+    data_dir, needles = _bad_data(data, tmp_path, "truncated")
+    model_dir = str(tmp_path / "run")
+    r = run_cli(*train_args(model_dir, data_dir), timeout=120)
+    assert_one_error_line(r, 2, *needles)
+    assert snapshot(model_dir) == {}
