@@ -5,6 +5,7 @@ This module only parses flags (names fixed by shared/reference/CLI.md) into a
 or diverged run ends with one line on stderr and a non-zero exit code.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -62,31 +63,16 @@ def config_from_flags(f=FLAGS):
         rates = tuple(float(r) for r in f.decay_rates)
     except ValueError as e:
         raise config_lib.ConfigError(f"--boundary_epochs/--decay_rates: {e}") from None
-    return config_lib.TrainConfig(
-        model_dir=f.model_dir,
-        data_source=f.data_source,
-        data_dir=f.data_dir,
-        train_epochs=f.train_epochs,
-        epochs_between_evals=f.epochs_between_evals,
-        batch_size=f.batch_size,
+    # Flags named like a TrainConfig field carry over as they are; the rest are mapped here.
+    special = dict(
         boundary_epochs=boundaries,
         decay_rates=rates,
-        weight_decay=f.weight_decay,
         conv_l2=f.conv_l2 and not f.flag_noconv_l2,
-        conv_grad_scale=f.conv_grad_scale,
-        conv_lr_factor=f.conv_lr_factor,
-        replay_from=f.replay_from,
-        bn_decay=f.bn_decay,
-        steps_per_epoch=f.steps_per_epoch,
-        eval_steps=f.eval_steps,
-        seed=f.seed,
-        deterministic=f.deterministic,
         jit_compile={"auto": None, "true": True, "false": False}[f.jit_compile],
-        steps_per_execution=f.steps_per_execution,
-        dtype=f.dtype,
-        overwrite=f.overwrite,
-        verbose=f.verbose,
     )
+    same = {field.name: f[field.name].value for field in dataclasses.fields(config_lib.TrainConfig)
+            if field.name not in special}
+    return config_lib.TrainConfig(**same, **special)
 
 
 def fail(message, code=2):
