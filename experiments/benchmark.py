@@ -5,7 +5,8 @@
     (stock SGD, no L2, no scaling, no diagnostics), (a-xla) (a) under XLA, and
 (c) the input pipeline alone; then the ratios (a)/(b) and (c)/(a) and the
 achieved GFLOP/s from the model's counted FLOPs. (a) and (b) are timed in
-alternation, so drifting machine load hits both alike; the median is reported.
+alternation (a b, b a, ...), so drifting machine load hits both alike; the
+median is reported.
 On a GPU it also runs 1, 2 and 4 concurrent training processes on one device.
 
     python -m experiments.benchmark --data_source=binary --data_dir=DIR
@@ -121,9 +122,11 @@ def main(argv):
     for name, model in variants.items():        # warm-up: tracing, first-touch allocation
         time_fit(model, ds, 3, cbs[name])
     rates = {name: [] for name in variants}
+    order = list(variants)
     for _ in range(FLAGS.repeats):
-        for name, model in variants.items():
-            rates[name].append(time_fit(model, ds, FLAGS.steps, cbs[name]))
+        for name in order:
+            rates[name].append(time_fit(variants[name], ds, FLAGS.steps, cbs[name]))
+        order.reverse()                         # a, b, b, a, ...: drift cancels out
     med = {name: statistics.median(r) for name, r in rates.items()}
 
     flops = count_flops(variants["plain"])
