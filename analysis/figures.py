@@ -35,6 +35,8 @@ LABELS = {
     CONV_LR_SCALE_BN098: "ConvLRScale BN 0.98",
 }
 POST_RUNS = tuple(LABELS)
+# Runs beyond the post that have a preset of their own.
+EXTRA_LABELS = {"conv_lr_scale_per_layer": "ConvLRScale per layer"}
 # The post's plots show the baseline orange and the BN 0.98 run purple.
 _COLORS = {BASELINE: "tab:orange", NOCONV_L2: "tab:blue", CONV_LR_SCALE: "tab:green",
            CONV_LR_SCALE_BN098: "tab:purple"}
@@ -65,7 +67,7 @@ def ordered_names(names) -> list:
 def label_of(name: str, labels: Optional[Mapping[str, str]] = None) -> str:
     if labels and name in labels:
         return labels[name]
-    return LABELS.get(name, name)
+    return LABELS.get(name) or EXTRA_LABELS.get(name, name)
 
 
 def _color_of(name: str) -> str:

@@ -98,11 +98,20 @@ def replay_match_figure(loaded, labels=None) -> Optional[Figure]:
     return fig
 
 
+NOISE_FLOOR = "baseline seed_1 vs seed_0"
+
+
 def rows(loaded) -> List[dict]:
-    """One row per scaled run (pooled over seeds)."""
+    """One row per scaled run (pooled over seeds), plus the noise floor when the
+    baseline has two seeds: the same comparison between two baselines, i.e. how much
+    two runs differ that should match exactly in expectation."""
     out = []
-    for name in scaled_runs(loaded):
-        results = [m for m in (match(r, b) for r, b in pair_with_baseline(loaded, name)) if m]
+    pairs = {name: pair_with_baseline(loaded, name) for name in scaled_runs(loaded)}
+    bases = loaded.get(figures.BASELINE, [])
+    if len(bases) >= 2:
+        pairs[NOISE_FLOOR] = [(bases[1], bases[0])]
+    for name, pair_list in pairs.items():
+        results = [m for m in (match(r, b) for r, b in pair_list) if m]
         if not results:
             continue
         mean_dev = max(float(np.max(np.abs(m["mean"] - 1))) for m in results)

@@ -217,7 +217,7 @@ def test_figure_plots_the_given_arrays(name):
 
     ax = make(data).axes[0]
 
-    assert [line.get_label() for line in ax.lines] == [figures.LABELS.get(n, n)
+    assert [line.get_label() for line in ax.lines] == [figures.label_of(n)
                                                       for n in FIGURE_RUNS[name]]
     for line, run in zip(ax.lines, FIGURE_RUNS[name]):
         np.testing.assert_array_equal(line.get_xdata(), steps)

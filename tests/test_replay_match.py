@@ -67,3 +67,18 @@ def test_cli_writes_the_replay_match_outputs(tmp_path):
     for name in ("replay_match.png", "replay_match.svg", "replay_match.md", "replay_match.csv"):
         assert (out / name).is_file(), name
     assert "| ConvLRScale | 1 | 4 | 10.0% | yes | 30.0% |" in (out / "replay_match.md").read_text()
+
+
+def test_two_baseline_seeds_give_a_noise_floor_row(tmp_path):
+    fabricate(tmp_path)
+    rel = np.array([4e-3, 2e-3, 1e-3, 5e-4])
+    layers = [rel * k * 1.1 for k in (0.5, 1.0, 2.0)]          # seed 1: every layer 10% higher
+    write_run(str(tmp_path / "baseline" / "seed_1"), run_logs(rel * 1.1, layers, np.full(5, 990.0)),
+              config={"conv_grad_scale": False}, done=True)
+    loaded = make_figures.load_results(events.find_runs(str(tmp_path)))
+    table = {r["run"]: r for r in replay_match.rows(loaded)}
+    floor = table[replay_match.NOISE_FLOOR]
+    assert abs(floor["mean_step_max_dev"] - 0.1) < 1e-5 and abs(floor["layer_max_dev"] - 0.1) < 1e-5
+    assert abs(floor["final_sqsum_ratio"] - 1.1) < 1e-5
+    # Scaled runs are still paired with the baseline of their own seed (seed_0 here).
+    assert abs(table["conv_lr_scale"]["layer_max_dev"] - 0.30) < 1e-5
