@@ -1,0 +1,67 @@
+"""The run-folder lock, with real processes: a holder in a child process, killed for real."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from resnet_cifar import run_lock
+
+HOLD = """
+import sys, time
+from resnet_cifar import run_lock
+lock = run_lock.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def start_holder(model_dir):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(model_dir)], stdout=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_process_refused_naming_holder_then_free_after_sigkill(tmp_path):
+    d = tmp_path / "run"
+    proc = start_holder(d)
+    try:
+        with pytest.raises(run_lock.RunLocked) as err:
+            run_lock.acquire(str(d))
+        message = str(err.value)
+        assert f"pid {proc.pid} on host {socket.gethostname()}" in message
+        assert "\n" not in message
+        assert run_lock.holder(str(d)).startswith(f"pid {proc.pid} ")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # The kernel dropped the dead holder's lock: no stale lock outlives its process.
+    assert run_lock.holder(str(d)) is None
+    with run_lock.acquire(str(d)):
+        assert run_lock.holder(str(d)).startswith(f"pid {os.getpid()} ")
+    assert run_lock.holder(str(d)) is None
+
+
+def test_acquire_waits_for_holder_to_exit(tmp_path):
+    d = tmp_path / "run"
+    proc = start_holder(d)
+    killer = subprocess.Popen([sys.executable, "-c",
+                               f"import os, time; time.sleep(1.0); os.kill({proc.pid}, 9)"])
+    start = time.monotonic()
+    lock = run_lock.acquire(str(d), wait=30, poll=0.1)
+    waited = time.monotonic() - start
+    lock.release()
+    killer.wait()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 0.5 < waited < 30
+
+
+def test_holder_of_unlocked_or_missing_folder_is_none_and_creates_nothing(tmp_path):
+    assert run_lock.holder(str(tmp_path / "absent")) is None
+    assert not (tmp_path / "absent").exists()
