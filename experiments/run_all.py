@@ -1,161 +1,208 @@
-"""Run the post's experiments into one results folder, skipping finished runs.
+"""Run the post's experiments, seeds and grids on Ray: on this machine or on a cluster.
 
-    python -m experiments.run_all --results_dir=results/full            # the post, 150 epochs
-    python -m experiments.run_all --preset=quick --results_dir=results/quick \
-        -- --data_source=binary --data_dir=DIR                           # 6 epochs, CPU
-    python -m experiments.run_all --seeds=3 --gpus=0,1 --runs_per_gpu=2 ...
+    python -m experiments.run_all --results_dir=results/full             # this machine
+    python -m experiments.run_all --preset=quick --results_dir=results/quick \\
+        -- --data_source=binary --data_dir=DIR                            # 6 epochs, CPU
+    python -m experiments.run_all --results_dir=/shared/wd --seeds=3 \\
+        --grid=weight_decay=1e-4,2e-4,5e-4 --address=auto                 # a running Ray cluster
 
-Each run is `python -m resnet_cifar.train --flagfile=experiments/<preset>/<run>.flags`
-into RESULTS/<run>/seed_<k>, with its output in train.log there. Re-running the
-same command skips runs that finished and resumes interrupted ones (the training
-program resumes from its last checkpoint). Runs that replay the baseline
-(`--conv_lr_factor=replay` or `per_layer`) start after that seed's baseline.
-Arguments after `--` go to every run.
+Each run is one `python -m resnet_cifar.train` process (flags from
+experiments/<preset>/<run>.flags, then the grid values, then the arguments after
+`--`), started by a Ray task into RESULTS[/<flag>=<value>,...]/<run>/seed_<k>/ with its
+output in train.log there. Re-running the same command skips finished runs and
+resumes interrupted ones. See `--help` and the README ("Sweeps").
 """
 
-import dataclasses
+import argparse
 import os
-import subprocess
 import sys
 import time
-from typing import List, Optional
 
-from absl import app, flags
+from experiments import sweep
 
-from resnet_cifar import tags
+EXAMPLES = """\
+examples:
+  this machine (a local Ray instance starts and stops with the command):
+    python -m experiments.run_all --results_dir=results/full
+  a grid of weight decays x batch sizes, 3 seeds each:
+    python -m experiments.run_all --results_dir=results/wd --seeds=3 \\
+        --grid=weight_decay=1e-4,2e-4,5e-4 --grid=batch_size=64,128
+  a Ray cluster (ray start --head / ray start --address=HEAD:6379); RESULTS must be
+  a folder every node mounts at the same path:
+    python -m experiments.run_all --address=auto --results_dir=/shared/results/full
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-POST_RUNS = ("baseline", "noconv_l2", "conv_lr_scale", "conv_lr_scale_bn098")
-PRESETS = {"full": HERE, "quick": os.path.join(HERE, "quick")}
-BASELINE = "baseline"
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("results_dir", None, "Folder for all runs (created).")
-flags.DEFINE_enum("preset", "full", list(PRESETS), "full: the post's 150 epochs; quick: 6 epochs for CPUs.")
-flags.DEFINE_list("runs", list(POST_RUNS), "Runs (flagfile names) to do; e.g. add conv_lr_scale_per_layer.")
-flags.DEFINE_integer("seeds", 1, "Seeds per run: 0..seeds-1.")
-flags.DEFINE_list("gpus", [], "GPU ids to spread runs over (CUDA_VISIBLE_DEVICES); empty: no pinning.")
-flags.DEFINE_integer("runs_per_gpu", 1, "Concurrent runs per GPU (or in total without --gpus).")
-
-
-@dataclasses.dataclass
-class Job:
-    name: str
-    seed: int
-    run_dir: str
-    flagfile: str
-    needs: Optional[str] = None          # run dir that must finish first (replayed baseline)
-    status: str = "pending"              # pending, running, done, failed, skipped
-
-    def command(self, extra):
-        cmd = [sys.executable, "-m", "resnet_cifar.train", f"--flagfile={self.flagfile}",
-               f"--model_dir={self.run_dir}", f"--seed={self.seed}", "--verbose=2"]
-        if self.needs:
-            cmd.append(f"--replay_from={self.needs}")
-        return cmd + list(extra)
+Finished runs are skipped, interrupted ones resume from their checkpoint. Runs that
+replay the baseline (--conv_lr_factor=replay or per_layer) start after their grid
+point's and seed's baseline. Arguments after -- go to every run.
+"""
 
 
-def replays_baseline(flagfile):
-    """True if the flagfile sets --conv_lr_factor=replay or per_layer (comments ignored)."""
-    with open(flagfile) as f:
-        lines = [line.strip() for line in f if not line.lstrip().startswith(("#", "//"))]
-    return any(line in (f"--conv_lr_factor={mode}" for mode in ("replay", "per_layer")) for line in lines)
+class Parser(argparse.ArgumentParser):
+    """argparse with the training program's error style: one line `error: ...`, exit code 2."""
+
+    def error(self, message):
+        fail(message)
 
 
-def plan(results_dir, preset, runs, seeds) -> List[Job]:
-    """The jobs, in dependency order; a missing flagfile is an error naming it."""
-    folder = PRESETS[preset]
-    jobs = []
-    for seed in range(seeds):
-        for name in runs:
-            flagfile = os.path.join(folder, f"{name}.flags")
-            if not os.path.isfile(flagfile):
-                raise ValueError(f"no flagfile {flagfile} for run {name!r}")
-            needs = None
-            if name != BASELINE and replays_baseline(flagfile):
-                if BASELINE not in runs:
-                    raise ValueError(f"run {name!r} replays the baseline: include {BASELINE} in --runs")
-                needs = run_dir(results_dir, BASELINE, seed)
-            jobs.append(Job(name, seed, run_dir(results_dir, name, seed), flagfile, needs))
-    jobs.sort(key=lambda j: (j.seed, j.needs is not None))  # per seed: baselines and independents first
-    return jobs
+def fail(message, code=2):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
-def run_dir(results_dir, name, seed):
-    return os.path.join(results_dir, name, f"seed_{seed}")
-
-
-def is_done(path):
-    return os.path.isfile(os.path.join(path, tags.DONE_FILE))
-
-
-def execute(jobs, extra, slots, log=print, poll=1.0):
-    """Runs jobs on `slots` (a list of CUDA_VISIBLE_DEVICES values or None), at most one per slot."""
-    for job in jobs:
-        if is_done(job.run_dir):
-            job.status = "done"
-            log(f"skip {job.name} seed {job.seed}: finished ({job.run_dir})")
-    running = {}                                            # slot index -> (job, process, log file)
-    while True:
-        for i, (job, proc, logf) in list(running.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            logf.close()
-            job.status = "done" if code == 0 and is_done(job.run_dir) else "failed"
-            log(f"{job.status} {job.name} seed {job.seed} (exit {code}; log {job.run_dir}/train.log)")
-            del running[i]
-        for job in jobs:
-            if job.status == "pending" and job.needs and _status_of(jobs, job.needs) == "failed":
-                job.status = "skipped"
-                log(f"skip {job.name} seed {job.seed}: its baseline failed")
-        ready = [j for j in jobs if j.status == "pending" and (not j.needs or is_done(j.needs))]
-        free = [i for i in range(len(slots)) if i not in running]
-        for i, job in zip(free, ready):
-            os.makedirs(job.run_dir, exist_ok=True)
-            logf = open(os.path.join(job.run_dir, "train.log"), "a")
-            env = dict(os.environ)
-            if slots[i] is not None:
-                env["CUDA_VISIBLE_DEVICES"] = slots[i]
-            proc = subprocess.Popen(job.command(extra), stdout=logf, stderr=subprocess.STDOUT, env=env)
-            job.status = "running"
-            running[i] = (job, proc, logf)
-            where = f" on GPU {slots[i]}" if slots[i] is not None else ""
-            log(f"start {job.name} seed {job.seed}{where}: {job.run_dir}")
-        if not running:                  # nothing running and nothing could start: done
-            for job in jobs:
-                if job.status == "pending":
-                    job.status = "skipped"
-                    log(f"skip {job.name} seed {job.seed}: {job.needs} did not finish")
-            break
-        time.sleep(poll)
-    return jobs
-
-
-def _status_of(jobs, path):
-    for j in jobs:
-        if j.run_dir == path:
-            return j.status
-    return "done" if is_done(path) else "failed"
-
-
-def main(argv):
-    extra = argv[1:]
-    if not FLAGS.results_dir:
-        sys.exit("error: --results_dir is required")
-    if FLAGS.seeds < 1 or FLAGS.runs_per_gpu < 1:
-        sys.exit("error: --seeds and --runs_per_gpu must be positive")
+def positive_int(text):
     try:
-        jobs = plan(FLAGS.results_dir, FLAGS.preset, FLAGS.runs, FLAGS.seeds)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    slots = [g for g in FLAGS.gpus for _ in range(FLAGS.runs_per_gpu)] or [None] * FLAGS.runs_per_gpu
-    execute(jobs, extra, slots, log=lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True))
-    bad = [j for j in jobs if j.status != "done"]
-    print(f"{len(jobs) - len(bad)} of {len(jobs)} runs finished in {FLAGS.results_dir}"
-          + (f"; not finished: {', '.join(f'{j.name}/seed_{j.seed}' for j in bad)}" if bad else ""))
-    sys.exit(1 if bad else 0)
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def make_parser():
+    p = Parser(prog="python -m experiments.run_all", description=(
+        "Run the post's experiments (seeds, grids) as Ray tasks, one training process per run. "
+        "Without --address a local Ray instance runs them on this machine."),
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --results_dir=DIR [options] [-- TRAINING_FLAGS...]")
+    p.add_argument("--results_dir", required=True, metavar="DIR",
+                   help="folder of all runs (created); on a cluster, shared by every node at this path")
+    p.add_argument("--preset", choices=sorted(sweep.PRESETS), default="full",
+                   help="full: the post's 150 epochs; quick: 6 compressed epochs for CPUs (default: full)")
+    p.add_argument("--runs", default=",".join(sweep.POST_RUNS), metavar="A,B,...",
+                   help="runs (flagfile names) to do, e.g. add conv_lr_scale_per_layer (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run (default: 1)")
+    p.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2,...",
+                   help="a training flag's values; repeat for a cartesian product; each point goes to "
+                        "RESULTS/FLAG=V[,FLAG2=V2]/<run>/seed_<k>/")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="a running Ray cluster: auto, HOST:6379, or ray://HOST:10001 "
+                        "(default: start a local instance on this machine)")
+    p.add_argument("--runs_per_gpu", type=positive_int, default=1, metavar="K",
+                   help="on GPU nodes each run takes 1/K of a GPU (Ray sets CUDA_VISIBLE_DEVICES); default 1")
+    p.add_argument("--cpus_per_run", type=positive_float, default=None, metavar="C",
+                   help="CPUs each run takes (default: 1 on GPU nodes; without GPUs a whole node, "
+                        "since TensorFlow uses every core)")
+    p.add_argument("--max_retries", type=int, default=3, metavar="N",
+                   help="Ray retries of a run whose worker died or whose trainer was killed (default: 3)")
+    p.add_argument("--status_every", type=positive_float, default=30.0, metavar="SECONDS",
+                   help="print the status table at most this often while only epochs change (default: 30)")
+    p.add_argument("--gpus", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def split_extra(argv):
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def absolute_data_dir(extra):
+    """A relative --data_dir after -- means the caller's folder, not each worker's."""
+    return [f"--data_dir={os.path.abspath(a.split('=', 1)[1])}"
+            if a.startswith("--data_dir=") and a.split("=", 1)[1] else a for a in extra]
+
+
+def connect(address):
+    """Ray, as asked: an existing connection, a cluster, or a new local instance."""
+    import ray
+
+    if ray.is_initialized():                        # e.g. a notebook or a test that set Ray up
+        return False
+    kwargs = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        fail(f"cannot {'connect to Ray at ' + address if address else 'start Ray'}: "
+             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    return True
+
+
+def resources(runs_per_gpu, cpus_per_run):
+    """Ray resources of one run, from what the cluster has; one line saying so."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    cpus_max = max((n.get("CPU", 0) for n in nodes), default=0)
+    if gpus:
+        opts = dict(num_gpus=1.0 / runs_per_gpu, num_cpus=cpus_per_run or 1)
+        how = f"{opts['num_gpus']:g} GPU and {opts['num_cpus']:g} CPU per run"
+    else:
+        opts = dict(num_cpus=cpus_per_run or cpus_max)
+        how = f"{opts['num_cpus']:g} CPUs per run"
+    if opts["num_cpus"] > cpus_max:
+        fail(f"--cpus_per_run={cpus_per_run:g}: no node has more than {cpus_max:g} CPUs")
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    return opts, f"Ray: {len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs; {how}"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    own, extra = split_extra(argv)
+    args = make_parser().parse_args(own)
+    if args.gpus is not None:
+        fail("--gpus is gone: Ray finds the GPUs and gives each run 1/--runs_per_gpu of one; "
+             "to use only some, set CUDA_VISIBLE_DEVICES=0,1 before the command")
+    if args.max_retries < 0:
+        fail(f"--max_retries={args.max_retries} must not be negative")
+    results_dir = os.path.abspath(args.results_dir)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not runs:
+        fail("--runs is empty")
+
+    from resnet_cifar import train            # the training flags, to check grids and extras
+    try:
+        grid = sweep.parse_grid(args.grid, train.FLAGS)
+        plan = sweep.plan(results_dir, args.preset, runs, args.seeds, grid, absolute_data_dir(extra))
+    except sweep.PlanError as e:
+        fail(str(e))
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)   # noqa: E731
+
+    todo = [r for r in plan if not sweep.is_done(r.run_dir)]
+    if not todo:
+        log(f"all {len(plan)} runs in {results_dir} have finished; nothing to do")
+        return 0
+
+    import ray
+
+    started = connect(args.address)
+    try:
+        if args.address:
+            problem = sweep.check_shared_folder(results_dir)
+            if problem:
+                fail(f"--results_dir={results_dir}: {problem}")
+            log(f"results: {results_dir} (reachable from every node at this path)")
+        opts, line = resources(args.runs_per_gpu, args.cpus_per_run)
+        log(line)
+        log(f"{len(plan)} runs, {len(plan) - len(todo)} already finished -> {results_dir}")
+        progress = sweep.execute(plan, opts, max_retries=args.max_retries, log=log,
+                                 status_every=args.status_every)
+    finally:
+        if started:
+            ray.shutdown()
+
+    bad = [(label, r) for label, r in sorted(progress.results.items()) if r["status"] != "done"]
+    done = sum(s == "done" for s in progress.status.values())
+    log(f"{done} of {len(plan)} runs finished in {sweep.hms(time.time() - progress.start)} -> {results_dir}")
+    for label, r in bad:
+        log(f"  {r['status']:<8} {label}: {sweep.describe(r)}")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())
