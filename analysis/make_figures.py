@@ -10,6 +10,10 @@ are drawn on a log scale with the predicted equilibrium level of each phase (fro
 the baseline's config) as dashed segments. Runs still training are drawn from what they
 logged so far and marked "(incomplete)" in legends and the table; missing runs are
 left out with a note, so the script is useful from the first finished run on.
+
+A grid sweep (`experiments.run_all --grid`, RESULTS/<flag>=<value>[,...]/<run>/seed_<k>/)
+gets all of the above per grid point in DIR/<flag>=<value>[,...]/, and in DIR the final
+test accuracy of every run against each grid flag's value (analysis/grid.py).
 """
 
 import argparse
@@ -17,7 +21,7 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import figures, replay_match, summary, theory
+from analysis import figures, grid, replay_match, summary, theory
 from resnet_cifar import events
 
 EXIT_NO_RUNS = 2
@@ -103,6 +107,9 @@ def main(argv=None) -> int:
         runs = events.find_runs(args.results_dir)
     except events.EventsError as e:
         return fail(str(e), EXIT_NO_RUNS)
+    points = grid.find_points(args.results_dir) if not runs else {}
+    if points:
+        return grid_main(args.results_dir, points, args.out, fail)
     if not runs:
         return fail(f"no runs in {args.results_dir} (no run_config.json in it, "
                     f"its <name>/ or <name>/seed_<k>/ folders)", EXIT_NO_RUNS)
@@ -119,6 +126,30 @@ def main(argv=None) -> int:
         print(f"wrote {path}")
     seeds = sum(len(s) for s in loaded.values())
     print(f"{len(loaded)} run names, {seeds} run folders -> {out_dir}")
+    return 0
+
+
+def grid_main(results_dir: str, points, out, fail) -> int:
+    """A grid sweep: every point's figures and tables in OUT/<point>/, the grid figure in OUT."""
+    out_dir = out or os.path.join(results_dir, "figures")
+    loaded_points, written = {}, []
+    try:
+        for folder, point in points.items():
+            loaded = load_results(events.find_runs(os.path.join(results_dir, folder)))
+            if not loaded:
+                figures.note(f"skipped grid point {folder}: no readable runs")
+                continue
+            loaded_points[point] = loaded
+            written += write_all(loaded, os.path.join(out_dir, folder))
+        if not loaded_points:
+            return fail(f"no readable runs in the grid points of {results_dir}", EXIT_NO_RUNS)
+        written += grid.write(loaded_points, out_dir, save)
+    except OSError as e:
+        return fail(f"cannot write to {out_dir}: {e}", 1)
+    for path in written:
+        print(f"wrote {path}")
+    folders = sum(len(s) for loaded in loaded_points.values() for s in loaded.values())
+    print(f"{len(loaded_points)} grid points, {folders} run folders -> {out_dir}")
     return 0
 
 

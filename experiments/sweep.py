@@ -35,7 +35,7 @@ BASELINE = "baseline"
 # Set by the runner for each run; not allowed in flagfiles' extras or grids.
 RUNNER_FLAGS = ("model_dir", "seed", "replay_from", "verbose", "flagfile", "overwrite")
 REPLAY_MODES = ("replay", "per_layer")
-LOCK_POLL_SECONDS = 5.0
+LOCK_POLL_SECONDS = 2.0
 WATCH_SECONDS = 2.0
 _CKPT = re.compile(r'^model_checkpoint_path:\s*"ckpt-(\d+)"', re.M)
 

@@ -1,22 +1,40 @@
-"""The experiment runner (experiments/run_all.py): its plan, its flagfiles, and its scheduling.
+"""The runner on Ray (experiments/run_all.py, experiments/sweep.py).
 
-Scheduling is tested with `Job.command` replaced by a tiny Python program that
-logs when it starts and ends (and on which CUDA_VISIBLE_DEVICES), then writes
-done.json into its run folder, or fails; no training happens in this file.
+Plan and flag checks run without Ray. The sweeps run real Ray (a local instance
+started once for this module, and a separate head process started by one test
+on 127.0.0.1) and real training processes on tiny synthetic runs.
 """
 
-import json
+import contextlib
+import io
 import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 
+import numpy as np
 import pytest
 
-from experiments import run_all
+from experiments import run_all, sweep
 from resnet_cifar import config as config_lib
-from resnet_cifar import tags, train
+from resnet_cifar import events, run_lock, tags, train
 
-REPLAYING = ("conv_lr_scale", "conv_lr_scale_bn098")
-ALL_RUNS = list(run_all.POST_RUNS) + ["conv_lr_scale_per_layer"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_RUNS = list(sweep.POST_RUNS) + ["conv_lr_scale_per_layer"]
+REPLAYING = ("conv_lr_scale", "conv_lr_scale_bn098", "conv_lr_scale_per_layer")
+TINY = ["--data_source=synthetic", "--train_epochs=2", "--steps_per_epoch=2", "--eval_steps=1",
+        "--batch_size=8", "--boundary_epochs=1", "--decay_rates=1,0.1", "--deterministic"]
+WEIGHT_DECAYS = ("2e-4", "1e-3")
+# 2 grid points x 2 runs (the baseline and a run replaying it), 2 runs at a time on 2 CPUs.
+SWEEP = ["--preset=quick", "--runs=baseline,conv_lr_scale", f"--grid=weight_decay={','.join(WEIGHT_DECAYS)}",
+         "--cpus_per_run=1", "--status_every=1"]
 
 
 def parse(argv):
@@ -29,87 +47,55 @@ def parse(argv):
         train.FLAGS.unparse_flags()
 
 
-def job_config(job, extra=()):
-    """The TrainConfig that `job`'s real command line gives the training program."""
-    cmd = job.command(list(extra))
-    assert cmd[:3] == [sys.executable, "-m", "resnet_cifar.train"]
-    return parse(cmd[3:])
+def main(argv, out=None):
+    """run_all.main in this process: (exit code, stdout + stderr)."""
+    out = out or io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = run_all.main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue()
 
 
-# ----------------------------------------------------------------------------- plan
+# ----------------------------------------------------------------------------- plan (no Ray)
 
 
 def test_flagfiles_exist_for_every_run_in_both_presets():
-    for folder in run_all.PRESETS.values():
+    for folder in sweep.PRESETS.values():
         for name in ALL_RUNS:
             assert os.path.isfile(os.path.join(folder, f"{name}.flags")), (folder, name)
 
 
-def test_plan_order_and_dependencies(tmp_path):
-    results = str(tmp_path)
-    jobs = run_all.plan(results, "quick", ALL_RUNS, seeds=2)
-    assert [(j.seed, j.name) for j in jobs] == [
-        (seed, name) for seed in (0, 1)
-        for name in ("baseline", "noconv_l2", "conv_lr_scale", "conv_lr_scale_bn098",
-                     "conv_lr_scale_per_layer")]
-    for j in jobs:
-        assert j.run_dir == os.path.join(results, j.name, f"seed_{j.seed}")
-        assert j.flagfile == os.path.join(run_all.PRESETS["quick"], f"{j.name}.flags")
-        assert j.status == "pending"
-        if j.name in REPLAYING + ("conv_lr_scale_per_layer",):
-            assert j.needs == os.path.join(results, "baseline", f"seed_{j.seed}"), j   # that seed's baseline
+def test_plan_grid_folders_order_and_dependencies(tmp_path):
+    grid = [("weight_decay", ["1e-4", "5e-4"]), ("bn_decay", ["0.9", "0.99"])]
+    runs = sweep.plan(str(tmp_path), "quick", ALL_RUNS, 2, grid, ["--data_source=synthetic"])
+    assert len(runs) == 4 * 2 * len(ALL_RUNS)
+    points = {r.point for r in runs}
+    assert points == {(("weight_decay", w), ("bn_decay", b)) for w in ("1e-4", "5e-4") for b in ("0.9", "0.99")}
+    for r in runs:
+        point = f"weight_decay={r.point[0][1]},bn_decay={r.point[1][1]}"
+        assert r.run_dir == os.path.join(str(tmp_path), point, r.name, f"seed_{r.seed}")
+        if r.name in REPLAYING:      # that grid point's and seed's baseline
+            assert r.needs == os.path.join(str(tmp_path), point, "baseline", f"seed_{r.seed}")
         else:
-            assert j.needs is None, j      # the quick flagfiles' comments mention replay: ignored
-    # Every job that needs a baseline comes after that baseline.
-    order = [j.run_dir for j in jobs]
-    assert all(order.index(j.needs) < order.index(j.run_dir) for j in jobs if j.needs)
+            assert r.needs is None
+        cfg = parse(r.command()[3:])
+        assert cfg.weight_decay == float(r.point[0][1]) and cfg.seed == r.seed
+        # The grid value wins over the flagfile's, for every run (conv_lr_scale_bn098 sets 0.98).
+        assert cfg.bn_decay == float(r.point[1][1])
+        assert cfg.replay_from == r.needs and cfg.model_dir == r.run_dir and cfg.data_source == "synthetic"
+    order = [r.run_dir for r in runs]
+    assert all(order.index(r.needs) < order.index(r.run_dir) for r in runs if r.needs)
 
 
-def test_full_preset_replays_only_per_layer(tmp_path):
-    jobs = {j.name: j for j in run_all.plan(str(tmp_path), "full", ALL_RUNS, seeds=1)}
-    assert {n for n, j in jobs.items() if j.needs} == {"conv_lr_scale_per_layer"}
-    assert [j.name for j in run_all.plan(str(tmp_path), "full", ALL_RUNS, 1)][-1] == "conv_lr_scale_per_layer"
-    # Without the baseline, the piecewise runs stand alone; per_layer does not.
-    assert [j.name for j in run_all.plan(str(tmp_path), "full", ["conv_lr_scale"], 1)] == ["conv_lr_scale"]
-    with pytest.raises(ValueError, match="include baseline"):
-        run_all.plan(str(tmp_path), "full", ["conv_lr_scale_per_layer"], 1)
-
-
-def test_missing_flagfile_is_an_error_naming_it(tmp_path):
-    with pytest.raises(ValueError, match=r"no flagfile .*quick/nosuchrun\.flags for run 'nosuchrun'"):
-        run_all.plan(str(tmp_path), "quick", ["baseline", "nosuchrun"], 1)
-
-
-@pytest.mark.parametrize("runs", [["conv_lr_scale"], ["noconv_l2", "conv_lr_scale_bn098"],
-                                  ["conv_lr_scale_per_layer"]])
-def test_replaying_run_without_baseline_is_an_error(tmp_path, runs):
-    with pytest.raises(ValueError, match=r"replays the baseline: include baseline in --runs"):
-        run_all.plan(str(tmp_path), "quick", runs, 1)
-
-
-def test_replays_baseline_reads_flags_not_comments(tmp_path):
-    cases = {"# uses --conv_lr_factor=replay\n--conv_grad_scale\n": False,
-             "  # --conv_lr_factor=per_layer\n": False,
-             "--conv_lr_factor=piecewise\n": False,
-             "--conv_grad_scale\n--conv_lr_factor=replay\n": True,
-             "--conv_lr_factor=per_layer\n": True}
-    for i, (text, want) in enumerate(cases.items()):
-        path = tmp_path / f"{i}.flags"
-        path.write_text(text)
-        assert run_all.replays_baseline(str(path)) is want, text
-
-
-def test_job_command():
-    job = run_all.Job("conv_lr_scale", 2, "/r/conv_lr_scale/seed_2", "/x/conv_lr_scale.flags",
-                      needs="/r/baseline/seed_2")
-    cmd = job.command(["--data_source=synthetic", "--steps_per_epoch=3"])
-    assert cmd == [sys.executable, "-m", "resnet_cifar.train", "--flagfile=/x/conv_lr_scale.flags",
-                   "--model_dir=/r/conv_lr_scale/seed_2", "--seed=2", "--verbose=2",
-                   "--replay_from=/r/baseline/seed_2", "--data_source=synthetic", "--steps_per_epoch=3"]
-    assert "--replay_from" not in " ".join(run_all.Job("baseline", 0, "/r/b", "/x/b.flags").command([]))
-
-
-# ----------------------------------------------------------------------------- the flagfiles, as parsed
+def test_plan_without_grid_keeps_the_old_layout(tmp_path):
+    runs = sweep.plan(str(tmp_path), "full", ["baseline", "noconv_l2"], 1)
+    assert [r.run_dir for r in runs] == [str(tmp_path / "baseline" / "seed_0"),
+                                         str(tmp_path / "noconv_l2" / "seed_0")]
+    # The full baseline is exactly the program's default run (the flagfile only documents it).
+    base = parse(runs[0].command()[3:])
+    assert base == config_lib.TrainConfig(model_dir=base.model_dir, verbose=2)
 
 
 # name -> (conv_l2, conv_grad_scale, bn_decay, conv_lr_factor)
@@ -125,165 +111,298 @@ FULL = dict(QUICK, conv_lr_scale=(False, True, 0.997, "piecewise"),
 @pytest.mark.parametrize("preset", ["quick", "full"])
 def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     want = {"quick": QUICK, "full": FULL}[preset]
-    extra = ["--data_source=synthetic"]              # what a user appends after `--`
-    for job in run_all.plan(str(tmp_path), preset, ALL_RUNS, seeds=2):
-        cfg = job_config(job, extra)
-        got = (cfg.conv_l2, cfg.conv_grad_scale, cfg.bn_decay, cfg.conv_lr_factor)
-        assert got == want[job.name], job.name
+    for r in sweep.plan(str(tmp_path), preset, ALL_RUNS, 1):
+        cfg = parse(r.command()[3:])
+        assert (cfg.conv_l2, cfg.conv_grad_scale, cfg.bn_decay, cfg.conv_lr_factor) == want[r.name], r.name
         assert cfg.weight_decay == 2e-4 and cfg.batch_size == 128 and cfg.decay_rates == (1.0, 0.1, 0.01)
-        assert cfg.model_dir == job.run_dir and cfg.seed == job.seed and cfg.verbose == 2
-        assert cfg.data_source == "synthetic" and cfg.replay_from == job.needs
         if preset == "quick":
             assert (cfg.train_epochs, cfg.boundary_epochs, cfg.steps_per_epoch) == (6, (2.0, 4.0), 160)
-        else:   # the post: 150 epochs, drops at 50 and 100, whole epochs
+        else:
             assert (cfg.train_epochs, cfg.boundary_epochs, cfg.steps_per_epoch) == (150, (50.0, 100.0), None)
-    # The full baseline is exactly the program's default run (the flagfile only documents it).
-    base = job_config(run_all.plan(str(tmp_path), "full", ["baseline"], 1)[0])
-    assert base == config_lib.TrainConfig(model_dir=base.model_dir, verbose=2)
+        assert r.train_epochs == cfg.train_epochs
 
 
-# ----------------------------------------------------------------------------- execute
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: --results_dir"),
+    (["--grid=nosuch=1,2"], "--nosuch is not a training flag"),
+    (["--grid=weight_decay"], "expected FLAG=VALUE1,VALUE2"),
+    (["--grid=weight_decay=1e-4,1e-4"], "a value is repeated"),
+    (["--grid=weight_decay=1e-4", "--grid=weight_decay=2e-4"], "given twice"),
+    (["--grid=seed=1,2"], "--seed is set by the runner (use --seeds)"),
+    (["--grid=weight_decay=abc"], "run weight_decay=abc/baseline/seed_0: flag --weight_decay=abc"),
+    (["--seeds=0"], "argument --seeds: 0 must be positive"),
+    (["--runs=baseline,nosuchrun"], "no flagfile"),
+    (["--preset=quick", "--runs=conv_lr_scale"], "replays the baseline: include baseline in --runs"),
+    (["--gpus=0,1"], "--gpus is gone"),
+    (["--", "--seed=3"], "the runner sets --seed for each run; use --seeds=N"),
+    (["--grid=bn_decay=0.9", "--", "--bn_decay=0.5"], "already a --grid flag"),
+    (["--", "--train_epochs=0"], "run baseline/seed_0: --train_epochs=0 must be positive"),
+    (["--cpus_per_run=-1"], "must be positive"),
+])
+def test_bad_arguments_one_error_line_exit_2_nothing_written(tmp_path, argv, message):
+    results = tmp_path / "results"
+    code, out = main(([f"--results_dir={results}"] if argv else []) + argv)
+    assert code == 2, out
+    assert out.count("\n") == 1 and out.startswith("error: ") and message in out, out
+    assert not results.exists()
 
-FAKE = r"""
-import json, os, sys, time
-run_dir, outcome, log, seconds = sys.argv[1:5]
 
-def note(event):
-    with open(log, "a") as f:
-        f.write(json.dumps({"dir": run_dir, "event": event, "t": time.time(),
-                            "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\n")
+def test_help_is_readable():
+    code, out = main(["--help"])
+    assert code == 0
+    for needle in ("--results_dir", "--grid FLAG=V1,V2,...", "--address", "--runs_per_gpu", "--cpus_per_run",
+                   "--seeds", "examples:", "-- TRAINING_FLAGS"):
+        assert needle in out, needle
+    assert "--gpus" not in out
 
-note("start")
-print("fake training of", run_dir, flush=True)
-time.sleep(float(seconds))
-if outcome == "ok":
-    with open(os.path.join(run_dir, "done.json"), "w") as f:
-        json.dump({"epochs": 1}, f)
-note("end")
-sys.exit(1 if outcome == "fail" else 0)
-"""
+
+def test_progress_eta_and_table_on_change():
+    runs = [sweep.Run(n, 0, (), f"/r/{n}", (), 10) for n in ("a", "b", "c")]
+    lines = []
+    progress = sweep.Progress(runs, [], log=lines.append, every=3600)
+    now = time.time()
+    # a: 4 epochs in 40 s since it started at epoch 0, so 10 s/epoch and 6 epochs (60 s) left.
+    progress.update({"a/seed_0": dict(state="running", epoch=4, first_epoch=0, since=now - 40,
+                                      epoch_time=now, node="10.0.0.1")})
+    # Nothing finished: a whole run is 10 epochs x 10 s; b and c wait; one runs at a time.
+    assert progress.eta() == pytest.approx(60 + 2 * 100, abs=1.0)
+    progress.table(force=True)
+    assert lines[0].startswith("3 runs: 0 done, 1 running, 2 waiting, 0 failed")
+    assert re.match(r"  running +a/seed_0 +epoch 4/10 on 10\.0\.0\.1$", lines[1]), lines
+    progress.table()                      # nothing changed (and too soon): no new lines
+    assert len(lines) == 2
+    progress.finish("a/seed_0", dict(label="a/seed_0", status="done", seconds=90.0))
+    assert lines[-1] == "done     a/seed_0 (0:01:30)"
+    # A finished run's duration is the estimate for the waiting ones.
+    assert progress.eta() == pytest.approx(2 * 90, abs=1.0)
+
+
+def test_error_line_is_the_trainers_own():
+    text = "Epoch 1/6\nTraceback ...\nerror: loss became nan at epoch 3, step 12: training stopped\n"
+    assert sweep.error_line(text) == "error: loss became nan at epoch 3, step 12: training stopped"
+    assert sweep.error_line("a\nKilled\n") == "Killed"
+
+
+# ----------------------------------------------------------------------------- real Ray
+
+
+@pytest.fixture(scope="module")
+def ray_token():
+    """Ray's token authentication with a token of this test module, not ~/.ray's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "token")
+        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_token):
+    """One local Ray instance for this module: 2 CPUs, loopback, its own (short) temp dir."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray")          # short: Ray's socket paths must stay < 108 chars
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
+             object_store_memory=80 * 2**20, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_sweep(local_ray, tmp_path_factory):
+    """The sweep, run once through the local Ray instance: (results folder, exit code, output)."""
+    results = tmp_path_factory.mktemp("sweep") / "results"
+    code, out = main([f"--results_dir={results}", *SWEEP, "--", *TINY])
+    return results, code, out
+
+
+def sweep_dirs(results):
+    return {(wd, name): results / f"weight_decay={wd}" / name / "seed_0"
+            for wd in WEIGHT_DECAYS for name in ("baseline", "conv_lr_scale")}
+
+
+def curves(run_dir):
+    run = events.load_run(str(run_dir))
+    return {(sub, tag): series for sub, tags_ in run.scalars.items() for tag, series in tags_.items()}
+
+
+def assert_same_curves(a, b):
+    ca, cb = curves(a), curves(b)
+    assert sorted(ca) == sorted(cb) and ca
+    for key in ca:
+        np.testing.assert_array_equal(ca[key][0], cb[key][0], err_msg=str(key))
+        np.testing.assert_array_equal(ca[key][1], cb[key][1], err_msg=str(key))
+
+
+def test_local_sweep_grid_seeds_and_replay_order(local_sweep):
+    results, code, out = local_sweep
+    assert code == 0, out
+    assert "4 of 4 runs finished" in out, out
+    assert re.search(r"running +weight_decay=2e-4/baseline/seed_0 +epoch \d/2", out), out
+    for (wd, name), run_dir in sweep_dirs(results).items():
+        assert events.is_complete(str(run_dir)), (run_dir, out)
+        cfg = events.read_config(str(run_dir))
+        assert cfg["weight_decay"] == float(wd) and cfg["seed"] == 0 and cfg["train_epochs"] == 2
+        if name == "conv_lr_scale":
+            baseline = results / f"weight_decay={wd}" / "baseline" / "seed_0"
+            assert cfg["replay_from"] == str(baseline)
+            # Ray ran it after its baseline had finished.
+            assert (run_dir / tags.RUN_CONFIG_FILE).stat().st_mtime >= (baseline / tags.DONE_FILE).stat().st_mtime
+    # The two grid points really trained with their own weight decay: the logged L2 term
+    # at the initial state scales with it (same seed, same initial weights).
+    l2 = {wd: events.read_scalars(str(sweep_dirs(results)[wd, "baseline"]), tags.EPOCH_L2_LOSS)[1][0]
+          for wd in WEIGHT_DECAYS}
+    assert l2["1e-3"] / l2["2e-4"] == pytest.approx(5.0, rel=0.05)
+
+
+def test_rerunning_a_finished_sweep_starts_nothing(local_sweep):
+    results, code, _ = local_sweep
+    assert code == 0
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    code, out = main([f"--results_dir={results}", *SWEEP, "--", *TINY])
+    assert code == 0 and "all 4 runs" in out and "nothing to do" in out, out
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+
+
+def _trainer_pid(run_dir):
+    """The pid of the training process writing run_dir (found by its command line), or None."""
+    want = f"--model_dir={run_dir}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if want in f.read().split(b"\0"):
+                    return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def _ppid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes in /proc")
+def test_locked_folder_waits_then_killed_worker_is_retried_with_the_same_curves(local_sweep, tmp_path):
+    """A folder another process holds is not started; a worker killed mid-run is retried by Ray,
+    its trainer dies with it, and the retried run resumes to the uninterrupted run's curves."""
+    results, code, _ = local_sweep
+    assert code == 0
+    again = tmp_path / "again"
+    run_dir = again / "weight_decay=2e-4" / "baseline" / "seed_0"
+    lock = run_lock.acquire(str(run_dir))                  # "another trainer" holds the folder
+    outcome, printed = {}, io.StringIO()
+    argv = [f"--results_dir={again}", "--preset=quick", "--runs=baseline", "--grid=weight_decay=2e-4",
+            "--cpus_per_run=1", "--status_every=0.2", "--", *TINY]
+    runner = threading.Thread(target=lambda: outcome.update(zip(("code", "out"), main(argv, printed))))
+    runner.start()
+    try:
+        # Reported as running elsewhere, with the holder named; no trainer starts meanwhile.
+        _wait_for(lambda: f"held by pid {os.getpid()}" in printed.getvalue(), 300, "the held folder report")
+        time.sleep(sweep.LOCK_POLL_SECONDS + 1)
+        assert not (run_dir / tags.RUN_CONFIG_FILE).exists()
+        assert _trainer_pid(run_dir) is None
+    finally:
+        lock.release()
+    _wait_for(lambda: sweep.checkpoint_epoch(str(run_dir)) >= 1 or not runner.is_alive(), 600, "epoch 1")
+    trainer = _trainer_pid(run_dir)
+    assert trainer is not None, outcome
+    os.kill(trainer, signal.SIGSTOP)                        # hold it mid-run while we kill its worker
+    assert not events.is_complete(str(run_dir)), "the run ended before it could be interrupted"
+    worker = _ppid(trainer)
+    os.kill(worker, signal.SIGKILL)                         # as if the node lost the worker
+    os.kill(trainer, signal.SIGCONT)
+    _wait_for(lambda: not _alive(trainer), 60, "the orphaned trainer to die (PR_SET_PDEATHSIG)")
+    runner.join(timeout=600)
+    assert not runner.is_alive()
+    assert outcome["code"] == 0, outcome["out"]
+    log = (run_dir / "train.log").read_text()
+    assert "resuming" in log and "after epoch 1" in log, log[-2000:]
+    assert_same_curves(run_dir, sweep_dirs(results)["2e-4", "baseline"])
+
+
+def test_failed_run_prints_its_error_line_and_its_replaying_run_is_skipped(local_ray, tmp_path):
+    results = tmp_path / "results"
+    empty = tmp_path / "no_cifar"
+    empty.mkdir()
+    code, out = main([f"--results_dir={results}", "--preset=quick", "--runs=baseline,conv_lr_scale",
+                      "--cpus_per_run=1", "--", *TINY, "--data_source=binary", f"--data_dir={empty}"])
+    assert code == 1, out
+    failed = re.search(r"failed +baseline/seed_0: exit 2: (error: .*) \(log (.*)\)", out)
+    assert failed, out
+    assert str(empty) in failed.group(1)                       # the trainer's own line, naming the folder
+    assert failed.group(2) == str(results / "baseline" / "seed_0" / "train.log")
+    assert re.search(r"skipped +conv_lr_scale/seed_0: its baseline baseline/seed_0 did not finish", out), out
+    assert "0 of 2 runs finished" in out
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
-def fake(monkeypatch, tmp_path):
-    """Replaces Job.command; returns (outcomes {(name, seed): ok|fail|no_done}, read_log)."""
-    outcomes = {}
-    log = str(tmp_path / "jobs.log")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-
-    def command(self, extra):
-        outcome = outcomes.get((self.name, self.seed), "ok")
-        return [sys.executable, "-c", FAKE, self.run_dir, outcome, log, "0.3"]
-
-    monkeypatch.setattr(run_all.Job, "command", command)
-
-    def read_log():
-        if not os.path.exists(log):
-            return []
-        with open(log) as f:
-            return [json.loads(line) for line in f]
-
-    return outcomes, read_log
-
-
-def execute(jobs, slots):
-    messages = []
-    run_all.execute(jobs, ["--data_source=synthetic"], slots, log=messages.append, poll=0.02)
-    return messages
-
-
-def started(entries):
-    return [e["dir"] for e in entries if e["event"] == "start"]
-
-
-def max_concurrent(entries):
-    level, peak = 0, 0
-    for e in sorted(entries, key=lambda e: (e["t"], e["event"] == "start")):   # ends before starts on ties
-        level += 1 if e["event"] == "start" else -1
-        peak = max(peak, level)
-    return peak
+def ray_head(ray_token, tmp_path):
+    """A separate Ray head process on 127.0.0.1 (its own temp dir and ports); stopped afterwards
+    by signalling its own process group only."""
+    temp = tempfile.mkdtemp(prefix="rayh")
+    port = _free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    ports = {f"--{name}-port": _free_port() for name in (
+        "node-manager", "object-manager", "ray-client-server", "dashboard-agent-listen",
+        "dashboard-agent-grpc", "runtime-env-agent", "metrics-export", "min-worker")}
+    cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+           "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
+           "--disable-usage-stats", "--object-store-memory=80000000", "--max-worker-port=0",
+           *(f"{k}={v}" for k, v in ports.items())]
+    with open(tmp_path / "head.log", "w") as log:
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        # Not `ray stop`: it stops every Ray on the machine. The head's own session only:
+        # SIGTERM, a grace period, then SIGKILL for whatever of its group is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
-def write_done(path):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, tags.DONE_FILE), "w") as f:
-        f.write("{}")
-
-
-def test_finished_runs_are_skipped_and_unfinished_ones_resumed(tmp_path, fake):
-    _, read_log = fake
-    results = str(tmp_path / "results")
-    jobs = run_all.plan(results, "quick", list(run_all.POST_RUNS), 1)
-    by_name = {j.name: j for j in jobs}
-    write_done(by_name["baseline"].run_dir)
-    # noconv_l2 was interrupted: it has a log (and would have checkpoints) but no done.json.
-    os.makedirs(by_name["noconv_l2"].run_dir)
-    with open(os.path.join(by_name["noconv_l2"].run_dir, "train.log"), "w") as f:
-        f.write("epoch 1/6 | ...\n")
-    messages = execute(jobs, [None])
-    assert by_name["baseline"].run_dir not in started(read_log())
-    assert any(m.startswith("skip baseline seed 0: finished") for m in messages), messages
-    assert sorted(started(read_log())) == sorted(j.run_dir for j in jobs if j.name != "baseline")
-    assert {j.name: j.status for j in jobs} == dict.fromkeys(run_all.POST_RUNS, "done")
-    with open(os.path.join(by_name["noconv_l2"].run_dir, "train.log")) as f:
-        text = f.read()
-    assert text.startswith("epoch 1/6 | ...\n") and "fake training of" in text   # appended, not replaced
-
-
-def test_failed_baseline_skips_only_its_replaying_runs(tmp_path, fake):
-    outcomes, read_log = fake
-    outcomes["baseline", 0] = "fail"
-    results = str(tmp_path / "results")
-    jobs = run_all.plan(results, "quick", ALL_RUNS, 2)
-    messages = execute(jobs, [None, None])
-    status = {(j.name, j.seed): j.status for j in jobs}
-    assert status == {("baseline", 0): "failed", ("noconv_l2", 0): "done",
-                      ("conv_lr_scale", 0): "skipped", ("conv_lr_scale_bn098", 0): "skipped",
-                      ("conv_lr_scale_per_layer", 0): "skipped",
-                      **{(name, 1): "done" for name in ALL_RUNS}}
-    assert not any("seed_0" in d and "conv_lr_scale" in d for d in started(read_log()))
-    assert any(m.startswith("failed baseline seed 0 (exit 1") for m in messages), messages
-    assert sum(m.startswith("skip ") and "seed 0" in m for m in messages) == 3, messages
-
-
-def test_run_that_exits_0_without_done_json_counts_as_failed(tmp_path, fake):
-    outcomes, _ = fake
-    outcomes["baseline", 0] = "no_done"
-    jobs = run_all.plan(str(tmp_path), "quick", ["baseline", "conv_lr_scale"], 1)
-    execute(jobs, [None])
-    assert [j.status for j in jobs] == ["failed", "skipped"]
-
-
-def test_replaying_runs_start_after_their_baseline_ends(tmp_path, fake):
-    _, read_log = fake
-    jobs = run_all.plan(str(tmp_path), "quick", ALL_RUNS, 2)
-    execute(jobs, ["0", "1", "2"])
-    entries = read_log()
-    when = {(e["dir"], e["event"]): e["t"] for e in entries}
-    for j in jobs:
-        assert j.status == "done"
-        if j.needs:
-            assert when[j.run_dir, "start"] >= when[j.needs, "end"], j.name
-
-
-@pytest.mark.parametrize("slots", [[None], ["0", "1"], ["0", "0", "1", "1"]])
-def test_concurrency_and_gpu_pinning(tmp_path, fake, slots):
-    _, read_log = fake
-    jobs = run_all.plan(str(tmp_path), "quick", ["baseline", "noconv_l2"], 4)   # 8 independent jobs
-    execute(jobs, slots)
-    entries = read_log()
-    assert all(j.status == "done" for j in jobs)
-    assert sorted(started(entries)) == sorted(j.run_dir for j in jobs)       # each started once
-    peak = max_concurrent(entries)
-    assert peak <= len(slots), peak
-    if len(slots) > 1:
-        assert peak >= 2, peak      # they do run side by side
-    gpus = [e["gpu"] for e in entries if e["event"] == "start"]
-    if slots == [None]:
-        assert set(gpus) == {None}                      # no pinning without --gpus
-    else:
-        assert set(gpus) == set(slots)
-        # Never more jobs on one GPU than it has slots.
-        for gpu in set(slots):
-            mine = [e for e in entries if e["gpu"] == gpu]
-            assert max_concurrent(mine) <= slots.count(gpu), gpu
+def test_same_sweep_on_a_separate_ray_head(ray_head, local_sweep, tmp_path):
+    local_results, code, _ = local_sweep
+    assert code == 0
+    results = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "experiments.run_all", f"--address={ray_head}",
+                        f"--results_dir={results}", *SWEEP, "--", *TINY],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"results: {results} (reachable from every node at this path)" in r.stdout, r.stdout
+    assert "4 of 4 runs finished" in r.stdout
+    for key, run_dir in sweep_dirs(results).items():
+        assert events.is_complete(str(run_dir)), key
+        assert_same_curves(run_dir, sweep_dirs(local_results)[key])     # same runs, same numbers

@@ -1,0 +1,149 @@
+"""Grid sweeps: final test accuracy against each grid flag's value.
+
+`python -m experiments.run_all --grid=FLAG=V1,V2 ...` writes each grid point to
+`RESULTS/<flag>=<value>[,<flag>=<value>...]/<run>/seed_<k>/`. This module finds
+those point folders, and draws one figure per grid flag: every run's final test
+accuracy (the last logged `epoch_accuracy` of `validation/`), mean over seeds
+with a min-max band, against the flag's value, with a table of the same numbers
+(grid.md, grid.csv). `analysis/make_figures` also draws the usual figures and
+tables of each point into `figures/<point>/`.
+"""
+
+import csv
+import os
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from analysis import figures
+from resnet_cifar import events, tags
+
+Point = Tuple[Tuple[str, str], ...]    # ((flag, value), ...) in folder-name order
+
+
+def parse_point(name: str):
+    """`weight_decay=1e-4,bn_decay=0.9` -> (('weight_decay', '1e-4'), ('bn_decay', '0.9')); else None."""
+    pairs = []
+    for part in name.split(","):
+        flag, sep, value = part.partition("=")
+        if not sep or not flag or not value:
+            return None
+        pairs.append((flag, value))
+    return tuple(pairs)
+
+
+def find_points(results_dir: str) -> Dict[str, Point]:
+    """Grid-point folders of a results folder that hold runs: folder name -> point."""
+    points = {}
+    for name in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        point = parse_point(name)
+        if point and os.path.isdir(os.path.join(results_dir, name)) and \
+                events.find_runs(os.path.join(results_dir, name)):
+            points[name] = point
+    return points
+
+
+def final_accuracy(runs: Sequence[events.Run]) -> List[float]:
+    """Each seed's last logged test accuracy (runs that never evaluated are left out)."""
+    values = [run.last(tags.EPOCH_ACCURACY, tags.VALIDATION_DIR) for run in runs]
+    return [v for v in values if v is not None]
+
+
+def table(loaded: Mapping[Point, Mapping[str, Sequence[events.Run]]]) -> List[dict]:
+    """One row per (grid point, run name): seeds, mean, std, min, max of final test accuracy."""
+    rows = []
+    for point, by_name in loaded.items():
+        for name in figures.ordered_names(by_name):
+            acc = np.array(final_accuracy(by_name[name]), dtype=np.float64)
+            if not len(acc):
+                continue
+            rows.append(dict(point=point, run=name, seeds=len(acc), mean=float(acc.mean()),
+                             std=float(acc.std(ddof=1)) if len(acc) > 1 else float("nan"),
+                             min=float(acc.min()), max=float(acc.max()),
+                             complete=all(r.complete for r in by_name[name])))
+    return rows
+
+
+def _numeric(values: Sequence[str]):
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def accuracy_figure(rows: Sequence[dict], flag: str) -> Figure:
+    """Final test accuracy against `flag`'s value: a line (mean) and band (min-max over seeds) per
+    run, and per combination of the other grid flags' values."""
+    values = sorted({dict(r["point"])[flag] for r in rows}, key=lambda v: (_numeric([v]) or [0])[0])
+    nums = _numeric(values)
+    log_x = bool(nums) and min(nums) > 0 and max(nums) / min(nums) >= 10
+    pos = dict(zip(values, nums)) if nums else {v: i for i, v in enumerate(values)}
+    fig = Figure(figsize=figures.FIGSIZE, dpi=figures.DPI)
+    ax = fig.add_subplot()
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        others = tuple((f, v) for f, v in r["point"] if f != flag)
+        groups.setdefault((r["run"], others), []).append(r)
+    for (name, others), members in groups.items():
+        members.sort(key=lambda r: pos[dict(r["point"])[flag]])
+        x = [pos[dict(r["point"])[flag]] for r in members]
+        label = figures.label_of(name) + "".join(f", {f}={v}" for f, v in others)
+        line, = ax.plot(x, [100 * r["mean"] for r in members], marker="o", label=label)
+        if any(r["seeds"] > 1 for r in members):
+            ax.fill_between(x, [100 * r["min"] for r in members], [100 * r["max"] for r in members],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    if log_x:
+        ax.set_xscale("log")
+    if not nums:
+        ax.set_xticks(list(pos.values()), list(pos))
+    ax.set_xlabel(f"--{flag}")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(f"Final test accuracy vs {flag} (mean, min-max over seeds)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _point_name(point: Point) -> str:
+    return ",".join(f"{f}={v}" for f, v in point)
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    lines = ["| grid point | run | seeds | final test accuracy (%) | min | max |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        std = "" if np.isnan(r["std"]) else f" ± {100 * r['std']:.2f}"
+        mark = "" if r["complete"] else " (incomplete)"
+        lines.append(f"| {_point_name(r['point'])} | {figures.label_of(r['run'])}{mark} | {r['seeds']} | "
+                     f"{100 * r['mean']:.2f}{std} | {100 * r['min']:.2f} | {100 * r['max']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(loaded: Mapping[Point, Mapping[str, Sequence[events.Run]]], out_dir: str, save) -> List[str]:
+    """grid.md, grid.csv and grid_test_accuracy[_<flag>].png/svg; `save(fig, out_dir, name)`."""
+    rows = table(loaded)
+    if not rows:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    flags = list(dict.fromkeys(f for r in rows for f, _ in r["point"]))
+    for flag in flags:
+        name = "grid_test_accuracy" if len(flags) == 1 else f"grid_test_accuracy_{flag}"
+        written += save(accuracy_figure(rows, flag), out_dir, name)
+    path = os.path.join(out_dir, "grid.md")
+    with open(path, "w") as f:
+        f.write(to_markdown(rows))
+    written.append(path)
+    path = os.path.join(out_dir, "grid.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(flags + ["run", "seeds", "test_accuracy_mean", "test_accuracy_std", "min", "max", "complete"])
+        for r in rows:
+            point = dict(r["point"])
+            w.writerow([point.get(flag, "") for flag in flags]
+                       + [r["run"], r["seeds"]] + [repr(r[k]) for k in ("mean", "std", "min", "max")]
+                       + [r["complete"]])
+    written.append(path)
+    return written
