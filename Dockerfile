@@ -3,6 +3,9 @@
 #   docker run --gpus all -v $PWD/runs:/runs -v $PWD/tfds:/data/tfds resnet-cifar \
 #       --noconv_l2 --model_dir=/runs/noconv_l2
 #   docker run -p 6006:6006 -v $PWD/runs:/runs resnet-cifar tensorboard --logdir /runs --bind_all
+# Ray (from requirements.txt) makes a container a node of a sweep cluster (deploy/, README "Sweeps"):
+#   docker run --gpus all --network host --shm-size=8g -v /shared:/shared resnet-cifar ray start --head --block
+#   docker run --gpus all --network host --shm-size=8g -v /shared:/shared resnet-cifar ray start --address=HEAD:6379 --block
 FROM tensorflow/tensorflow:2.21.0-gpu
 
 # CIFAR-10 is downloaded once into this folder: mount it (-v HOST_DIR:/data/tfds) to keep it.
@@ -27,6 +30,8 @@ RUN python -m pip install --no-deps . \
     && mkdir -p /data/tfds /runs
 
 VOLUME ["/data/tfds", "/runs"]
+# Ray: GCS and client server (ray://HOST:10001), when --network host is not used.
+EXPOSE 6379 10001
 # Flags go straight to the training app; a command (tensorboard, python, bash) runs as given.
 ENTRYPOINT ["/usr/local/bin/resnet-cifar-entrypoint"]
 CMD ["--helpshort"]

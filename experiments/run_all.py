@@ -126,6 +126,9 @@ def connect(address):
             ray.init(address=address, **kwargs)
         else:
             ray.init(_node_ip_address="127.0.0.1", **kwargs)
+    except ray.exceptions.AuthenticationError:
+        fail(f"cannot connect to Ray at {address}: its token authentication refused this process; "
+             "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
     except (ConnectionError, RuntimeError, ValueError) as e:
         fail(f"cannot {'connect to Ray at ' + address if address else 'start Ray'}: "
              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
@@ -180,9 +183,10 @@ def main(argv=None):
 
     import ray
 
-    started = connect(args.address)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None   # e.g. inside `ray job submit`
+    started = connect(address)
     try:
-        if args.address:
+        if address:
             problem = sweep.check_shared_folder(results_dir)
             if problem:
                 fail(f"--results_dir={results_dir}: {problem}")

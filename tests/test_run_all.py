@@ -188,9 +188,10 @@ def test_error_line_is_the_trainers_own():
 
 @pytest.fixture(scope="module")
 def ray_token():
-    """Ray's token authentication with a token of this test module, not ~/.ray's."""
+    """Ray's token authentication with a token of this test module, not ~/.ray's: a new local
+    instance turns token mode on itself; processes that connect to the test's head are told."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "token")
+        mp.delenv("RAY_AUTH_MODE", raising=False)
         mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         mp.delenv("RAY_ADDRESS", raising=False)
@@ -377,7 +378,8 @@ def ray_head(ray_token, tmp_path):
            "--disable-usage-stats", "--object-store-memory=80000000", "--max-worker-port=0",
            *(f"{k}={v}" for k, v in ports.items())]
     with open(tmp_path / "head.log", "w") as log:
-        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, RAY_AUTH_MODE="token"))
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -399,7 +401,8 @@ def test_same_sweep_on_a_separate_ray_head(ray_head, local_sweep, tmp_path):
     results = tmp_path / "results"
     r = subprocess.run([sys.executable, "-m", "experiments.run_all", f"--address={ray_head}",
                         f"--results_dir={results}", *SWEEP, "--", *TINY],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+                       cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, RAY_AUTH_MODE="token"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"results: {results} (reachable from every node at this path)" in r.stdout, r.stdout
     assert "4 of 4 runs finished" in r.stdout
