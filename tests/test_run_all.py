@@ -409,3 +409,23 @@ def test_same_sweep_on_a_separate_ray_head(ray_head, local_sweep, tmp_path):
     for key, run_dir in sweep_dirs(results).items():
         assert events.is_complete(str(run_dir)), key
         assert_same_curves(run_dir, sweep_dirs(local_results)[key])     # same runs, same numbers
+
+
+def test_make_figures_on_the_grid_sweep(local_sweep, tmp_path):
+    from analysis import make_figures
+
+    results, code, _ = local_sweep
+    assert code == 0
+    out = tmp_path / "figures"
+    assert make_figures.main([str(results), "--out", str(out)]) == 0
+    for wd in WEIGHT_DECAYS:                       # today's figures and tables, per grid point
+        assert (out / f"weight_decay={wd}" / "test_accuracy.png").is_file()
+        assert (out / f"weight_decay={wd}" / "summary.md").is_file()
+    assert (out / "grid_test_accuracy.png").is_file() and (out / "grid_test_accuracy.svg").is_file()
+    rows = [line.split(",") for line in (out / "grid.csv").read_text().splitlines()]
+    assert rows[0][:3] == ["weight_decay", "run", "seeds"]
+    got = {(r[0], r[1]): float(r[3]) for r in rows[1:]}
+    assert len(got) == 4
+    for (wd, name), run_dir in sweep_dirs(results).items():
+        _, acc = events.read_scalars(str(run_dir), tags.EPOCH_ACCURACY, tags.VALIDATION_DIR)
+        assert got[wd, name] == acc[-1]
