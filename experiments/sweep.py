@@ -204,12 +204,19 @@ class Board:
         return self.state
 
 
-def _die_with_parent():
-    """In the child, before exec: SIGTERM when the task's worker dies (Linux; elsewhere a no-op)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
-    except (AttributeError, OSError):
-        pass
+def _die_with(parent: int):
+    """A preexec_fn: the child gets SIGTERM when `parent` (the task's worker) dies (Linux;
+    elsewhere a no-op). A parent that died before prctl took effect is caught too."""
+
+    def preexec():
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG = 1
+        except (AttributeError, OSError):
+            return
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def error_line(text: str) -> str:
@@ -246,7 +253,7 @@ def train_run(run: Run, board, *baseline):
             p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
         with open(log_path, "a") as log:
             proc = subprocess.Popen(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=_die_with(os.getpid()))
         epoch = checkpoint_epoch(run.run_dir)
         board.update.remote(run.label, state="running", node=node, pid=proc.pid,
                             epoch=epoch, since=time.time(), first_epoch=epoch, epoch_time=None)

@@ -261,8 +261,8 @@ def test_local_sweep_grid_seeds_and_replay_order(local_sweep):
 
 
 def test_rerunning_a_finished_sweep_starts_nothing(local_sweep):
-    results, code, _ = local_sweep
-    assert code == 0
+    results, code, out = local_sweep
+    assert code == 0, out
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
     code, out = main([f"--results_dir={results}", *SWEEP, "--", *TINY])
     assert code == 0 and "all 4 runs" in out and "nothing to do" in out, out
@@ -307,8 +307,8 @@ def _wait_for(condition, timeout, what):
 def test_locked_folder_waits_then_killed_worker_is_retried_with_the_same_curves(local_sweep, tmp_path):
     """A folder another process holds is not started; a worker killed mid-run is retried by Ray,
     its trainer dies with it, and the retried run resumes to the uninterrupted run's curves."""
-    results, code, _ = local_sweep
-    assert code == 0
+    results, code, out = local_sweep
+    assert code == 0, out
     again = tmp_path / "again"
     run_dir = again / "weight_decay=2e-4" / "baseline" / "seed_0"
     lock = run_lock.acquire(str(run_dir))                  # "another trainer" holds the folder
@@ -396,8 +396,8 @@ def ray_head(ray_token, tmp_path):
 
 
 def test_same_sweep_on_a_separate_ray_head(ray_head, local_sweep, tmp_path):
-    local_results, code, _ = local_sweep
-    assert code == 0
+    local_results, code, out = local_sweep
+    assert code == 0, out
     results = tmp_path / "results"
     r = subprocess.run([sys.executable, "-m", "experiments.run_all", f"--address={ray_head}",
                         f"--results_dir={results}", *SWEEP, "--", *TINY],
@@ -414,8 +414,8 @@ def test_same_sweep_on_a_separate_ray_head(ray_head, local_sweep, tmp_path):
 def test_make_figures_on_the_grid_sweep(local_sweep, tmp_path):
     from analysis import make_figures
 
-    results, code, _ = local_sweep
-    assert code == 0
+    results, code, out = local_sweep
+    assert code == 0, out
     out = tmp_path / "figures"
     assert make_figures.main([str(results), "--out", str(out)]) == 0
     for wd in WEIGHT_DECAYS:                       # today's figures and tables, per grid point
