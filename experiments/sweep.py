@@ -286,39 +286,44 @@ def train_run(run: Run, board, *baseline):
 
 
 @ray.remote(num_cpus=0)
-def _probe(path: str, token: str, write: bool):
-    name = f".reach-{token}-{ray.get_runtime_context().get_node_id()[:12]}"
-    if write:
+def _probe(path: str, token: str, action: str):
+    """On one node: write its marker file in `path`, list all markers, or remove its own."""
+    prefix = f".reach-{token}-"
+    own = os.path.join(path, prefix + ray.get_runtime_context().get_node_id()[:12])
+    if action == "write":
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, name), "w") as f:
+        with open(own, "w") as f:
             f.write(ray.util.get_node_ip_address())
-        return name
-    return sorted(n for n in os.listdir(path) if n.startswith(f".reach-{token}-"))
+        return os.path.basename(own)
+    if action == "list":
+        return sorted(n for n in os.listdir(path) if n.startswith(prefix))
+    if os.path.exists(own):
+        os.remove(own)
 
 
 def check_shared_folder(path: str) -> Optional[str]:
-    """None if every alive node sees files the others write in `path`; else what is wrong."""
+    """None if every alive node sees the files the others write in `path`; else what is wrong."""
     import uuid
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
 
     token = uuid.uuid4().hex[:8]
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    where = {n["NodeID"]: n["NodeManagerAddress"] for n in nodes}
+    where = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+
+    def on_every_node(action):
+        return ray.get([_probe.options(scheduling_strategy=On(node, soft=False)).remote(path, token, action)
+                        for node in where], timeout=300)
+
     try:
-        written = ray.get([_probe.options(scheduling_strategy=On(n, soft=False)).remote(path, token, True)
-                           for n in where], timeout=120)
-        seen = ray.get([_probe.options(scheduling_strategy=On(n, soft=False)).remote(path, token, False)
-                        for n in where], timeout=120)
-    except ray.exceptions.RayError as e:
-        return f"a node cannot write to {path}: {str(e).strip().splitlines()[-1]}"
-    finally:
-        for name in os.listdir(path) if os.path.isdir(path) else []:
-            if name.startswith(f".reach-{token}-"):
-                os.remove(os.path.join(path, name))
+        written = sorted(on_every_node("write"))
+        seen = on_every_node("list")
+        on_every_node("remove")
+    except (ray.exceptions.RayError, TimeoutError) as e:
+        lines = str(e).strip().splitlines()
+        return f"a node cannot use it: {lines[-1] if lines else type(e).__name__}"
     for node, names in zip(where, seen):
-        if names != sorted(written):
-            return (f"node {where[node]} does not see the files other nodes write in {path}: "
+        if names != written:
+            return (f"node {where[node]} does not see the files other nodes write there: "
                     "mount one shared folder at the same path on every node")
     return None
 
