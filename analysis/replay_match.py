@@ -79,8 +79,11 @@ def replay_match_figure(loaded, labels=None) -> Optional[Figure]:
     if not names:
         figures.note("replay_match: no gradient-scaled run with a baseline, skipped")
         return None
-    fig, ax = figures._new_figure("Relative step / baseline's (line: mean; band: layers)",
-                                  "ratio to baseline")
+    configs = {name: [run.config for run in seeds] for name, seeds in loaded.items()}
+    seeds = {name: [None] * len(pair_with_baseline(loaded, name)) for name in names}
+    fig, ax = figures._new_figure("Relative step / the baseline's (line: mean; band: layers)",
+                                  "relative step / baseline's, same epoch",
+                                  figures.subtitle(names, seeds, configs))
     for name in names:
         results = [m for m in (match(r, b) for r, b in pair_with_baseline(loaded, name)) if m]
         if not results:
@@ -96,8 +99,9 @@ def replay_match_figure(loaded, labels=None) -> Optional[Figure]:
         ax.plot(epochs, mean, color=color, label=figures.label_of(name, labels), linewidth=1.2)
     for y in (1 - TOLERANCE, 1.0, 1 + TOLERANCE):
         ax.axhline(y, color="black", linewidth=0.8, linestyle="-" if y == 1.0 else ":")
+    figures._draw_boundaries(ax, figures.boundaries(names, configs))
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
