@@ -8,7 +8,13 @@ figure from made-up arrays and look at `fig.axes[0].lines`. Figures are built wi
 global figure state piles up and no display is needed.
 
 Several seeds of a run are drawn as their mean with a min-max band; one seed as a line.
-A run that is missing is left out with a note on stderr: partial results still plot.
+Each figure is about one run (its `subject`, e.g. BN 0.98 for `bn098_accuracy`): without
+it the figure is not drawn. Another run that is missing is named in the title ("no
+NoConvL2 run"), with a note on stderr: partial results still plot, and say so.
+
+`configs` (run name -> the run_config.json "config" of each seed) gives each figure a
+subtitle (data, schedule, seeds) and its learning-rate boundaries, drawn as vertical
+dotted lines. Accuracy is drawn in percent, as in the summary table.
 
 The relative-step figures can also show the theory's prediction (analysis/theory.py):
 `levels`, one (start_epoch, end_epoch, value) per learning-rate phase, drawn as
@@ -47,10 +53,21 @@ DPI = 100
 
 Series = Tuple[np.ndarray, np.ndarray]
 Curves = Mapping[str, Sequence[Series]]   # run name -> one series per seed
+Configs = Mapping[str, Sequence[Mapping]]  # run name -> run_config.json "config", per seed
 Levels = Sequence[Tuple[float, float, float]]   # (start_epoch, end_epoch, value) per phase
 
 LEVEL_LABEL = "equilibrium sqrt(2·lr·wd/(1+m))"
 LEVEL_STYLE = dict(color="black", linestyle="--", linewidth=1.0)
+BOUNDARY_LABEL = "learning-rate boundary"
+BOUNDARY_STYLE = dict(color="gray", linestyle=":", linewidth=1.0)
+
+# Axis labels.
+EPOCH = "epoch"
+TEST_ACCURACY = "test accuracy (%)"
+CONV_SQSUM = "sum of squared conv weights"
+RELATIVE_STEP = "relative step ||Δw|| / ||w|| (mean over conv layers)"
+DATA_NAMES = {"binary": "CIFAR-10 (binary files)", "tfds": "CIFAR-10 (TFDS)",
+              "synthetic": "synthetic random images"}
 
 
 def note(message: str) -> None:
@@ -106,19 +123,72 @@ def piecewise_np(epochs) -> np.ndarray:
     return values[piece] + slopes[piece] * (epochs - starts[piece])
 
 
-def _new_figure(title: str, ylabel: str):
+def _new_figure(title: str, ylabel: str, subtitle: str = ""):
+    """Title above the axes (fig.suptitle), the subtitle in small grey (the axes' title)."""
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.set_xlabel("epoch")
+    fig.suptitle(title, fontsize=12)
+    ax.set_title(subtitle, fontsize=8, color="dimgray")
+    ax.set_xlabel(EPOCH)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     return fig, ax
 
 
-def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int = 0):
-    """Mean line, plus a min-max band when there are several seeds."""
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _schedule(config: Mapping) -> str:
+    epochs = config.get("train_epochs", fidelity.TRAIN_EPOCHS)
+    steps = config.get("steps_per_epoch")
+    batch = config.get("batch_size", fidelity.BATCH_SIZE)
+    if steps:
+        text = f"{epochs} short epochs of {steps} steps, batch {batch}"
+    else:
+        text = f"{epochs} full epochs, batch {batch}"
+    if epochs == fidelity.TRAIN_EPOCHS and not steps and batch == fidelity.BATCH_SIZE:
+        text = f"the post's schedule ({text})"
+    return text
+
+
+def subtitle(names: Sequence[str], curves: Curves, configs: Optional[Configs]) -> str:
+    """'<data> · <schedule> · <seeds>' of the runs `names`, from their run_config.json.
+
+    Values the runs do not share are listed with ' / '.
+    """
+    configs = configs or {}
+    seen = [c for n in names for c in configs.get(n, ())]
+    parts = []
+    for describe in (lambda c: DATA_NAMES.get(c.get("data_source"), str(c.get("data_source", "?"))),
+                     _schedule):
+        values = list(dict.fromkeys(describe(c) for c in seen))
+        if values:
+            parts.append(" / ".join(values))
+    seeds = sorted({len(curves[n]) for n in names if curves.get(n)})
+    if seeds:
+        parts.append(_plural(seeds[0], "seed") if len(seeds) == 1
+                     else f"{seeds[0]}–{seeds[-1]} seeds per run")
+    return " · ".join(parts)
+
+
+def boundaries(names: Sequence[str], configs: Optional[Configs]) -> list:
+    """Learning-rate boundaries (epochs) of the runs `names`, from their configs, sorted."""
+    configs = configs or {}
+    found = {float(b) for n in names for c in configs.get(n, ()) for b in c.get("boundary_epochs", ())}
+    return sorted(found)
+
+
+def _draw_boundaries(ax, epochs: Sequence[float]) -> None:
+    for i, epoch in enumerate(epochs):
+        ax.axvline(epoch, label=BOUNDARY_LABEL if i == 0 else "_nolegend_", **BOUNDARY_STYLE)
+
+
+def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int = 0,
+          scale: float = 1.0):
+    """Mean line, plus a min-max band when there are several seeds; values times `scale`."""
     steps, mean, lo, hi = aggregate_seeds(series)
+    mean, lo, hi = mean * scale, lo * scale, hi * scale
     keep = steps >= start_epoch
     steps, mean, lo, hi = steps[keep], mean[keep], lo[keep], hi[keep]
     if len(series) > 1:
@@ -144,22 +214,33 @@ def _draw_levels(ax, levels: Optional[Levels]) -> None:
 
 
 def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, ylabel: str,
-                 labels=None, log_y=False, start_epoch=0, levels=None) -> Optional[Figure]:
-    """One line (or band) per run of `names` that has data; None if none has."""
+                 labels=None, log_y=False, start_epoch=0, levels=None, subject=None,
+                 configs: Optional[Configs] = None, scale: float = 1.0) -> Optional[Figure]:
+    """One line (or band) per run of `names` that has data.
+
+    None (not drawn) if the `subject` run, or every run, is missing; other missing
+    runs are named in the title.
+    """
     present = [n for n in names if curves.get(n)]
-    for name in names:
-        if name not in present:
-            note(f"{figure}: no {label_of(name)} ({name}) data, drawn without it")
+    missing = [n for n in names if n not in present]
+    if subject is not None and subject in missing:
+        note(f"{figure}: no {label_of(subject)} ({subject}) data, the run it is about: skipped")
+        return None
     if not present:
         note(f"{figure}: none of its runs has data, skipped")
         return None
-    fig, ax = _new_figure(title, ylabel)
+    for name in missing:
+        note(f"{figure}: no {label_of(name)} ({name}) data, drawn without it")
+    if missing:
+        title += "\n(no " + ", no ".join(f"{label_of(n)} run" for n in missing) + ")"
+    fig, ax = _new_figure(title, ylabel, subtitle(present, curves, configs))
     for name in present:
-        _draw(ax, curves[name], label_of(name, labels), _color_of(name), start_epoch)
+        _draw(ax, curves[name], label_of(name, labels), _color_of(name), start_epoch, scale)
     _draw_levels(ax, levels)
+    _draw_boundaries(ax, boundaries(present, configs))
     if log_y:
         ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -176,46 +257,54 @@ def _post_three_and_extras(curves: Curves) -> list:
 
 # --- The post's figures, in its order -------------------------------------------------
 
-def test_accuracy(accuracy: Curves, labels=None) -> Optional[Figure]:
+def test_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
     """Test accuracy of the baseline and NoConvL2 (the post's first plot)."""
     return _runs_figure("test_accuracy", accuracy, [BASELINE, NOCONV_L2],
-                        "Test accuracy", "test accuracy", labels)
+                        "Test accuracy without conv L2", TEST_ACCURACY, labels,
+                        subject=NOCONV_L2, configs=configs, scale=100.0)
 
 
-def conv_sqsum(sqsum: Curves, labels=None) -> Optional[Figure]:
+def conv_sqsum(sqsum: Curves, labels=None, configs=None) -> Optional[Figure]:
     """Sum of squared conv weights: without conv L2 they grow much faster."""
     return _runs_figure("conv_sqsum", sqsum, [BASELINE, NOCONV_L2],
-                        "Sum of squared conv weights", "conv_sqsum", labels)
+                        "Sum of squared conv weights", CONV_SQSUM, labels,
+                        subject=NOCONV_L2, configs=configs)
 
 
 def relative_step(step: Curves, labels=None, levels: Optional[Levels] = None,
-                  log_y: bool = False) -> Optional[Figure]:
+                  log_y: bool = False, configs=None) -> Optional[Figure]:
     """Mean conv step / weight norm. Starts at epoch 1: epoch 0 is before any step.
 
     levels: the predicted equilibrium per phase (dashed); log_y: a log scale, which
     make_figures uses since the phases' levels differ by about 10x each.
     """
     return _runs_figure("relative_step", step, [BASELINE, NOCONV_L2],
-                        "Relative step size of conv layers", "mean ||step|| / ||w||",
-                        labels, log_y=log_y, start_epoch=1, levels=levels)
+                        "Relative step size of conv layers", RELATIVE_STEP,
+                        labels, log_y=log_y, start_epoch=1, levels=levels,
+                        subject=NOCONV_L2, configs=configs)
 
 
-def conv_lr_scale_accuracy(accuracy: Curves, labels=None) -> Optional[Figure]:
+def conv_lr_scale_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
     """Test accuracy once conv L2 is replaced by conv gradient scaling."""
     return _runs_figure("conv_lr_scale_accuracy", accuracy,
                         [BASELINE, NOCONV_L2, CONV_LR_SCALE],
-                        "Test accuracy with conv gradient scaling", "test accuracy", labels)
+                        "Test accuracy with conv gradient scaling", TEST_ACCURACY, labels,
+                        subject=CONV_LR_SCALE, configs=configs, scale=100.0)
 
 
-def piecewise_factor(sqsum: Curves, labels=None) -> Figure:
+def piecewise_factor(sqsum: Curves, labels=None, configs=None) -> Figure:
     """The post's piecewise fit against what it fits: 800 / the baseline's conv_sqsum.
 
     The fit is drawn over the post's 150 epochs (or as far as the data goes) even
-    without a baseline run, since the formula alone is what ConvLRScale uses.
+    without a baseline run, since the formula alone is what ConvLRScale uses; the
+    title then says the run is missing.
     """
-    fig, ax = _new_figure("Baseline conv weight-scale factor and its piecewise fit",
-                          f"{fidelity.INITIAL_CONV_SQSUM:g} / conv_sqsum")
     baseline = sqsum.get(BASELINE) or []
+    title = "Baseline conv weight-scale factor and its piecewise fit"
+    if not baseline:
+        title += f"\n(no {label_of(BASELINE)} run: the fit alone)"
+    fig, ax = _new_figure(title, f"{fidelity.INITIAL_CONV_SQSUM:g} / sum of squared conv weights",
+                          subtitle([BASELINE], sqsum, configs) if baseline else "")
     last = fidelity.TRAIN_EPOCHS
     if baseline:
         ratios = [(s, fidelity.INITIAL_CONV_SQSUM / v) for s, v in baseline]
@@ -225,40 +314,45 @@ def piecewise_factor(sqsum: Curves, labels=None) -> Figure:
     else:
         note(f"piecewise_factor: no {label_of(BASELINE)} ({BASELINE}) data, drawing the fit alone")
     epochs = np.arange(0, last + 1)
-    ax.plot(epochs, piecewise_np(epochs), label="piecewise(epoch)", color="black",
+    ax.plot(epochs, piecewise_np(epochs), label="piecewise(epoch), the post's fit", color="black",
             linestyle="--", linewidth=1.2)
-    ax.legend()
+    if baseline:
+        _draw_boundaries(ax, boundaries([BASELINE], configs))
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def bn098_accuracy(accuracy: Curves, labels=None) -> Optional[Figure]:
+def bn098_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
     """A faster BN moving average (0.98) lets test-time statistics keep up."""
     return _runs_figure("bn098_accuracy", accuracy,
                         [BASELINE, CONV_LR_SCALE, CONV_LR_SCALE_BN098],
-                        "Test accuracy with BN decay 0.98", "test accuracy", labels)
+                        "Test accuracy with BN decay 0.98", TEST_ACCURACY, labels,
+                        subject=CONV_LR_SCALE_BN098, configs=configs, scale=100.0)
 
 
 def relative_step_all(step: Curves, labels=None, levels: Optional[Levels] = None,
-                      log_y: bool = False) -> Optional[Figure]:
+                      log_y: bool = False, configs=None) -> Optional[Figure]:
     """Gradient scaling reproduces the baseline's relative step size (levels, log_y:
     as `relative_step`)."""
     return _runs_figure("relative_step_all", step, _post_three_and_extras(step),
-                        "Relative step size of conv layers", "mean ||step|| / ||w||",
-                        labels, log_y=log_y, start_epoch=1, levels=levels)
+                        "Relative step size of conv layers, with gradient scaling", RELATIVE_STEP,
+                        labels, log_y=log_y, start_epoch=1, levels=levels,
+                        subject=CONV_LR_SCALE, configs=configs)
 
 
-def conv_sqsum_log(sqsum: Curves, labels=None) -> Optional[Figure]:
+def conv_sqsum_log(sqsum: Curves, labels=None, configs=None) -> Optional[Figure]:
     """On a log scale: under gradient scaling the weights grow exponentially."""
     return _runs_figure("conv_sqsum_log", sqsum, _post_three_and_extras(sqsum),
-                        "Sum of squared conv weights (log scale)", "conv_sqsum",
-                        labels, log_y=True)
+                        "Sum of squared conv weights (log scale)", CONV_SQSUM,
+                        labels, log_y=True, subject=CONV_LR_SCALE, configs=configs)
 
 
-def test_accuracy_all(accuracy: Curves, labels=None) -> Optional[Figure]:
+def test_accuracy_all(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
     """Not in the post: every run's test accuracy, so extra runs are seen too."""
     return _runs_figure("test_accuracy_all", accuracy, ordered_names(accuracy),
-                        "Test accuracy, all runs", "test accuracy", labels)
+                        "Test accuracy, all runs", TEST_ACCURACY, labels,
+                        configs=configs, scale=100.0)
 
 
 # File name -> (function, tag it plots, event sub-folder of that tag).

@@ -51,6 +51,11 @@ def curves(loaded: Dict[str, List[events.Run]], tag: str, subdir: str) -> figure
     return out
 
 
+def run_configs(loaded: Dict[str, List[events.Run]]) -> figures.Configs:
+    """name -> each seed's run_config.json "config": for subtitles and rate boundaries."""
+    return {name: [run.config for run in seeds] for name, seeds in loaded.items()}
+
+
 def legend_labels(loaded: Dict[str, List[events.Run]]) -> Dict[str, str]:
     """Legend labels, with runs that have not finished marked as such."""
     return {name: figures.label_of(name) + ("" if all(r.complete for r in seeds)
@@ -74,10 +79,11 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     labels = legend_labels(loaded)
     levels = theory.baseline_segments(loaded)
+    configs = run_configs(loaded)
     written = []
     for fig_name, (make, tag, subdir) in figures.FIGURES.items():
         extra = dict(levels=levels, log_y=True) if fig_name in figures.LEVEL_FIGURES else {}
-        fig = make(curves(loaded, tag, subdir), labels=labels, **extra)
+        fig = make(curves(loaded, tag, subdir), labels=labels, configs=configs, **extra)
         if fig is not None:
             written += save(fig, out_dir, fig_name)
     fig = replay_match.replay_match_figure(loaded, labels)

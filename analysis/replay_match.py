@@ -8,7 +8,7 @@ test, and the per-layer factor (`per_layer`) is the variant built to pass it.
 
 For each scaled run and seed, against the baseline of the same seed:
   ratio(e)    = conv_relative_step(e) / baseline conv_relative_step(e)
-  ratio_l(e)  = conv_relative_step/<l>(e) / baseline conv_relative_step/<l>(e)
+  ratio_l(e)  = per_layer/conv_relative_step/<l>(e) / the baseline's, same layer
 The figure shows ratio (line) and the min-max of ratio_l over layers (band); the
 table gives the worst deviations and the final conv_sqsum relative to the baseline.
 """
@@ -26,15 +26,18 @@ from resnet_cifar import events, tags
 TOLERANCE = 0.15      # the issue's bar for "reproduces the baseline's relative step"
 
 
-def _layer_tags(run: events.Run) -> List[str]:
-    prefix = tags.per_layer(tags.CONV_RELATIVE_STEP, "")
-    return sorted(t for t in run.scalars.get(tags.TRAIN_DIR, {}) if t.startswith(prefix))
+def _layer_steps(run: events.Run) -> Dict[str, events.Series]:
+    """layer -> its relative step series (new or pre-prefix tag names)."""
+    return tags.per_layer_series(run.scalars.get(tags.TRAIN_DIR, {}), tags.CONV_RELATIVE_STEP)
 
 
 def _ratio(run: events.Run, base: events.Run, tag: str):
     """(epochs, run/base) over the epochs both logged; None if either lacks the tag."""
-    a = run.scalars.get(tags.TRAIN_DIR, {}).get(tag)
-    b = base.scalars.get(tags.TRAIN_DIR, {}).get(tag)
+    return _series_ratio(run.scalars.get(tags.TRAIN_DIR, {}).get(tag),
+                         base.scalars.get(tags.TRAIN_DIR, {}).get(tag))
+
+
+def _series_ratio(a, b):
     if a is None or b is None:
         return None
     common, ia, ib = np.intersect1d(a[0], b[0], return_indices=True)
@@ -55,10 +58,11 @@ def match(run: events.Run, base: events.Run) -> Optional[dict]:
         return None
     epochs = mean[0]
     layers = {}
-    for tag in _layer_tags(run):
-        r = _ratio(run, base, tag)
+    base_layers = _layer_steps(base)
+    for layer, series in _layer_steps(run).items():
+        r = _series_ratio(series, base_layers.get(layer))
         if r is not None and np.array_equal(r[0], epochs):
-            layers[tag.rsplit("/", 1)[1]] = r[1]
+            layers[layer] = r[1]
     sq = _ratio(run, base, tags.CONV_SQSUM)
     return dict(epochs=epochs, mean=mean[1], layers=layers,
                 sqsum_ratio=float(sq[1][-1]) if sq is not None and len(sq[0]) else float("nan"))
@@ -75,8 +79,11 @@ def replay_match_figure(loaded, labels=None) -> Optional[Figure]:
     if not names:
         figures.note("replay_match: no gradient-scaled run with a baseline, skipped")
         return None
-    fig, ax = figures._new_figure("Relative step / baseline's (line: mean; band: layers)",
-                                  "ratio to baseline")
+    configs = {name: [run.config for run in seeds] for name, seeds in loaded.items()}
+    seeds = {name: [None] * len(pair_with_baseline(loaded, name)) for name in names}
+    fig, ax = figures._new_figure("Relative step / the baseline's (line: mean; band: layers)",
+                                  "relative step / baseline's, same epoch",
+                                  figures.subtitle(names, seeds, configs))
     for name in names:
         results = [m for m in (match(r, b) for r, b in pair_with_baseline(loaded, name)) if m]
         if not results:
@@ -92,8 +99,9 @@ def replay_match_figure(loaded, labels=None) -> Optional[Figure]:
         ax.plot(epochs, mean, color=color, label=figures.label_of(name, labels), linewidth=1.2)
     for y in (1 - TOLERANCE, 1.0, 1 + TOLERANCE):
         ax.axhline(y, color="black", linewidth=0.8, linestyle="-" if y == 1.0 else ":")
+    figures._draw_boundaries(ax, figures.boundaries(names, configs))
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

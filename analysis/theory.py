@@ -246,9 +246,7 @@ def late_window(phase: Phase, fraction: float = LATE_FRACTION) -> Tuple[int, int
 
 def layer_names(run: events.Run) -> List[str]:
     """Conv layers with a per-layer relative step tag, in the order the tags sort."""
-    prefix = tags.per_layer(tags.CONV_RELATIVE_STEP, "")
-    return sorted(t[len(prefix):] for t in run.scalars.get(tags.TRAIN_DIR, {})
-                  if t.startswith(prefix))
+    return list(tags.per_layer_tags(run.scalars.get(tags.TRAIN_DIR, {}), tags.CONV_RELATIVE_STEP))
 
 
 def _window_mean(series, first: int, last: int) -> float:
@@ -270,7 +268,7 @@ class PhaseMeasurement:
     first_epoch: int              # the late window, logged epoch numbers
     last_epoch: int
     mean: float                   # conv_relative_step (mean over layers), window mean
-    layers: Dict[str, float]      # conv_relative_step/<layer>, window mean
+    layers: Dict[str, float]      # per_layer/conv_relative_step/<layer>, window mean
     layer_min: float
     layer_max: float
 
@@ -284,12 +282,11 @@ def late_phase_measurements(run: events.Run, fraction: float = LATE_FRACTION
     with none logged is NaN (an unfinished run's later phases).
     """
     train = run.scalars.get(tags.TRAIN_DIR, {})
-    names = layer_names(run)
+    per_layer = tags.per_layer_series(train, tags.CONV_RELATIVE_STEP)
     out = []
     for i, phase in enumerate(phases(run.config)):
         first, last = late_window(phase, fraction)
-        layers = {name: _window_mean(train.get(tags.per_layer(tags.CONV_RELATIVE_STEP, name)),
-                                     first, last) for name in names}
+        layers = {name: _window_mean(series, first, last) for name, series in per_layer.items()}
         finite = [v for v in layers.values() if np.isfinite(v)]
         out.append(PhaseMeasurement(
             phase=i, start=phase.start, end=phase.end, lr=phase.lr,

@@ -7,7 +7,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
+
 from resnet_cifar import models, tags
+from resnet_cifar.console import hms
 from resnet_cifar.train_step import layer_sqsum
 
 
@@ -18,6 +22,10 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
     hold the initial state (weights before any update), as the post's curves
     start from it. Diagnostics go to the same `train/` writer as Keras' own
     tags; the epoch means are added to `logs` for the callbacks that follow.
+    Two of Keras' own tags are left out, as they contradict these: its
+    `epoch_learning_rate` (the rate at the epoch's end; `learning_rate` is the
+    epoch mean) and `evaluation_*_vs_iterations` (step = optimizer iterations).
+    A new run also gets a custom-scalars layout (`scalars_layout`) once.
     """
 
     def __init__(self, model_dir, per_layer_factor=False):
@@ -28,7 +36,20 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         if int(self.model.optimizer.iterations.numpy()) == 0:
+            self._write_layout()
             self._write_initial_state()
+
+    def _collect_learning_rate(self, logs):
+        return logs        # no `epoch_learning_rate`: `learning_rate` is written below
+
+    def on_test_end(self, logs=None):
+        self._pop_writer()  # no `evaluation_*_vs_iterations`: steps here are epochs
+
+    def _write_layout(self):
+        with self._train_writer.as_default():
+            tf.summary.experimental.write_raw_pb(
+                custom_scalar_summary.pb(scalars_layout(self._per_layer_factor))
+                .SerializeToString(), step=0)
 
     def _layer_names(self):
         return [layer.name for layer in models.conv_layers(self.model)]
@@ -72,6 +93,37 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
                          tags.LEARNING_RATE: means["learning_rate"]})
         for writer in self._writers.values():
             writer.flush()
+
+
+def _chart(title, *tag_names):
+    return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(
+        tag=[f"^{name}$" for name in tag_names]))
+
+
+def scalars_layout(per_layer_factor=False):
+    """TensorBoard's custom-scalars page: the post's curves side by side, layers apart.
+
+    Charts select tags by regular expression; a run folder's `train/` and
+    `validation/` are two runs to TensorBoard, so the accuracy chart shows the
+    test accuracy (`validation/`) next to the training accuracy.
+    """
+    main = [
+        _chart("test accuracy (validation) and train accuracy", tags.EPOCH_ACCURACY),
+        _chart("conv_sqsum: sum of squared conv weights", tags.CONV_SQSUM),
+        _chart("conv_relative_step: mean ||step|| / ||w||", tags.CONV_RELATIVE_STEP),
+        _chart("loss: cross entropy (validation = test)", tags.EPOCH_LOSS),
+        _chart("conv_lr_factor: factor on conv gradients", tags.CONV_LR_FACTOR),
+        _chart("learning_rate (epoch mean)", tags.LEARNING_RATE),
+        _chart("epoch_l2_loss: the L2 term of the objective", tags.EPOCH_L2_LOSS),
+    ]
+    layer_tags = [tags.CONV_SQSUM, tags.CONV_RELATIVE_STEP] + (
+        [tags.CONV_LR_FACTOR] if per_layer_factor else [])
+    layers = [layout_pb2.Chart(title=f"{tag} per conv layer", multiline=layout_pb2.MultilineChartContent(
+        tag=[f"^{tags.per_layer(tag, '')}"])) for tag in layer_tags]
+    return layout_pb2.Layout(category=[
+        layout_pb2.Category(title="The post's curves (step = epoch)", chart=main),
+        layout_pb2.Category(title="Per conv layer", chart=layers, closed=True),
+    ])
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -132,7 +184,11 @@ class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
 
 
 class EpochSummary(keras.callbacks.Callback):
-    """One line per epoch: the numbers that matter and the time left."""
+    """One line per epoch: the numbers that matter and the time left.
+
+    Put it after Keras' `ProgbarLogger` in the callback list, so that the progress
+    bar has ended its line (verbose=1) before this one is printed.
+    """
 
     def __init__(self, total_epochs, print_fn=print):
         super().__init__()
@@ -150,22 +206,17 @@ class EpochSummary(keras.callbacks.Callback):
         left = per_epoch * (self.total - epoch - 1)
         parts = [f"epoch {epoch + 1}/{self.total}",
                  f"loss {logs.get('loss', math.nan):.4f}",
-                 f"acc {logs.get('accuracy', math.nan):.4f}"]
+                 f"acc {100 * logs.get('accuracy', math.nan):.2f}%"]
         if "val_accuracy" in logs:
-            parts.append(f"test acc {logs['val_accuracy']:.4f}")
+            parts.append(f"test acc {100 * logs['val_accuracy']:.2f}%")
         if tags.CONV_SQSUM in logs:
             parts.append(f"conv_sqsum {logs[tags.CONV_SQSUM]:.1f}")
             parts.append(f"rel step {logs[tags.CONV_RELATIVE_STEP]:.3g}")
             parts.append(f"lr {logs[tags.LEARNING_RATE]:.3g}")
-        parts.append(f"{per_epoch:.1f} s/epoch, ETA {_hms(left)}")
+        parts.append(f"{per_epoch:.1f} s/epoch, ETA {hms(left)}")
         self.print_fn(" | ".join(parts), flush=True)
 
 
 def _non_finite(logs, key="loss"):
     value = (logs or {}).get(key)
     return value is not None and not np.isfinite(float(value))
-
-
-def _hms(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

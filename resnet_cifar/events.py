@@ -25,6 +25,7 @@ from resnet_cifar import tags
 Series = Tuple[np.ndarray, np.ndarray]   # (steps as int64, values as float64), by step
 
 _SEED_DIR = re.compile(r"^seed_(\d+)$")
+_SCALARS_PLUGIN = "scalars"     # tf.summary.scalar's plugin name (tensorboard.plugins.scalar)
 
 
 class EventsError(ValueError):
@@ -52,7 +53,9 @@ def _tensor_events(path: str) -> Dict[str, list]:
         acc.Reload()
     except Exception as e:  # a truncated or corrupt file; report it on one line
         raise EventsError(f"cannot read events in {path}: {type(e).__name__}: {e}") from None
-    return {tag: acc.Tensors(tag) for tag in acc.Tags()[ea.TENSORS]}
+    # Scalars only: the custom-scalars layout (a string tensor) is skipped.
+    return {tag: acc.Tensors(tag) for tag in acc.Tags()[ea.TENSORS]
+            if acc.SummaryMetadata(tag).plugin_data.plugin_name == _SCALARS_PLUGIN}
 
 
 def _to_series(events: list) -> Series:

@@ -1,8 +1,12 @@
 """TensorBoard tag names and run-folder layout: a contract with users and `analysis/`.
 
 Training writes these and the analysis scripts read them; neither spells a tag
-itself. See `shared/reference/CLI.md` and the README's tag table.
+itself. See the README's tag table.
 """
+
+from typing import Dict, Iterable, Mapping, TypeVar
+
+T = TypeVar("T")
 
 # Sub-folders of --model_dir, as Keras' TensorBoard callback makes them.
 TRAIN_DIR = "train"
@@ -21,9 +25,35 @@ CONV_LR_FACTOR = "conv_lr_factor"            # factor applied to conv grads, epo
 LEARNING_RATE = "learning_rate"              # optimizer learning rate, epoch mean
 
 
+# Per-layer values of the diagnostics live under their own prefix, so that TensorBoard
+# shows each main tag above as one card and groups the 22 layers' curves apart.
+PER_LAYER_PREFIX = "per_layer"
+
+
 def per_layer(tag: str, layer: str) -> str:
-    """Per-layer tag, e.g. `conv_sqsum/conv2d_3`."""
-    return f"{tag}/{layer}"
+    """Per-layer tag, e.g. `per_layer/conv_sqsum/conv2d_3`."""
+    return f"{PER_LAYER_PREFIX}/{tag}/{layer}"
+
+
+def per_layer_tags(names: Iterable[str], tag: str) -> Dict[str, str]:
+    """layer -> tag name, for the per-layer tags of `tag` among `names`, sorted by layer.
+
+    Reads this version's `per_layer/<tag>/<layer>` and the earlier `<tag>/<layer>`
+    (runs logged before the prefix existed); where both exist the new name wins.
+    """
+    new, old = f"{PER_LAYER_PREFIX}/{tag}/", f"{tag}/"
+    found = {}
+    for name in names:
+        if name.startswith(new):
+            found[name[len(new):]] = name
+        elif name.startswith(old):
+            found.setdefault(name[len(old):], name)
+    return {layer: found[layer] for layer in sorted(found)}
+
+
+def per_layer_series(scalars: Mapping[str, T], tag: str) -> Dict[str, T]:
+    """layer -> value of `scalars` (keyed by tag name) for the per-layer tags of `tag`."""
+    return {layer: scalars[name] for layer, name in per_layer_tags(scalars, tag).items()}
 
 
 RUN_CONFIG_FILE = "run_config.json"

@@ -2,13 +2,14 @@
 
 import dataclasses
 import os
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import (callbacks, cifar_data, config as config_lib, conv_scaling, events, fidelity,
-                          input_pipeline, models, optim, run_dir, tags)
+from resnet_cifar import (callbacks, cifar_data, config as config_lib, console, conv_scaling, events,
+                          fidelity, input_pipeline, models, optim, run_dir, tags)
 from resnet_cifar.train_step import ReproductionModel
 
 
@@ -58,12 +59,11 @@ def load_baseline(path, train_epochs):
         raise config_lib.ConfigError(
             f"--replay_from={path}: its {tags.CONV_SQSUM} ends at epoch {int(epochs[-1])}, "
             f"this run needs {train_epochs}")
-    prefix = tags.per_layer(tags.CONV_SQSUM, "")
-    names = [n[len(prefix):] for n in scalars if n.startswith(prefix)]
+    layers = tags.per_layer_series(scalars, tags.CONV_SQSUM)   # also the pre-prefix names
     per_layer = None
-    if names:
-        per_layer = np.stack([np.interp(epochs, *scalars[prefix + n]) for n in names], axis=1)
-    return conv_scaling.BaselineTrajectory(epochs, total, per_layer, names)
+    if layers:
+        per_layer = np.stack([np.interp(epochs, *series) for series in layers.values()], axis=1)
+    return conv_scaling.BaselineTrajectory(epochs, total, per_layer, list(layers))
 
 
 def build_model(config, steps_per_epoch, baseline=None):
@@ -78,7 +78,7 @@ def build_model(config, steps_per_epoch, baseline=None):
         except (AttributeError, TypeError, ValueError):
             raise config_lib.ConfigError(
                 "--conv_lr_factor=per_layer: the baseline run lacks per-layer "
-                f"{tags.CONV_SQSUM}/<layer> curves for the 22 conv layers") from None
+                f"{tags.per_layer(tags.CONV_SQSUM, '<layer>')} curves for the 22 conv layers") from None
     model.configure(weight_decay=config.weight_decay, conv_l2=config.conv_l2,
                     conv_lr_factor=conv_scaling.ConvLRFactor(mode, baseline),
                     steps_per_epoch=steps_per_epoch)
@@ -136,6 +136,7 @@ def run(config, arrays=None, print_fn=print):
     test_ds = input_pipeline.test_dataset(arrays.test_images, arrays.test_labels, config.batch_size,
                                           config.eval_steps)
     nan_stop = callbacks.StopOnNonFinite()
+    start = time.time()
     history = model.fit(
         train_ds,
         epochs=config.train_epochs,
@@ -146,6 +147,8 @@ def run(config, arrays=None, print_fn=print):
         validation_freq=config.epochs_between_evals,
         verbose=config.verbose,
         callbacks=[
+            # Keras' progress bar first: it ends its line before EpochSummary prints.
+            keras.callbacks.ProgbarLogger(),
             callbacks.EpochTensorBoard(config.model_dir,
                                        per_layer_factor=config.conv_lr_factor == "per_layer"),
             callbacks.EpochCheckpoint(manager, epoch_variable),
@@ -159,5 +162,9 @@ def run(config, arrays=None, print_fn=print):
                             f"logs up to there are in {config.model_dir}")
     logs = {k: float(v[-1]) for k, v in history.history.items() if v}
     run_dir.mark_done(config, logs)
+    freq = config.epochs_between_evals
+    print_fn(console.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
+                                  last_eval_epoch=config.train_epochs // freq * freq,
+                                  resumed_after=initial_epoch), flush=True)
     return RunResult("finished", config.train_epochs, logs, model)
 

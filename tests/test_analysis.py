@@ -219,16 +219,18 @@ def test_figure_plots_the_given_arrays(name):
 
     assert [line.get_label() for line in ax.lines] == [figures.label_of(n)
                                                       for n in FIGURE_RUNS[name]]
+    percent = 100.0 if tag == tags.EPOCH_ACCURACY else 1.0     # accuracy in %, as in the table
     for line, run in zip(ax.lines, FIGURE_RUNS[name]):
         np.testing.assert_array_equal(line.get_xdata(), steps)
-        np.testing.assert_array_equal(line.get_ydata(), data[run][0][1])
+        np.testing.assert_allclose(line.get_ydata(), data[run][0][1] * percent, rtol=1e-15)
     assert not ax.collections                      # one seed: no band
     assert ax.get_yscale() == ("log" if name == "conv_sqsum_log" else "linear")
 
 
 def test_relative_step_leaves_out_epoch_0():
     steps = np.arange(0, 4)
-    data = {figures.BASELINE: [(steps, np.array([0.0, 3.0, 2.0, 1.0]))]}
+    data = {figures.BASELINE: [(steps, np.array([0.0, 3.0, 2.0, 1.0]))],
+            figures.NOCONV_L2: [(steps, np.array([0.0, 4.0, 3.0, 2.0]))]}
     line = figures.relative_step(data).axes[0].lines[0]
     np.testing.assert_array_equal(line.get_xdata(), [1, 2, 3])
     np.testing.assert_array_equal(line.get_ydata(), [3.0, 2.0, 1.0])
@@ -246,7 +248,8 @@ def test_seeds_are_drawn_as_mean_and_min_max_band():
     np.testing.assert_array_equal(lo, stacked.min(axis=0))
     np.testing.assert_array_equal(hi, stacked.max(axis=0))
 
-    ax = figures.test_accuracy({figures.BASELINE: seeds}).axes[0]
+    other = [(steps, np.full(EPOCHS, 0.5))]
+    ax = figures.conv_sqsum({figures.BASELINE: seeds, figures.NOCONV_L2: other}).axes[0]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), stacked.mean(axis=0), rtol=1e-15)
     (band,) = ax.collections
     band_y = band.get_paths()[0].vertices[:, 1]
@@ -264,15 +267,105 @@ def test_seeds_of_different_lengths_average_what_exists():
     np.testing.assert_array_equal(hi, [3.0, 6.0, 3.0])
 
 
-def test_figures_skip_missing_runs_with_a_note(capsys):
+def test_a_figure_without_its_run_is_not_drawn(capsys):
+    """bn098_accuracy is about the BN 0.98 run: with only the baseline it says nothing."""
     only_baseline = {figures.BASELINE: [(np.arange(1, 4), np.array([0.5, 0.6, 0.7]))]}
-    fig = figures.conv_lr_scale_accuracy(only_baseline)
-    assert [line.get_label() for line in fig.axes[0].lines] == ["Baseline"]
+    for make in (figures.bn098_accuracy, figures.conv_lr_scale_accuracy, figures.test_accuracy):
+        assert make(only_baseline) is None
     err = capsys.readouterr().err
-    assert "NoConvL2" in err and "ConvLRScale" in err
+    assert "ConvLRScale BN 0.98" in err and "skipped" in err
+    assert figures.test_accuracy_all({}) is None
 
-    assert figures.test_accuracy({}) is None
-    assert "skipped" in capsys.readouterr().err
+
+def test_a_figure_missing_another_run_says_so_in_its_title(capsys):
+    series = [(np.arange(1, 4), np.array([0.5, 0.6, 0.7]))]
+    fig = figures.conv_lr_scale_accuracy({figures.BASELINE: series, figures.CONV_LR_SCALE: series})
+    assert [line.get_label() for line in fig.axes[0].lines] == ["Baseline", "ConvLRScale"]
+    assert "(no NoConvL2 run)" in fig._suptitle.get_text()
+    assert "NoConvL2" in capsys.readouterr().err
+    complete = figures.conv_lr_scale_accuracy(
+        {figures.BASELINE: series, figures.NOCONV_L2: series, figures.CONV_LR_SCALE: series})
+    assert "no " not in complete._suptitle.get_text()
+    fit_alone = figures.piecewise_factor({})
+    assert "no Baseline run" in fit_alone._suptitle.get_text()
+
+
+QUICK = {"data_source": "binary", "train_epochs": 6, "steps_per_epoch": 160, "batch_size": 128,
+         "boundary_epochs": [2.0, 4.0], "decay_rates": [1.0, 0.1, 0.01]}
+
+
+def every_figure(seeds=1, config=QUICK):
+    """Each figure of FIGURES drawn from made-up curves of every run, with run configs."""
+    rng = np.random.default_rng(4)
+    out = {}
+    for name, (make, tag, _) in figures.FIGURES.items():
+        steps = np.arange(1 if tag == tags.CONV_RELATIVE_STEP else 0, EPOCHS + 1)
+        low, high = (0.1, 0.9) if tag == tags.EPOCH_ACCURACY else (500.0, 900.0)
+        data = {n: [(steps, rng.uniform(low, high, len(steps))) for _ in range(seeds)] for n in ALL_NAMES}
+        out[name] = make(data, configs={n: [config] * seeds for n in ALL_NAMES})
+    return out
+
+
+def test_figures_have_titles_axis_words_and_accuracy_in_percent():
+    for name, fig in every_figure().items():
+        ax = fig.axes[0]
+        _, tag, _ = figures.FIGURES[name]
+        assert fig._suptitle.get_text(), name
+        assert ax.get_xlabel() == "epoch"
+        ylabel = ax.get_ylabel()
+        assert " " in ylabel and "_" not in ylabel, (name, ylabel)      # words, not a tag name
+        if tag == tags.EPOCH_ACCURACY:
+            assert ylabel == "test accuracy (%)"
+            runs = [l for l in ax.lines if l.get_linestyle() == "-"]
+            values = np.concatenate([l.get_ydata() for l in runs])
+            assert 10 <= values.min() and values.max() <= 90             # made from 0.1 .. 0.9
+            assert 5 <= ax.get_ylim()[0] and 50 < ax.get_ylim()[1] <= 95      # a % axis
+
+
+def test_figures_mark_the_learning_rate_boundaries_from_the_configs():
+    for name, fig in every_figure().items():
+        ax = fig.axes[0]
+        dotted = [l for l in ax.lines if l.get_label() in (figures.BOUNDARY_LABEL, "_nolegend_")
+                  and l.get_linestyle() == ":"]
+        assert [tuple(l.get_xdata()) for l in dotted] == [(2.0, 2.0), (4.0, 4.0)], name
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend.count(figures.BOUNDARY_LABEL) == 1, name
+
+
+def test_subtitle_gives_data_schedule_and_seeds():
+    for name, fig in every_figure(seeds=2).items():
+        sub = fig.axes[0].get_title()
+        assert sub == "CIFAR-10 (binary files) · 6 short epochs of 160 steps, batch 128 · 2 seeds", name
+    post = dict(QUICK, data_source="tfds", train_epochs=150, steps_per_epoch=None, boundary_epochs=[50, 100])
+    series = [(np.arange(1, 4), np.array([0.5, 0.6, 0.7]))]
+    fig = figures.test_accuracy({figures.BASELINE: series * 2, figures.NOCONV_L2: series},
+                                configs={figures.BASELINE: [post, post], figures.NOCONV_L2: [post]})
+    assert fig.axes[0].get_title() == ("CIFAR-10 (TFDS) · the post's schedule (150 full epochs, "
+                                       "batch 128) · 1–2 seeds per run")
+
+
+def test_per_layer_tags_read_new_and_earlier_names():
+    names = [tags.CONV_SQSUM, tags.per_layer(tags.CONV_SQSUM, "conv2d_1"), "conv_sqsum/conv2d",
+             "conv_sqsum/conv2d_1", tags.per_layer(tags.CONV_RELATIVE_STEP, "conv2d")]
+    assert tags.per_layer(tags.CONV_SQSUM, "conv2d_3") == "per_layer/conv_sqsum/conv2d_3"
+    assert tags.per_layer_tags(names, tags.CONV_SQSUM) == {
+        "conv2d": "conv_sqsum/conv2d", "conv2d_1": "per_layer/conv_sqsum/conv2d_1"}
+    assert tags.per_layer_series({n: i for i, n in enumerate(names)}, tags.CONV_RELATIVE_STEP) == {"conv2d": 4}
+
+
+def test_events_skip_the_custom_scalars_layout(tmp_path):
+    """The layout training writes is a string tensor beside the scalars: readers skip it."""
+    from resnet_cifar import callbacks
+    from tensorboard.plugins.custom_scalar import summary as cs_summary
+
+    run = write_run(str(tmp_path / "run"), train={tags.CONV_SQSUM: ([0, 1], [800.0, 900.0])})
+    writer = tf.summary.create_file_writer(os.path.join(run, tags.TRAIN_DIR))
+    with writer.as_default():
+        tf.summary.experimental.write_raw_pb(cs_summary.pb(callbacks.scalars_layout()).SerializeToString(),
+                                             step=0)
+    writer.close()
+    assert events.list_tags(run) == [tags.CONV_SQSUM]
+    np.testing.assert_array_equal(events.read_scalars(run, tags.CONV_SQSUM)[1], [800.0, 900.0])
 
 
 # --- summary.py ---------------------------------------------------------------------------
@@ -338,6 +431,21 @@ def test_cli_writes_every_figure_and_the_table(results, tmp_path):
     acc = f32(logs[figures.NOCONV_L2][0][1][tags.EPOCH_ACCURACY][1])[-1]
     assert float(table[figures.NOCONV_L2]["test_accuracy_mean"]) == acc
     assert "ConvLRScale BN 0.98" in (out / "summary.md").read_text()
+
+
+def test_cli_writes_no_figure_about_a_missing_run(tmp_path):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "results"
+    for name in (figures.BASELINE, figures.CONV_LR_SCALE):
+        train, validation = fake_logs(rng)
+        write_run(str(root / name), train, validation, done=True)
+    out = tmp_path / "figs"
+    proc = run_cli(str(root), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    written = {p.stem for p in out.glob("*.png")}
+    assert written == {"conv_lr_scale_accuracy", "relative_step_all", "conv_sqsum_log",
+                       "test_accuracy_all", "piecewise_factor"}
+    assert "bn098_accuracy: no ConvLRScale BN 0.98" in proc.stderr
 
 
 @pytest.mark.parametrize("folder", ["empty", "missing"])

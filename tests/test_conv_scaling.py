@@ -22,7 +22,12 @@ def layer_curve(i):
     return (10.0 + i) * (1.0 + 0.01 * (i + 1)) ** EPOCHS
 
 
-def fabricate_baseline(path, done=True, with_sqsum=True, epochs=EPOCHS):
+def old_per_layer(tag, layer):
+    """Per-layer tag names of runs logged before the `per_layer/` prefix."""
+    return f"{tag}/{layer}"
+
+
+def fabricate_baseline(path, done=True, with_sqsum=True, epochs=EPOCHS, per_layer=tags.per_layer):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, tags.RUN_CONFIG_FILE), "w") as f:
         json.dump({"config": {"conv_l2": True}}, f)
@@ -37,7 +42,7 @@ def fabricate_baseline(path, done=True, with_sqsum=True, epochs=EPOCHS):
                 tf.summary.scalar(tags.CONV_SQSUM, TOTAL[e], step=int(e))
                 # Written in reverse order: the reader must align by name, not by position.
                 for i in reversed(range(len(LAYERS))):
-                    tf.summary.scalar(tags.per_layer(tags.CONV_SQSUM, LAYERS[i]), layer_curve(i)[e], step=int(e))
+                    tf.summary.scalar(per_layer(tags.CONV_SQSUM, LAYERS[i]), layer_curve(i)[e], step=int(e))
     writer.close()
     return path
 
@@ -51,8 +56,11 @@ def test_replay_factor_by_hand(tmp_path):
         np.testing.assert_allclose(got, 1100.0 / baseline, rtol=1e-6, err_msg=f"epoch {epoch}")
 
 
-def test_per_layer_factor_by_hand(tmp_path):
-    traj = trainer.load_baseline(fabricate_baseline(str(tmp_path / "b")), train_epochs=4)
+@pytest.mark.parametrize("naming", ["per_layer/<tag>/<layer>", "<tag>/<layer> (earlier runs)"])
+def test_per_layer_factor_by_hand(tmp_path, naming):
+    per_layer = tags.per_layer if naming.startswith("per_layer") else old_per_layer
+    traj = trainer.load_baseline(fabricate_baseline(str(tmp_path / "b"), per_layer=per_layer),
+                                 train_epochs=4)
     factor = conv_scaling.ConvLRFactor("per_layer", traj.aligned(LAYERS))
     sq = np.arange(1, 23, dtype=np.float32) * 3.0
     epoch = 2.5

@@ -179,7 +179,8 @@ def raw_events(model_dir, subdir):
                               purge_orphaned_data=False)
     acc.Reload()
     return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-            for tag in acc.Tags()[ea.TENSORS]}
+            for tag in acc.Tags()[ea.TENSORS]
+            if acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"}   # not the layout
 
 
 def duplicated_epochs(model_dir):

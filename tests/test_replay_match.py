@@ -1,6 +1,7 @@
 """The replay-match comparison (global vs per-layer factor) against hand-computed ratios."""
 
 import numpy as np
+import pytest
 
 from analysis import make_figures, replay_match
 from resnet_cifar import events, tags
@@ -10,17 +11,20 @@ EPOCHS = np.arange(0, 5)
 LAYERS = ["conv2d", "conv2d_1", "conv2d_2"]
 
 
-def run_logs(rel, layer_rel, sqsum):
+def run_logs(rel, layer_rel, sqsum, per_layer=tags.per_layer):
     train = {tags.CONV_RELATIVE_STEP: (EPOCHS[1:], rel), tags.CONV_SQSUM: (EPOCHS, sqsum)}
     for name, values in zip(LAYERS, layer_rel):
-        train[tags.per_layer(tags.CONV_RELATIVE_STEP, name)] = (EPOCHS[1:], values)
+        train[per_layer(tags.CONV_RELATIVE_STEP, name)] = (EPOCHS[1:], values)
     return train
 
 
-def fabricate(tmp_path):
+def fabricate(tmp_path, old_baseline=False):
+    """old_baseline: the baseline's per-layer tags named as before the per_layer/ prefix."""
     base_rel = np.array([4e-3, 2e-3, 1e-3, 5e-4])
     base_layers = [base_rel * k for k in (0.5, 1.0, 2.0)]
-    write_run(str(tmp_path / "baseline" / "seed_0"), run_logs(base_rel, base_layers, np.full(5, 900.0)),
+    base_names = (lambda tag, layer: f"{tag}/{layer}") if old_baseline else tags.per_layer
+    write_run(str(tmp_path / "baseline" / "seed_0"),
+              run_logs(base_rel, base_layers, np.full(5, 900.0), base_names),
               config={"conv_grad_scale": False}, done=True)
     # Global replay: the mean matches within 10%, layers are off by x0.8 .. x1.3.
     glob_rel = base_rel * np.array([1.0, 1.1, 0.95, 1.05])
@@ -39,8 +43,9 @@ def fabricate(tmp_path):
     return make_figures.load_results(events.find_runs(str(tmp_path)))
 
 
-def test_rows_match_hand_computation(tmp_path):
-    table = {r["run"]: r for r in replay_match.rows(fabricate(tmp_path))}
+@pytest.mark.parametrize("old_baseline", [False, True], ids=["per_layer_names", "earlier_names"])
+def test_rows_match_hand_computation(tmp_path, old_baseline):
+    table = {r["run"]: r for r in replay_match.rows(fabricate(tmp_path, old_baseline))}
     assert set(table) == {"conv_lr_scale", "conv_lr_scale_per_layer"}
     g, p = table["conv_lr_scale"], table["conv_lr_scale_per_layer"]
     assert abs(g["mean_step_max_dev"] - 0.10) < 1e-5 and g["within_tolerance"]

@@ -207,14 +207,16 @@ def test_late_phase_of_an_unfinished_run_is_nan_where_not_logged(tmp_path):
 def test_relative_step_figures_show_the_predicted_levels(make):
     steps = np.arange(1, 151)
     data = {figures.BASELINE: [(steps, np.full(150, 3e-3))],
-            figures.NOCONV_L2: [(steps, np.full(150, 1e-3))]}
+            figures.NOCONV_L2: [(steps, np.full(150, 1e-3))],
+            figures.CONV_LR_SCALE: [(steps, np.full(150, 2e-3))]}
     levels = theory.level_segments(POST_CONFIG)
 
     ax = make(data, levels=levels, log_y=True).axes[0]
 
     dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    runs = 2 if make is figures.relative_step else 3
     assert [line.get_label() for line in ax.lines[:2]] == ["Baseline", "NoConvL2"]
-    assert len(dashed) == 3 and ax.lines[2:] == dashed
+    assert len(dashed) == 3 and ax.lines[runs:] == dashed
     for line, (start, end, _), value in zip(dashed, theory.phases(POST_CONFIG),
                                             [4.588e-3, 1.451e-3, 4.588e-4]):
         np.testing.assert_array_equal(line.get_xdata(), [start, end])
@@ -226,10 +228,10 @@ def test_relative_step_figures_show_the_predicted_levels(make):
 
 def test_levels_without_prediction_are_skipped():
     steps = np.arange(1, 7)
-    data = {figures.BASELINE: [(steps, np.full(6, 3e-3))]}
+    data = {figures.BASELINE: [(steps, np.full(6, 3e-3))], figures.NOCONV_L2: [(steps, np.full(6, 1e-3))]}
     noconv = theory.predicted_levels(dict(POST_CONFIG, conv_l2=False, train_epochs=6))
     ax = figures.relative_step(data, levels=noconv).axes[0]
-    assert len(ax.lines) == 1 and ax.get_yscale() == "linear"
+    assert len(ax.lines) == 2 and ax.get_yscale() == "linear"
 
 
 # --- the command line's theory tables ---------------------------------------------------

@@ -151,6 +151,59 @@ def test_event_files_contain_every_documented_tag(short_run):
     np.testing.assert_allclose(lr, [0.025, 0.025, 0.025, 0.025, 0.0025], rtol=1e-6)
 
 
+def test_no_duplicate_or_iteration_stepped_tags(short_run):
+    """Each main tag is one TensorBoard card: per-layer values only under per_layer/,
+    one learning-rate tag, and nothing logged at optimizer iterations."""
+    model_dir, _ = short_run
+    train_tags = events.list_tags(str(model_dir), tags.TRAIN_DIR)
+    all_tags = train_tags + events.list_tags(str(model_dir), tags.VALIDATION_DIR)
+    assert not [t for t in all_tags if "learning_rate" in t and t != tags.LEARNING_RATE]
+    assert not [t for t in all_tags if t.startswith("evaluation_")]
+    top_level = [t for t in train_tags if not t.startswith(tags.PER_LAYER_PREFIX + "/")]
+    assert sorted(top_level) == sorted([tags.EPOCH_LOSS, tags.EPOCH_ACCURACY, tags.EPOCH_L2_LOSS,
+                                        tags.CONV_SQSUM, tags.CONV_RELATIVE_STEP,
+                                        tags.CONV_LR_FACTOR, tags.LEARNING_RATE])
+    for subdir in (tags.TRAIN_DIR, tags.VALIDATION_DIR):
+        for tag in events.list_tags(str(model_dir), subdir):
+            assert max(events.read_scalars(str(model_dir), tag, subdir)[0]) <= 4, (subdir, tag)
+
+
+def read_layout(model_dir):
+    """The custom-scalars layout(s) logged in train/, parsed with TensorBoard's own proto."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    from tensorboard.util import tensor_util
+
+    acc = ea.EventAccumulator(os.path.join(model_dir, tags.TRAIN_DIR), size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+    if metadata.CONFIG_SUMMARY_TAG not in acc.Tags()[ea.TENSORS]:
+        return []
+    return [layout_pb2.Layout.FromString(tensor_util.make_ndarray(e.tensor_proto).item())
+            for e in acc.Tensors(metadata.CONFIG_SUMMARY_TAG)]
+
+
+def test_custom_scalars_layout_shows_the_posts_curves_first(short_run):
+    import re
+
+    model_dir, _ = short_run
+    (layout,) = read_layout(str(model_dir))                # written once
+    first = layout.category[0]
+    assert not first.closed
+    logged = set(events.list_tags(str(model_dir), tags.TRAIN_DIR)) | set(
+        events.list_tags(str(model_dir), tags.VALIDATION_DIR))
+    chart_tags = [[t for t in logged if any(re.search(rx, t) for rx in chart.multiline.tag)]
+                  for chart in first.chart]
+    # The three curves of the post come first, one tag each; every chart shows something.
+    assert chart_tags[:3] == [[tags.EPOCH_ACCURACY], [tags.CONV_SQSUM], [tags.CONV_RELATIVE_STEP]]
+    assert "test accuracy" in first.chart[0].title
+    assert all(chart_tags)
+    # The per-layer curves are apart, folded, and only there.
+    per_layer = [t for c in layout.category[1:] for chart in c.chart for rx in chart.multiline.tag
+                 for t in logged if re.search(rx, t)]
+    assert len(per_layer) == 2 * len(LAYERS) and all(c.closed for c in layout.category[1:])
+    assert not set(per_layer) & {t for ts in chart_tags for t in ts}
+
+
 def test_run_config_records_the_run(short_run):
     model_dir, _ = short_run
     with open(model_dir / tags.RUN_CONFIG_FILE) as f:
@@ -168,6 +221,54 @@ def test_progress_output(short_run):
     lines = [line for line in r.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split(" | ")[0] for line in lines] == [f"epoch {i}/4" for i in range(1, 5)]
     assert all("ETA" in line and "test acc" in line for line in lines)
+    # Keras' verbose=2 line of each epoch ends before the summary starts.
+    assert len([line for line in r.stdout.splitlines() if ", ETA " in line]) == 4
+
+
+def block_lines(stdout):
+    """The end-of-run block: the lines between the last two rules of dashes."""
+    lines = stdout.splitlines()
+    rules = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+    assert len(rules) >= 2, stdout[-2000:]
+    return lines[rules[-2] + 1:rules[-1]]
+
+
+def assert_final_block(stdout, model_dir, epochs):
+    """The block's numbers against the event files, its paths against the disk."""
+    block = "\n".join(block_lines(stdout))
+    d = os.path.abspath(str(model_dir))
+    _, acc = events.read_scalars(d, tags.EPOCH_ACCURACY, tags.VALIDATION_DIR)
+    _, loss = events.read_scalars(d, tags.EPOCH_LOSS, tags.TRAIN_DIR)
+    _, sqsum = events.read_scalars(d, tags.CONV_SQSUM, tags.TRAIN_DIR)
+    assert f"finished: {epochs} epochs" in block
+    assert f"test accuracy  {100 * acc[-1]:.2f} %" in block, block
+    assert f"train loss     {loss[-1]:.4f}" in block, block
+    assert f"conv_sqsum     {sqsum[-1]:.1f}" in block, block
+    for path in (os.path.join(d, tags.TRAIN_DIR), os.path.join(d, tags.VALIDATION_DIR),
+                 os.path.join(d, "checkpoints"), os.path.join(d, tags.RUN_CONFIG_FILE),
+                 os.path.join(d, tags.DONE_FILE)):
+        assert path in block and os.path.exists(path), path
+    command = next(line for line in block.splitlines() if "tensorboard --logdir" in line)
+    assert command.split("TensorBoard: ", 1)[1] == f"tensorboard --logdir {d}"
+
+
+def test_final_block(short_run):
+    model_dir, r = short_run
+    assert_final_block(r.stdout, model_dir, 4)
+
+
+def test_progress_bar_and_epoch_summary_on_separate_lines(tmp_path):
+    """verbose=1: Keras' progress bar rewrites its line with \\r; the summary starts a new one."""
+    model_dir = tmp_path / "run"
+    r = run_cli(f"--model_dir={model_dir}", "--data_source=synthetic", "--train_epochs=2",
+                "--steps_per_epoch=3", "--eval_steps=1", "--batch_size=8", "--verbose=1", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split("\n")
+    at = [i for i, line in enumerate(lines) if ", ETA " in line]
+    assert [lines[i].split(" | ")[0] for i in at] == ["epoch 1/2", "epoch 2/2"], r.stdout
+    # Each follows its epoch's finished bar (with the test metrics), not a bar still running.
+    assert all("━" in lines[i - 1] and "val_accuracy" in lines[i - 1] for i in at), r.stdout
+    assert_final_block(r.stdout, model_dir, 2)
 
 
 def test_finished_run_rerun_is_a_no_op(short_run):
