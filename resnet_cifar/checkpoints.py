@@ -76,6 +76,9 @@ class CheckpointStore:
         self.directory = directory
         self.keep = keep
         self.good: List[int] = []      # checkpoints known to read back whole, oldest first
+        # Checkpoint.save() (and so CheckpointManager) records a save counter; write()
+        # records it only once it exists: create it, so both kinds of files match.
+        checkpoint.save_counter  # noqa: B018
 
     def prefix(self, number: int) -> str:
         return os.path.join(self.directory, name(number))
@@ -102,8 +105,7 @@ class CheckpointStore:
         if skipped:
             raise NothingReadable(
                 f"no checkpoint in {self.directory} reads back whole ("
-                + "; ".join(f"{n}: {r}" for n, r in skipped)
-                + "); use --overwrite to start this run afresh")
+                + "; ".join(f"{n}: {r}" for n, r in skipped) + ")")
         return 0, []
 
     def save(self, checkpoint_number: int) -> str:
@@ -114,6 +116,7 @@ class CheckpointStore:
             else "no earlier checkpoint exists"
         try:
             os.makedirs(self.directory, exist_ok=True)
+            self.checkpoint.save_counter.assign(number)
             self.checkpoint.write(prefix)
             reason = unreadable_reason(prefix)
             if reason is not None:

@@ -113,6 +113,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def steps_per_epoch_for(config, num_train_images):
+    """Train steps per epoch of `config` on a training set of this size; refuses a batch
+    larger than the data and a --steps_per_execution that would add steps."""
+    if num_train_images < config.batch_size:
+        raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
+                          f"{num_train_images} training images")
+    steps_per_epoch = config.steps_per_epoch or num_train_images // config.batch_size
+    check_steps_per_execution(config, steps_per_epoch)
+    return steps_per_epoch
+
+
 def check_steps_per_execution(config, steps_per_epoch):
     """Keras runs whole executions: one that overran an epoch would train extra steps."""
     if steps_per_epoch % config.steps_per_execution:

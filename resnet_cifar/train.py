@@ -85,9 +85,10 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0])
+        fail(str(e).splitlines()[0].removeprefix("ERROR:: "))
     except UnicodeDecodeError as e:          # a flagfile that is not text
-        fail(f"a --flagfile is not UTF-8 text ({e.reason} at byte {e.start})")
+        names = [a.split("=", 1)[1] for a in argv if a.startswith(("--flagfile=", "-flagfile="))]
+        fail(f"--flagfile={','.join(names) or '?'}: not UTF-8 text ({e.reason} at byte {e.start})")
     except OSError as e:                     # a flagfile that is a folder, unreadable, ...
         fail(f"cannot read flagfile {e.filename}: {e.strerror or e}")
 
@@ -122,6 +123,7 @@ def _main(argv):
             print(run_dir.finished_message(config), flush=True)
             return
         arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
+        config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
     except (config_lib.ConfigError, cifar_data.DataError) as e:
         fail(str(e))
 

@@ -120,17 +120,6 @@ def build_model(config, steps_per_epoch, baseline=None):
     return model
 
 
-def check_data(config, arrays):
-    """Steps per epoch for `config` on `arrays`; refuses what would not train as asked."""
-    num_train = len(arrays.train_labels)
-    if num_train < config.batch_size:
-        raise config_lib.ConfigError(f"--batch_size={config.batch_size} is larger than the "
-                                     f"{num_train} training images")
-    steps_per_epoch = config.steps_per_epoch or num_train // config.batch_size
-    config_lib.check_steps_per_execution(config, steps_per_epoch)
-    return steps_per_epoch
-
-
 def run(config, arrays=None, print_fn=print):
     """Trains `config.train_epochs` epochs (resuming if the model dir holds a checkpoint).
 
@@ -182,7 +171,7 @@ def _run(config, arrays, print_fn, progress):
 
     if arrays is None:
         arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
-    steps_per_epoch = check_data(config, arrays)
+    steps_per_epoch = config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
     baseline = None
     if config.conv_grad_scale and config.conv_lr_factor in ("replay", "per_layer"):
         baseline = load_baseline(config.replay_from, config.train_epochs)
@@ -195,7 +184,17 @@ def _run(config, arrays, print_fn, progress):
         if state.finished:        # another process finished it meanwhile
             print_fn(run_dir.finished_message(config), flush=True)
             return RunResult("already_finished", config.train_epochs, {})
-        return _train(config, arrays, print_fn, progress, model, steps_per_epoch)
+        try:
+            return _train(config, arrays, print_fn, progress, model, steps_per_epoch)
+        except checkpoints.NothingReadable as e:
+            if not config.overwrite:
+                raise config_lib.ConfigError(f"{e}; use --overwrite to start this run afresh") from None
+            print_fn(f"{e}; starting afresh (--overwrite)", flush=True)
+            run_dir.clear(config.model_dir)
+            keras.utils.set_random_seed(config.seed)   # failed restores may have assigned some weights
+            model = build_model(config, steps_per_epoch, baseline)
+            progress.model = model
+            return _train(config, arrays, print_fn, progress, model, steps_per_epoch)
     except (config_lib.ConfigError, cifar_data.DataError):
         if created:
             lock.release()
@@ -209,10 +208,7 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
     store = checkpoints.CheckpointStore(checkpoint, os.path.join(config.model_dir, run_dir.CHECKPOINTS))
-    try:
-        restored, skipped = store.restore()
-    except checkpoints.NothingReadable as e:
-        raise config_lib.ConfigError(str(e)) from None
+    restored, skipped = store.restore()
     progress.store = store
     initial_epoch = int(epoch_variable.numpy())
     skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
