@@ -54,8 +54,9 @@ def damaged_event_files(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_D
                 for _ in tf.data.TFRecordDataset(path):
                     pass
             except tf.errors.OpError as e:
-                reason = " ".join(str(getattr(e, "message", e)).split())
-                out.append(f"{path}: {reason.split(' failed with')[0].rstrip(chr(39))}")
+                text = " ".join(str(getattr(e, "message", e)).split())
+                found = re.search(r"(truncated|corrupted) record at \d+", text)
+                out.append(f"{path}: {found.group(0) if found else text[:200]}")
     return out
 
 
