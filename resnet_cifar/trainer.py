@@ -1,7 +1,9 @@
 """Train and evaluate one run from a `TrainConfig`: the library behind `resnet_cifar.train`."""
 
 import dataclasses
+import errno
 import os
+import re
 
 import keras
 import numpy as np
@@ -243,6 +245,16 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
         )
     except checkpoints.SaveError as e:
         raise TrainingError(str(e)) from None
+    except (tf.errors.ResourceExhaustedError, OSError) as e:
+        # A full disk hits the event files as often as the checkpoints (or memory ran out).
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        text = " ".join(re.sub(r"\{\{[^}]*\}\}", "", str(getattr(e, "message", e))).split())
+        text = re.sub(r"(No space left on device).*", r"\1", text)
+        kept = (f"checkpoint {checkpoints.name(store.good[-1])} is kept" if store.good
+                else "no epoch had finished")
+        raise TrainingError(f"{type(e).__name__}: {text[:300]}; training stopped, {kept}: free space "
+                            "(or memory) and run the same command to resume") from None
     if nan_stop.where is not None:
         epoch, step, loss = nan_stop.where
         raise TrainingError(f"{nan_stop.what} became {loss} at epoch {epoch}, step {step}: training stopped; "

@@ -981,3 +981,56 @@ def test_analysis_names_a_damaged_event_file_and_marks_the_run_incomplete(refere
         rows = {r["name"]: r for r in csv.DictReader(f)}
     assert rows["noconv_l2"]["complete"] == "no" and rows["noconv_l2"]["damaged_seeds"] == "1"
     assert rows["baseline"]["complete"] == "yes"
+
+
+# ----------------------------------------------------------------------------- 12. a full disk, for real
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 104 MB tmpfs (the trainer wants 100 MB free to start); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=104m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (the in-process save failure test covers the checkpoint)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_mid_run_stops_in_one_line_and_resumes(data, small_disk, tmp_path):
+    model_dir = str(small_disk / "run")
+    args = train_args(model_dir, data)
+    err_path = tmp_path / "full.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", *args], cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    filler = small_disk / "filler"
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1/3 |"):
+                with open(filler, "wb") as f:      # fill the disk while epoch 2 runs
+                    try:
+                        while True:
+                            f.write(b"\0" * 2**20)
+                    except OSError:
+                        pass
+                break
+        proc.stdout.read()
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = err_path.read_text()
+    r = types.SimpleNamespace(returncode=proc.returncode, stderr="\n".join(
+        line for line in stderr.splitlines() if not line.startswith("\t")))   # TF's continuation lines
+    assert_one_error_line(r, 1, "No space left on device", "ckpt-1 is kept", "the same command")
+    assert os.path.basename(latest_checkpoint(model_dir)) == "ckpt-1"
+
+    filler.unlink()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^resuming .* after epoch 1 \(ckpt-1\)", r.stdout, re.M), r.stdout
+    assert os.path.exists(os.path.join(model_dir, tags.DONE_FILE))
