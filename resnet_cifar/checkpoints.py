@@ -7,8 +7,9 @@ checkpoint. Here the files themselves are the truth:
 - restore lists every `ckpt-N.*` on disk, newest first, reads each variable of
   ckpt-N back (the bundle reader checks sizes and CRCs, so a truncated or
   corrupted data file or a missing index is caught) and restores the first that
-  reads back whole, saying which newer ones were skipped and why. When files
-  exist but none reads back, the run is refused: never a silent fresh start.
+  reads back whole, saying which newer ones were skipped and why (and rewrites
+  the index if it named another). When files exist but none reads back, the run
+  is refused: never a silent fresh start.
 - save writes ckpt-N (TensorFlow writes to a temporary name and renames), reads
   it back, then rewrites the index (atomically), and only then deletes
   checkpoints other than ckpt-N and the previous good one. A failed save
@@ -100,6 +101,8 @@ class CheckpointStore:
                     reason = "it does not match this model: " + _short(e)
             if reason is None:
                 self.good = [number]
+                if self._indexed() != name(number):      # damaged, or naming a skipped one
+                    self._write_index(self.good)
                 return number, skipped
             skipped.append((name(number), reason))
         if skipped:
@@ -133,6 +136,15 @@ class CheckpointStore:
             if other not in self.good:
                 self._remove(other)
         return prefix
+
+    def _indexed(self) -> Optional[str]:
+        """The checkpoint the index names, if it can be read."""
+        try:
+            with open(os.path.join(self.directory, INDEX_FILE)) as f:
+                found = re.search(r'^model_checkpoint_path: "([^"]*)"', f.read(), re.M)
+        except (OSError, UnicodeDecodeError):
+            return None
+        return os.path.basename(found.group(1)) if found else None
 
     def _write_index(self, good: List[int]) -> None:
         """The CheckpointState text proto that tf.train.latest_checkpoint reads, atomically."""

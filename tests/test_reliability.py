@@ -783,6 +783,7 @@ def test_restore_uses_the_newest_checkpoint_that_reads_back_whole(tmp_path, kind
     assert restored == want and (variables["w"].numpy() == want).all(), (kind, restored, skipped)
     assert [name for name, _ in skipped] == ([] if want == 2 else ["ckpt-2"])
     assert all("\n" not in reason for _, reason in skipped)
+    assert latest_checkpoint_in(folder) == f"ckpt-{want}"          # the index is repaired
 
     # The next save replaces the damaged files; the good checkpoint it resumed from stays.
     variables["w"].assign(np.full(3000, 9, np.float32))
