@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import models, tags
+from resnet_cifar import interrupt, models, tags
 from resnet_cifar.train_step import layer_sqsum
 
 
@@ -98,8 +98,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
             # (EpochTensorBoard, earlier in the list, put conv_sqsum in `logs`),
             # and the test loss (NaN batch-norm statistics leave the train loss finite).
             return
-        from resnet_cifar import interrupt
-
         with interrupt.deferred():
             self.epoch_variable.assign(epoch + 1)
             self.store.save(checkpoint_number=epoch + 1)
