@@ -34,9 +34,13 @@ def load_results(runs: Dict[str, List[str]]) -> Dict[str, List[events.Run]]:
     for name, run_dirs in runs.items():
         for run_dir in run_dirs:
             try:
-                loaded.setdefault(name, []).append(events.load_run(run_dir))
+                run = events.load_run(run_dir)
             except events.EventsError as e:
                 figures.note(f"skipped {run_dir}: {e}")
+                continue
+            for damage in run.damaged:
+                figures.note(f"damaged event file {damage}; read up to the damage, run marked incomplete")
+            loaded.setdefault(name, []).append(run)
     return {name: seeds for name, seeds in loaded.items() if seeds}
 
 

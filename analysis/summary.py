@@ -4,7 +4,8 @@ The post compares final test accuracy (~91% baseline, ~89.5% NoConvL2) and, for
 NoConvL2, a train-test loss gap about 0.024 larger and a train loss about 0.025
 worse. This module computes those per run name from loaded runs (`events.Run`),
 averaging seeds as mean ± sample std, and writes them as summary.md and summary.csv.
-Unfinished runs are summarised from what they logged and marked as such.
+Unfinished runs, and runs with a damaged event file, are summarised from what
+they logged and marked incomplete.
 """
 
 import csv
@@ -32,6 +33,7 @@ class Row:
     test_accuracy: List[float]         # last validation epoch_accuracy
     train_loss: List[float]            # last train epoch_loss
     loss_gap: List[float]              # last validation epoch_loss - last train epoch_loss
+    damaged_seeds: int = 0             # seeds with a damaged event file (never complete)
 
     @property
     def complete(self) -> bool:
@@ -87,6 +89,7 @@ def summarize(runs: Mapping[str, Sequence[events.Run]]) -> List[Row]:
             test_accuracy=[m["test_accuracy"] for m in metrics],
             train_loss=[m["train_loss"] for m in metrics],
             loss_gap=[m["loss_gap"] for m in metrics],
+            damaged_seeds=sum(bool(r.damaged) for r in seeds),
         ))
     return rows
 
@@ -108,7 +111,8 @@ def _fmt_epochs(row: Row) -> str:
 def _fmt_complete(row: Row) -> str:
     if row.complete:
         return "yes"
-    return "no" if row.seeds == 1 else f"no ({row.complete_seeds}/{row.seeds})"
+    text = "no" if row.seeds == 1 else f"no ({row.complete_seeds}/{row.seeds})"
+    return text + (", damaged events" if row.damaged_seeds else "")
 
 
 def to_markdown(rows: Sequence[Row]) -> str:
@@ -121,11 +125,12 @@ def to_markdown(rows: Sequence[Row]) -> str:
         lines.append(f"| {r.label} | {r.seeds} | {_fmt_complete(r)} | {_fmt_epochs(r)} | "
                      f"{_fmt(r.test_accuracy, 100, 2)} | {_fmt(r.train_loss)} | {_fmt(r.loss_gap)} |")
     if any(not r.complete for r in rows):
-        lines += ["", "Incomplete runs (no done.json) are summarised at their last logged epoch."]
+        lines += ["", "Incomplete runs (no done.json, or a damaged event file) are summarised "
+                      "at their last logged epoch."]
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("name", "label", "seeds", "complete_seeds", "complete", "epochs_min",
+CSV_FIELDS = ("name", "label", "seeds", "complete_seeds", "complete", "damaged_seeds", "epochs_min",
               "epochs_max", "train_epochs", "test_accuracy_mean", "test_accuracy_std",
               "train_loss_mean", "train_loss_std", "loss_gap_mean", "loss_gap_std")
 
@@ -141,6 +146,7 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
         writer.writerow(CSV_FIELDS)
         for r in rows:
             cells = [r.name, r.label, r.seeds, r.complete_seeds, "yes" if r.complete else "no",
+                     r.damaged_seeds,
                      min(r.epochs), max(r.epochs), "" if r.train_epochs is None else r.train_epochs]
             for values in (r.test_accuracy, r.train_loss, r.loss_gap):
                 cells += [_csv_number(x) for x in mean_std(values)]

@@ -10,7 +10,7 @@ import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 
-from resnet_cifar import models, tags
+from resnet_cifar import interrupt, models, tags
 from resnet_cifar.console import hms
 from resnet_cifar.train_step import layer_sqsum
 
@@ -129,28 +129,30 @@ def scalars_layout(per_layer_factor=False):
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves model, optimizer accumulators and the epoch count after every epoch.
 
-    `tf.train.CheckpointManager` writes the new checkpoint's files first and only
-    then rewrites its small `checkpoint` index file, so a kill during a save
-    leaves the previous checkpoint in force. Keras' BackupAndRestore restores
+    `store` is a `checkpoints.CheckpointStore`: it writes the new checkpoint, reads
+    it back, and only then updates the index and deletes older ones, so a kill or
+    a full disk during a save leaves the previous checkpoint in force. A signal
+    arriving during a save takes effect after it. Keras' BackupAndRestore restores
     inside `fit`, after the input pipeline exists; the trainer must know the
     epoch before it builds the (resumable) data stream, hence this callback.
     """
 
-    def __init__(self, manager, epoch_variable):
+    def __init__(self, store, epoch_variable):
         super().__init__()
-        self.manager = manager
+        self.store = store
         self.epoch_variable = epoch_variable
 
     def on_epoch_end(self, epoch, logs=None):
-        if (getattr(self.model, "stop_training", False) and _non_finite(logs)) \
-                or _non_finite(logs, tags.CONV_SQSUM):
-            # Never save diverged weights over the last good checkpoint. The loss
+        if any(_non_finite(logs, key) for key in _loss_keys(logs)) or _non_finite(logs, tags.CONV_SQSUM):
+            # Never save diverged state over the last good checkpoint. The loss
             # is computed before each update, so the last step of an epoch can
             # leave NaN weights behind a finite epoch loss: check the weights too
-            # (EpochTensorBoard, earlier in the list, put conv_sqsum in `logs`).
+            # (EpochTensorBoard, earlier in the list, put conv_sqsum in `logs`),
+            # and the test loss (NaN batch-norm statistics leave the train loss finite).
             return
-        self.epoch_variable.assign(epoch + 1)
-        self.manager.save(checkpoint_number=epoch + 1)
+        with interrupt.deferred():
+            self.epoch_variable.assign(epoch + 1)
+            self.store.save(checkpoint_number=epoch + 1)
 
 
 class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
@@ -176,11 +178,25 @@ class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
     def on_epoch_end(self, epoch, logs=None):
         # The loss is computed before each update, so the last step of an epoch can
         # leave non-finite weights behind a finite loss, and after the last epoch no
-        # step follows to notice. EpochTensorBoard put conv_sqsum in `logs`.
-        if self.where is None and _non_finite(logs, tags.CONV_SQSUM):
-            self.where = (epoch + 1, self._batch, float(logs[tags.CONV_SQSUM]))
-            self.what = f"the weights' {tags.CONV_SQSUM}"
-            self.model.stop_training = True
+        # step follows to notice. EpochTensorBoard put conv_sqsum in `logs`. The test
+        # loss can diverge alone (e.g. NaN batch-norm moving statistics).
+        if self.where is not None:
+            return
+        for key in _loss_keys(logs) + [tags.CONV_SQSUM]:
+            if _non_finite(logs, key):
+                self.where = (epoch + 1, self._batch, float(logs[key]))
+                self.what = _DESCRIPTION.get(key, key)
+                self.model.stop_training = True
+                return
+
+
+_DESCRIPTION = {"loss": "loss", "val_loss": "the test loss", "l2_loss": "the L2 loss",
+                tags.CONV_SQSUM: f"the weights' {tags.CONV_SQSUM}"}
+
+
+def _loss_keys(logs):
+    """Every logged loss: train ('loss', 'l2_loss') and test ('val_loss', ...)."""
+    return sorted((k for k in (logs or {}) if k.endswith("loss")), key=lambda k: (k != "loss", k))
 
 
 class EpochSummary(keras.callbacks.Callback):

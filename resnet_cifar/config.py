@@ -6,6 +6,7 @@ Defaults reproduce the post's baseline run.
 """
 
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 from resnet_cifar import fidelity
@@ -13,6 +14,7 @@ from resnet_cifar import fidelity
 DATA_SOURCES = ("tfds", "binary", "synthetic")
 CONV_LR_FACTORS = ("piecewise", "replay", "per_layer")
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
+MAX_SEED = 2**31 - 1       # NumPy seeds stop at 2**32 - 1, TF's int32 seeds at 2**31 - 1
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,14 @@ class TrainConfig:
             fail(f"--conv_lr_factor={self.conv_lr_factor!r}: choose one of {', '.join(CONV_LR_FACTORS)}")
         if self.dtype not in DTYPES:
             fail(f"--dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        for name in ("weight_decay", "bn_decay"):
+            if not math.isfinite(getattr(self, name)):
+                fail(f"--{name}={getattr(self, name)} must be a finite number")
+        for name in ("boundary_epochs", "decay_rates"):
+            if not all(math.isfinite(x) for x in getattr(self, name)):
+                fail(f"--{name}={_csv(getattr(self, name))} must be finite numbers")
+        if not 0 <= self.seed <= MAX_SEED:
+            fail(f"--seed={self.seed} must be in [0, {MAX_SEED}]")
         for name in ("batch_size", "train_epochs", "epochs_between_evals", "steps_per_execution"):
             if getattr(self, name) <= 0:
                 fail(f"--{name}={getattr(self, name)} must be positive")
@@ -96,9 +106,32 @@ class TrainConfig:
             fail("--replay_from is only used with --conv_lr_factor=replay or per_layer")
         if self.verbose not in (0, 1, 2):
             fail(f"--verbose={self.verbose}: choose 0, 1 or 2")
+        if self.steps_per_epoch is not None:
+            check_steps_per_execution(self, self.steps_per_epoch)
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def steps_per_epoch_for(config, num_train_images):
+    """Train steps per epoch of `config` on a training set of this size; refuses a batch
+    larger than the data and a --steps_per_execution that would add steps."""
+    if num_train_images < config.batch_size:
+        raise ConfigError(f"--batch_size={config.batch_size} is larger than the "
+                          f"{num_train_images} training images")
+    steps_per_epoch = config.steps_per_epoch or num_train_images // config.batch_size
+    check_steps_per_execution(config, steps_per_epoch)
+    return steps_per_epoch
+
+
+def check_steps_per_execution(config, steps_per_epoch):
+    """Keras runs whole executions: one that overran an epoch would train extra steps."""
+    if steps_per_epoch % config.steps_per_execution:
+        divisors = [d for d in range(1, min(steps_per_epoch, 10**6) + 1) if steps_per_epoch % d == 0]
+        shown = ", ".join(map(str, divisors[:8])) + (", ..." if len(divisors) > 8 else "")
+        raise ConfigError(f"--steps_per_execution={config.steps_per_execution} must divide the "
+                          f"{steps_per_epoch} steps of an epoch (e.g. {shown}), or epochs would "
+                          "train extra steps")
 
 
 def _csv(values):

@@ -39,6 +39,28 @@ def _event_dir(run_dir: str, subdir: str) -> str:
     return path
 
 
+def damaged_event_files(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR)) -> List[str]:
+    """One line per damaged event file of the run: 'PATH: truncated record at byte N', ...
+
+    TensorBoard's reader stops silently at a truncated or corrupted record and keeps
+    what it read; TFRecord framing carries CRCs, so reading every record finds the
+    damage. Empty when every file reads to its end.
+    """
+    import tensorflow as tf   # only when event files are actually read, like TensorBoard's reader
+
+    out = []
+    for subdir in subdirs:
+        for path in sorted(glob.glob(os.path.join(run_dir, subdir, "*tfevents*"))):
+            try:
+                for _ in tf.data.TFRecordDataset(path):
+                    pass
+            except tf.errors.OpError as e:
+                text = " ".join(str(getattr(e, "message", e)).split())
+                found = re.search(r"(truncated|corrupted) record at \d+", text)
+                out.append(f"{path}: {found.group(0) if found else text[:200]}")
+    return out
+
+
 def _tensor_events(path: str) -> Dict[str, list]:
     """All tensor events of one event folder, tag -> events in reading order."""
     # Imported here: TensorBoard's reader imports TensorFlow, which takes seconds
@@ -156,8 +178,9 @@ class Run:
 
     run_dir: str
     config: dict
-    complete: bool
+    complete: bool                          # done.json written and no event file damaged
     scalars: Dict[str, Dict[str, Series]]   # subdir -> tag -> series
+    damaged: List[str] = dataclasses.field(default_factory=list)   # damaged_event_files()
 
     def series(self, tag: str, subdir: str = tags.TRAIN_DIR) -> Series:
         try:
@@ -172,7 +195,11 @@ class Run:
 
 
 def load_run(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR)) -> Run:
-    """Read a run folder; a sub-folder without event files (a run just started) is empty."""
+    """Read a run folder; a sub-folder without event files (a run just started) is empty.
+
+    A damaged event file is read up to the damage; the run is then not complete, and
+    `damaged` names the file.
+    """
     scalars = {}
     for subdir in subdirs:
         try:
@@ -181,5 +208,6 @@ def load_run(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR)) -> Run
             if glob.glob(os.path.join(run_dir, subdir, "*tfevents*")):
                 raise   # files exist but are unreadable: say so
             scalars[subdir] = {}
+    damaged = damaged_event_files(run_dir, subdirs)
     return Run(run_dir=run_dir, config=read_config(run_dir),
-               complete=is_complete(run_dir), scalars=scalars)
+               complete=is_complete(run_dir) and not damaged, scalars=scalars, damaged=damaged)

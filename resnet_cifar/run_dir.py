@@ -1,5 +1,8 @@
 """The run folder (`--model_dir`): guards before training, run_config.json, done marker.
 
+Nothing is written before every check has passed (`check`); the folder is then
+created and locked for the run's lifetime (`open_run`, `run_lock`).
+
 A run folder belongs to one configuration. Re-running the same command resumes
 it (or says it is finished); a different configuration is refused, naming the
 flags that differ, unless `--overwrite`. Files are written atomically
@@ -15,7 +18,7 @@ import sys
 import time
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import tags
+from resnet_cifar import run_lock, tags
 
 CHECKPOINTS = "checkpoints"
 MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 x ~3.3 MB) and event files, with margin
@@ -26,24 +29,39 @@ OPERATIONAL = ("model_dir", "overwrite", "verbose", "data_dir", "steps_per_execu
 @dataclasses.dataclass(frozen=True)
 class RunDirState:
     finished: bool
+    replace: bool = False       # --overwrite of a run with other flags (or unreadable ones)
 
 
-def prepare(config):
-    """Checks the folder is usable and consistent with `config`; returns its state."""
+def _nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def check(config, locked=False):
+    """Checks the folder is usable and consistent with `config`, writing nothing.
+
+    A refused command therefore leaves no folder behind, and the corrected command
+    just works. `locked`: the caller holds the folder's lock (else a holder refuses).
+    """
     d = config.model_dir
-    try:
-        os.makedirs(d, exist_ok=True)
-        probe = os.path.join(d, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise config_lib.ConfigError(f"--model_dir={d} is not writable ({e.strerror or e})") from None
-    free = shutil.disk_usage(d).free
+    base = _nearest_existing(d)
+    if not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+        what = "not a folder" if not os.path.isdir(base) else "not writable"
+        raise config_lib.ConfigError(f"--model_dir={d} is not writable ({base} is {what})")
+    free = shutil.disk_usage(base).free
     if free < MIN_FREE_BYTES:
         raise config_lib.ConfigError(
             f"--model_dir={d}: only {free / 2**20:.0f} MB free on its disk, a run needs "
             f"{MIN_FREE_BYTES / 2**20:.0f} MB for checkpoints and event files")
+    if not locked:
+        holder = run_lock.holder(d)
+        if holder is not None:
+            raise config_lib.ConfigError(str(run_lock.RunLocked(d, holder)))
 
     path = os.path.join(d, tags.RUN_CONFIG_FILE)
     if not os.path.exists(path):
@@ -64,9 +82,40 @@ def prepare(config):
             f"--model_dir={d} holds a run with other flags ({'; '.join(diffs)}); "
             "use --overwrite to replace it, or another --model_dir")
     if diffs:
-        clear(d)
-        return RunDirState(finished=False)
+        return RunDirState(finished=False, replace=True)
     return RunDirState(finished=os.path.exists(os.path.join(d, tags.DONE_FILE)))
+
+
+def open_run(config):
+    """Creates the folder, takes its lock (one writer per run), re-checks it under the lock.
+
+    Returns (lock, state, created): `created` when this call made the folder, so a
+    refusal before training can remove it. Raises `ConfigError` (one line) if another
+    process holds the folder or the folder cannot be made.
+    """
+    d = config.model_dir
+    created = not os.path.exists(d)
+    try:
+        lock = run_lock.acquire(d)
+    except run_lock.RunLocked as e:
+        raise config_lib.ConfigError(str(e)) from None
+    except OSError as e:
+        raise config_lib.ConfigError(f"--model_dir={d} is not writable ({e.strerror or e})") from None
+    try:
+        state = check(config, locked=True)   # another process may have written it meanwhile
+        if state.replace:
+            clear(d)
+    except BaseException:
+        lock.release()
+        if created:
+            remove_created(d)
+        raise
+    return lock, state, created
+
+
+def remove_created(d):
+    """Removes a folder this process created, after a refusal: nothing is left on disk."""
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def finished_message(config):

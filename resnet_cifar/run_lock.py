@@ -21,6 +21,9 @@ import time
 from typing import Optional
 
 LOCK_FILE = ".lock"
+# `holder()` probes with a shared lock held for microseconds; an exclusive request that
+# meets such a probe is retried for this long before it counts as refused.
+PROBE_GRACE = 1.0
 
 
 class RunLocked(RuntimeError):
@@ -67,11 +70,13 @@ def _describe(fd: int) -> str:
 def acquire(model_dir: str, wait: float = 0.0, poll: float = 0.5) -> RunLock:
     """Takes the folder's lock (creating the folder), waiting up to `wait` seconds.
 
-    Raises `RunLocked` naming the holder if it is still held after `wait`.
+    Raises `RunLocked` naming the holder if it is still held after `wait` (at least
+    `PROBE_GRACE`, so that another process's `holder()` probe is never taken for a run).
     """
     os.makedirs(model_dir, exist_ok=True)
     fd = os.open(_path(model_dir), os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait
+    start = time.monotonic()
+    deadline = start + max(wait, PROBE_GRACE)
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,7 +86,7 @@ def acquire(model_dir: str, wait: float = 0.0, poll: float = 0.5) -> RunLock:
                 holder = _describe(fd)
                 os.close(fd)
                 raise RunLocked(model_dir, holder) from None
-            time.sleep(poll)
+            time.sleep(poll if time.monotonic() - start >= PROBE_GRACE else min(poll, 0.05))
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                          "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
     os.ftruncate(fd, 0)

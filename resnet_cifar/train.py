@@ -14,7 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")   # TF's C++ INFO lines drown
 from absl import app, flags, logging
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import fidelity
+from resnet_cifar import fidelity, interrupt
 
 FLAGS = flags.FLAGS
 
@@ -85,10 +85,25 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0])
+        fail(str(e).splitlines()[0].removeprefix("ERROR:: "))
+    except UnicodeDecodeError as e:          # a flagfile that is not text
+        names = [a.split("=", 1)[1] for a in argv if a.startswith(("--flagfile=", "-flagfile="))]
+        fail(f"--flagfile={','.join(names) or '?'}: not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:                     # a flagfile that is a folder, unreadable, ...
+        fail(f"cannot read flagfile {e.filename}: {e.strerror or e}")
 
 
 def main(argv):
+    with interrupt.handlers():
+        try:
+            _main(argv)
+        except interrupt.Interrupted as e:
+            print(getattr(e, "message", f"stopped by {e.name} before training started"),
+                  file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
+
+
+def _main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
@@ -99,14 +114,16 @@ def main(argv):
         fail(str(e))
 
     # Checks that need no TensorFlow come first: a mistake is reported in a second,
-    # before TF's start-up lines, and before anything is written.
+    # before TF's start-up lines, and before anything is written (the run folder is
+    # created, and locked, only once the run can start).
     from resnet_cifar import cifar_data, run_dir
 
     try:
-        if run_dir.prepare(config).finished:
+        if run_dir.check(config).finished:
             print(run_dir.finished_message(config), flush=True)
             return
         arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
+        config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
     except (config_lib.ConfigError, cifar_data.DataError) as e:
         fail(str(e))
 

@@ -1,15 +1,17 @@
 """Train and evaluate one run from a `TrainConfig`: the library behind `resnet_cifar.train`."""
 
 import dataclasses
+import errno
 import os
+import re
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import (callbacks, cifar_data, config as config_lib, console, conv_scaling, events,
-                          fidelity, input_pipeline, models, optim, run_dir, tags)
+from resnet_cifar import (callbacks, checkpoints, cifar_data, config as config_lib, console, conv_scaling,
+                          events, fidelity, input_pipeline, interrupt, models, optim, run_dir, tags)
 from resnet_cifar.train_step import ReproductionModel
 
 
@@ -45,13 +47,24 @@ def load_baseline(path, train_epochs):
     """The logged conv_sqsum trajectory (total and per layer) of a finished baseline run."""
     if not os.path.isdir(path):
         raise config_lib.ConfigError(f"--replay_from={path}: no such run folder")
+    try:
+        source = events.read_config(path)
+    except events.EventsError as e:
+        raise config_lib.ConfigError(f"--replay_from={path}: {e}") from None
+    not_baseline = describe_non_baseline(source)
+    if not_baseline:
+        raise config_lib.ConfigError(f"--replay_from={path} is not a baseline run: it is {not_baseline}; "
+                                     "replay needs a baseline (conv kernels in L2, no gradient scaling)")
     if not events.is_complete(path):
         raise config_lib.ConfigError(f"--replay_from={path}: that run has not finished "
                                      f"(no {tags.DONE_FILE}); let the baseline finish first")
     try:
         scalars = events.read_all_scalars(path)
+        damaged = events.damaged_event_files(path, (tags.TRAIN_DIR,))
     except events.EventsError as e:
         raise config_lib.ConfigError(f"--replay_from={path}: {e}") from None
+    if damaged:
+        raise config_lib.ConfigError(f"--replay_from={path}: damaged event file {damaged[0]}")
     if tags.CONV_SQSUM not in scalars or len(scalars[tags.CONV_SQSUM][0]) == 0:
         raise config_lib.ConfigError(f"--replay_from={path}: no {tags.CONV_SQSUM} logged in it")
     epochs, total = scalars[tags.CONV_SQSUM]
@@ -64,6 +77,20 @@ def load_baseline(path, train_epochs):
     if layers:
         per_layer = np.stack([np.interp(epochs, *series) for series in layers.values()], axis=1)
     return conv_scaling.BaselineTrajectory(epochs, total, per_layer, list(layers))
+
+
+def describe_non_baseline(source_config):
+    """'' for a baseline run's config, else what the run is (e.g. 'NoConvL2 (--noconv_l2)')."""
+    conv_l2 = source_config.get("conv_l2", True)
+    scaled = source_config.get("conv_grad_scale", False)
+    if conv_l2 and not scaled:
+        return ""
+    if scaled:
+        factor = source_config.get("conv_lr_factor", "piecewise")
+        kind = "ConvLRScale" if not conv_l2 else "a conv-gradient-scaled run with conv L2"
+        return f"{kind} (--conv_grad_scale --conv_lr_factor={factor}" + \
+            ("" if conv_l2 else " --noconv_l2") + ")"
+    return "NoConvL2 (--noconv_l2: conv kernels out of L2)"
 
 
 def build_model(config, steps_per_epoch, baseline=None):
@@ -99,9 +126,43 @@ def run(config, arrays=None, print_fn=print):
     """Trains `config.train_epochs` epochs (resuming if the model dir holds a checkpoint).
 
     arrays: the data as `cifar_data.Arrays`, if already loaded; else loaded here.
+    Every check runs before anything is written; the run folder is then created and
+    locked until the run ends. SIGINT/SIGTERM raise `interrupt.Interrupted` with a
+    `message` saying where the run stopped.
     """
+    with interrupt.handlers():
+        progress = _Progress()
+        try:
+            return _run(config, arrays, print_fn, progress)
+        except interrupt.Interrupted as e:
+            e.message = progress.stopped_message(e.name)
+            raise
+
+
+class _Progress:
+    """Where a run is, for the message of an interrupted one."""
+
+    def __init__(self):
+        self.model = None
+        self.steps_per_epoch = None
+        self.store = None
+
+    def stopped_message(self, signal_name):
+        if self.model is None:
+            return f"stopped by {signal_name} before training started"
+        step = int(self.model.optimizer.iterations.numpy())
+        epoch, done = step // self.steps_per_epoch + 1, step % self.steps_per_epoch
+        where = f"stopped at epoch {epoch}, step {done}/{self.steps_per_epoch} by {signal_name}"
+        if self.store is not None and self.store.good:
+            last = self.store.good[-1]
+            return (f"{where}; checkpoint {checkpoints.name(last)} (after epoch {last}) is kept: "
+                    "the same command resumes it")
+        return f"{where}; no epoch had finished: the same command starts it again"
+
+
+def _run(config, arrays, print_fn, progress):
     setup_devices()
-    state = run_dir.prepare(config)          # guards, run_config check, resume/no-op decision
+    state = run_dir.check(config)            # guards, run_config check, resume/no-op decision
     if state.finished:
         print_fn(run_dir.finished_message(config), flush=True)
         return RunResult("already_finished", config.train_epochs, {})
@@ -112,22 +173,50 @@ def run(config, arrays=None, print_fn=print):
 
     if arrays is None:
         arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
-    steps_per_epoch = config.steps_per_epoch or len(arrays.train_labels) // config.batch_size
+    steps_per_epoch = config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
     baseline = None
     if config.conv_grad_scale and config.conv_lr_factor in ("replay", "per_layer"):
         baseline = load_baseline(config.replay_from, config.train_epochs)
     model = build_model(config, steps_per_epoch, baseline)
+    progress.model, progress.steps_per_epoch = model, steps_per_epoch
 
+    # Everything is checked: only now is the folder created, and locked for the run.
+    lock, state, created = run_dir.open_run(config)
+    try:
+        if state.finished:        # another process finished it meanwhile
+            print_fn(run_dir.finished_message(config), flush=True)
+            return RunResult("already_finished", config.train_epochs, {})
+        try:
+            return _train(config, arrays, print_fn, progress, model, steps_per_epoch)
+        except checkpoints.NothingReadable as e:
+            if not config.overwrite:
+                raise config_lib.ConfigError(f"{e}; use --overwrite to start this run afresh") from None
+            print_fn(f"{e}; starting afresh (--overwrite)", flush=True)
+            run_dir.clear(config.model_dir)
+            keras.utils.set_random_seed(config.seed)   # failed restores may have assigned some weights
+            model = build_model(config, steps_per_epoch, baseline)
+            progress.model = model
+            return _train(config, arrays, print_fn, progress, model, steps_per_epoch)
+    except (config_lib.ConfigError, cifar_data.DataError):
+        if created:
+            lock.release()
+            run_dir.remove_created(config.model_dir)
+        raise
+    finally:
+        lock.release()
+
+
+def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(config.model_dir, run_dir.CHECKPOINTS),
-                                         max_to_keep=2)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    store = checkpoints.CheckpointStore(checkpoint, os.path.join(config.model_dir, run_dir.CHECKPOINTS))
+    restored, skipped = store.restore()
+    progress.store = store
     initial_epoch = int(epoch_variable.numpy())
+    skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
     if initial_epoch:
         print_fn(f"resuming {config.model_dir} after epoch {initial_epoch} "
-                 f"({os.path.basename(manager.latest_checkpoint)})", flush=True)
+                 f"({checkpoints.name(restored)}){skipped_text}", flush=True)
 
     run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels))
 
@@ -137,25 +226,38 @@ def run(config, arrays=None, print_fn=print):
                                           config.eval_steps)
     nan_stop = callbacks.StopOnNonFinite()
     start = time.time()
-    history = model.fit(
-        train_ds,
-        epochs=config.train_epochs,
-        initial_epoch=initial_epoch,
-        steps_per_epoch=steps_per_epoch,
-        validation_data=test_ds,
-        shuffle=False,                 # the stream is shuffled by input_pipeline
-        validation_freq=config.epochs_between_evals,
-        verbose=config.verbose,
-        callbacks=[
-            # Keras' progress bar first: it ends its line before EpochSummary prints.
-            keras.callbacks.ProgbarLogger(),
-            callbacks.EpochTensorBoard(config.model_dir,
-                                       per_layer_factor=config.conv_lr_factor == "per_layer"),
-            callbacks.EpochCheckpoint(manager, epoch_variable),
-            nan_stop,
-            callbacks.EpochSummary(config.train_epochs, print_fn),
-        ],
-    )
+    try:
+        history = model.fit(
+            train_ds,
+            epochs=config.train_epochs,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=test_ds,
+            shuffle=False,                 # the stream is shuffled by input_pipeline
+            validation_freq=config.epochs_between_evals,
+            verbose=config.verbose,
+            callbacks=[
+                # Keras' progress bar first: it ends its line before EpochSummary prints.
+                keras.callbacks.ProgbarLogger(),
+                callbacks.EpochTensorBoard(config.model_dir,
+                                           per_layer_factor=config.conv_lr_factor == "per_layer"),
+                callbacks.EpochCheckpoint(store, epoch_variable),
+                nan_stop,
+                callbacks.EpochSummary(config.train_epochs, print_fn),
+            ],
+        )
+    except checkpoints.SaveError as e:
+        raise TrainingError(str(e)) from None
+    except (tf.errors.ResourceExhaustedError, OSError) as e:
+        # A full disk hits the event files as often as the checkpoints (or memory ran out).
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        text = " ".join(re.sub(r"\{\{[^}]*\}\}", "", str(getattr(e, "message", e))).split())
+        text = re.sub(r"(No space left on device).*", r"\1", text)
+        kept = (f"checkpoint {checkpoints.name(store.good[-1])} is kept" if store.good
+                else "no epoch had finished")
+        raise TrainingError(f"{type(e).__name__}: {text[:300]}; training stopped, {kept}: free space "
+                            "(or memory) and run the same command to resume") from None
     if nan_stop.where is not None:
         epoch, step, loss = nan_stop.where
         raise TrainingError(f"{nan_stop.what} became {loss} at epoch {epoch}, step {step}: training stopped; "
@@ -167,4 +269,3 @@ def run(config, arrays=None, print_fn=print):
                                   last_eval_epoch=config.train_epochs // freq * freq,
                                   resumed_after=initial_epoch), flush=True)
     return RunResult("finished", config.train_epochs, logs, model)
-

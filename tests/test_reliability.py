@@ -9,6 +9,7 @@ lines aside), and leave whatever was already on disk as it was.
 """
 
 import collections
+import csv
 import glob
 import hashlib
 import json
@@ -197,8 +198,8 @@ def duplicated_epochs(model_dir):
     return dict(dup)
 
 
-def run_until_line(args, prefix, err_path, timeout=240):
-    """Starts training, reads stdout line by line, SIGKILLs it right after a line starting `prefix`."""
+def run_until_line(args, prefix, err_path, timeout=240, sig=signal.SIGKILL):
+    """Starts training, reads stdout line by line, sends `sig` right after a line starting `prefix`."""
     with open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", *args], cwd=ROOT, env=env(),
                                 stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
@@ -222,7 +223,7 @@ def run_until_line(args, prefix, err_path, timeout=240):
                             f"{open(err_path).read()[-2000:]}")
             seen.append(line)
             if line.startswith(prefix):
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
                 killed = True
                 break
     finally:
@@ -344,7 +345,8 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_one(data, refere
     r = run_cli(*train_args(model_dir, data))
     assert r.returncode == 0, r.stderr[-3000:]
     assert not meaningful(r.stderr), r.stderr[-3000:]
-    assert re.search(r"^resuming .* after epoch 1 \(ckpt-1\)$", r.stdout, re.M), r.stdout
+    # The half-written ckpt-2 is found on disk, fails to read back, and is named as skipped.
+    assert re.search(r"^resuming .* after epoch 1 \(ckpt-1\); skipped ckpt-2: .+$", r.stdout, re.M), r.stdout
     assert os.path.exists(os.path.join(model_dir, tags.DONE_FILE))
 
     assert_same_weights(reference, model_dir)
@@ -513,7 +515,7 @@ def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
     fresh = str(tmp_path / "fresh")
     for model_dir in (held_run, fresh):
         config = config_lib.TrainConfig(**dict(RUN, model_dir=model_dir, data_dir="/nonexistent"))
-        for call in (run_dir.prepare, trainer.run):
+        for call in (run_dir.check, trainer.run):
             with pytest.raises(config_lib.ConfigError) as e:
                 call(config)
             message = str(e.value)
@@ -637,3 +639,400 @@ def test_bad_data_in_a_fresh_model_dir_writes_nothing(data, tmp_path):
     r = run_cli(*train_args(model_dir, data_dir), timeout=120)
     assert_one_error_line(r, 2, *needles)
     assert snapshot(model_dir) == {}
+
+
+# ----------------------------------------------------------------------------- 6. one writer per run
+
+
+def test_a_held_folder_is_refused_at_once_naming_the_holder(data, held_run):
+    import socket
+
+    from resnet_cifar import run_lock
+
+    before = snapshot(held_run)
+    with run_lock.acquire(held_run):
+        during = snapshot(held_run)
+        r = run_cli(*train_args(held_run, data), timeout=120)
+    line = assert_one_error_line(r, 2, f"--model_dir={held_run} is in use by pid {os.getpid()} "
+                                       f"on host {socket.gethostname()}")
+    assert "epoch" not in r.stdout and "resuming" not in r.stdout
+    assert snapshot(held_run) == during                     # the refused process wrote nothing
+    assert {k: v for k, v in during.items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}, line
+
+
+def test_two_trainers_racing_for_one_folder(data, reference, tmp_path):
+    """Started together on a fresh folder: one trains, the other refuses in one line naming it."""
+    model_dir = str(tmp_path / "run")
+    args = [sys.executable, "-m", "resnet_cifar.train", *train_args(model_dir, data)]
+    procs = [subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [(p.pid, p.returncode, out, err) for p in procs for out, err in [p.communicate(timeout=400)]]
+    codes = sorted(code for _, code, _, _ in results)
+    assert codes == [0, 2], [(code, err[-2000:]) for _, code, _, err in results]
+    winner = next(pid for pid, code, _, _ in results if code == 0)
+    _, _, out, err = next(res for res in results if res[1] == 2)
+    assert_one_error_line(types.SimpleNamespace(returncode=2, stderr=err), 2,
+                          f"--model_dir={model_dir} is in use by pid {winner} on host")
+    assert "epoch 1/" not in out
+    # One run's files only: the same numbers as the reference, one event file per folder.
+    assert_same_weights(reference, model_dir)
+    assert_every_epoch_once(assert_same_curves(reference, model_dir))
+    for subdir in (tags.TRAIN_DIR, tags.VALIDATION_DIR):
+        assert len(glob.glob(os.path.join(model_dir, subdir, "*tfevents*"))) == 1
+    assert duplicated_epochs(model_dir) == {}
+
+
+# ----------------------------------------------------------------------------- 7. signals
+
+
+STOPPED_RE = r"^stopped at epoch (\d+), step (\d+)/12 by {sig}; checkpoint ckpt-(\d+) \(after epoch \3\) " \
+             r"is kept: the same command resumes it$"
+
+
+def test_sigterm_and_sigint_mid_epoch_then_resume_is_exact(data, reference, tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = train_args(model_dir, data)
+    for sig, code, after in ((signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)):
+        err_path = tmp_path / f"{sig.name}.err"
+        rc, seen = run_until_line(args, f"epoch {after}/3 |", err_path, sig=sig)
+        stderr = err_path.read_text()
+        assert rc == code, (rc, stderr[-3000:])
+        lines = meaningful(stderr)
+        assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+        m = re.match(STOPPED_RE.format(sig=sig.name), lines[0])
+        assert m, lines[0]
+        # Stopped in the next epoch, which is dropped; the last full epoch is kept.
+        assert int(m.group(1)) == after + 1 and int(m.group(3)) == after, lines[0]
+        assert os.path.basename(latest_checkpoint(model_dir)) == f"ckpt-{after}"
+        assert not os.path.exists(os.path.join(model_dir, tags.DONE_FILE))
+
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^resuming .* after epoch 2 \(ckpt-2\)$", r.stdout, re.M), r.stdout
+    assert_same_weights(reference, model_dir)
+    assert_every_epoch_once(assert_same_curves(reference, model_dir))
+    assert duplicated_epochs(model_dir) == {}       # the interrupted epochs left nothing behind
+
+
+# ----------------------------------------------------------------------------- 8. damaged checkpoints
+
+
+def _small_checkpoint():
+    import tensorflow as tf
+
+    variables = {"w": tf.Variable(np.zeros(3000, np.float32)), "b": tf.Variable(np.zeros(7, np.float32))}
+    return variables, tf.train.Checkpoint(**variables)
+
+
+def _damage(folder, number, kind):
+    """Damages checkpoint `number` (or the index file) in one of the ways a disk or a user does."""
+    index = os.path.join(folder, "checkpoint")
+    prefix = os.path.join(folder, f"ckpt-{number}")
+    data_file = glob.glob(prefix + ".data-*")[0]
+    if kind == "garbage_index_file":
+        with open(index, "w") as f:
+            f.write("\x00garbage: [not a checkpoint state\n")
+    elif kind == "empty_index_file":
+        open(index, "w").close()
+    elif kind == "no_index_file":
+        os.remove(index)
+    elif kind == "index_names_missing":
+        with open(index, "w") as f:
+            f.write(f'model_checkpoint_path: "ckpt-{number + 5}"\n')
+    elif kind == "truncated_data":
+        truncate(data_file, os.path.getsize(data_file) // 2)
+    elif kind == "empty_data":
+        truncate(data_file, 10**9)
+    elif kind == "flipped_data":
+        with open(data_file, "r+b") as f:
+            f.seek(os.path.getsize(data_file) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif kind == "missing_data":
+        os.remove(data_file)
+    elif kind == "missing_dot_index":
+        os.remove(prefix + ".index")
+    elif kind == "truncated_dot_index":
+        truncate(prefix + ".index", 40)
+    else:
+        raise AssertionError(kind)
+
+
+INDEX_DAMAGE = ["garbage_index_file", "empty_index_file", "no_index_file", "index_names_missing"]
+FILE_DAMAGE = ["truncated_data", "empty_data", "flipped_data", "missing_data", "missing_dot_index",
+               "truncated_dot_index"]
+
+
+@pytest.mark.parametrize("kind", INDEX_DAMAGE + FILE_DAMAGE)
+def test_restore_uses_the_newest_checkpoint_that_reads_back_whole(tmp_path, kind):
+    from resnet_cifar import checkpoints
+
+    folder = str(tmp_path / "ckpts")
+    variables, ckpt = _small_checkpoint()
+    store = checkpoints.CheckpointStore(ckpt, folder)
+    for n in (1, 2):
+        variables["w"].assign(np.full(3000, n, np.float32))
+        store.save(checkpoint_number=n)
+    _damage(folder, 2, kind)
+
+    variables, ckpt = _small_checkpoint()                       # a fresh process, in effect
+    store = checkpoints.CheckpointStore(ckpt, folder)
+    restored, skipped = store.restore()
+    want = 2 if kind in INDEX_DAMAGE else 1                     # the index is never trusted alone
+    assert restored == want and (variables["w"].numpy() == want).all(), (kind, restored, skipped)
+    assert [name for name, _ in skipped] == ([] if want == 2 else ["ckpt-2"])
+    assert all("\n" not in reason for _, reason in skipped)
+    assert latest_checkpoint_in(folder) == f"ckpt-{want}"          # the index is repaired
+
+    # The next save replaces the damaged files; the good checkpoint it resumed from stays.
+    variables["w"].assign(np.full(3000, 9, np.float32))
+    store.save(checkpoint_number=want + 1)
+    on_disk = checkpoints.numbers_on_disk(folder)
+    assert sorted(on_disk) == [want, want + 1], on_disk
+    assert all(checkpoints.unreadable_reason(os.path.join(folder, f"ckpt-{n}")) is None for n in on_disk)
+    assert latest_checkpoint_in(folder) == f"ckpt-{want + 1}"
+
+
+def latest_checkpoint_in(folder):
+    import tensorflow as tf
+
+    return os.path.basename(tf.train.latest_checkpoint(folder))
+
+
+def test_nothing_readable_is_refused_never_a_fresh_start(tmp_path):
+    from resnet_cifar import checkpoints
+
+    folder = str(tmp_path / "ckpts")
+    variables, ckpt = _small_checkpoint()
+    store = checkpoints.CheckpointStore(ckpt, folder)
+    for n in (1, 2):
+        store.save(checkpoint_number=n)
+    _damage(folder, 2, "truncated_data")
+    _damage(folder, 1, "missing_dot_index")
+    before = snapshot(folder)
+    with pytest.raises(checkpoints.NothingReadable) as e:
+        checkpoints.CheckpointStore(_small_checkpoint()[1], folder).restore()
+    message = str(e.value)
+    assert "\n" not in message and "ckpt-2: " in message and "ckpt-1: its .index file is missing" in message
+    assert snapshot(folder) == before
+
+
+def test_a_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A full disk during a save (injected: the error TensorFlow raises on ENOSPC)."""
+    import tensorflow as tf
+
+    from resnet_cifar import checkpoints
+
+    folder = str(tmp_path / "ckpts")
+    variables, ckpt = _small_checkpoint()
+    store = checkpoints.CheckpointStore(ckpt, folder)
+    store.save(checkpoint_number=1)
+    before = snapshot(folder)
+    real_write = tf.train.Checkpoint.write
+
+    def full_disk(self, file_prefix, options=None):
+        real_write(self, file_prefix, options=options)           # leaves files behind, like a partial write
+        raise tf.errors.ResourceExhaustedError(None, None, f"{file_prefix}: No space left on device")
+
+    monkeypatch.setattr(tf.train.Checkpoint, "write", full_disk)
+    with pytest.raises(checkpoints.SaveError) as e:
+        store.save(checkpoint_number=2)
+    message = str(e.value)
+    assert "\n" not in message and "could not save checkpoint ckpt-2" in message
+    assert "No space left on device" in message and "the last good checkpoint ckpt-1 is kept" in message
+    assert snapshot(folder) == before                           # ckpt-1 and its index untouched
+    assert checkpoints.numbers_on_disk(folder) == [1]
+
+
+def test_damaged_checkpoint_then_resume_is_exact(data, reference, held_run):
+    """Garbage in the index and a truncated newest checkpoint: resume from the intact one."""
+    folder = os.path.join(held_run, run_dir.CHECKPOINTS)
+    _damage(folder, 3, "garbage_index_file")     # once: a silent restart at epoch 1, then
+    _damage(folder, 3, "truncated_data")         # rotation deleted the intact checkpoint
+    r = run_cli(*train_args(held_run, data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not meaningful(r.stderr), r.stderr[-3000:]
+    # One line: which one was used and why the newer one was not.
+    assert re.search(r"^resuming .* after epoch 2 \(ckpt-2\); skipped ckpt-3: .+$", r.stdout, re.M), r.stdout
+    assert [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("epoch ")] == ["epoch 3/3"]
+    assert_same_weights(reference, held_run)
+    assert checkpoint_numbers(held_run) == [2, 3]
+
+
+def test_no_readable_checkpoint_refuses_and_overwrite_restarts(data, reference, held_run):
+    folder = os.path.join(held_run, run_dir.CHECKPOINTS)
+    for n in (2, 3):
+        _damage(folder, n, "flipped_data")
+    before = snapshot(held_run)
+    r = run_cli(*train_args(held_run, data))
+    assert_one_error_line(r, 2, "reads back whole", "ckpt-3: ", "ckpt-2: ", "--overwrite")
+    assert "epoch 1/" not in r.stdout
+    after = snapshot(held_run)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+    r = run_cli(*train_args(held_run, data), "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "starting afresh (--overwrite)" in r.stdout and "resuming" not in r.stdout
+    assert_same_weights(reference, held_run)
+
+
+# ----------------------------------------------------------------------------- 9. divergence of the test loss
+
+
+def test_a_non_finite_test_loss_stops_the_run_and_is_not_checkpointed():
+    class Store:
+        saved = []
+
+        def save(self, checkpoint_number):
+            self.saved.append(checkpoint_number)
+
+    class Epoch:
+        def assign(self, value):
+            self.value = value
+
+    logs = {"loss": 2.0, "l2_loss": 0.1, tags.CONV_SQSUM: 800.0, "val_loss": float("nan")}
+    model = types.SimpleNamespace(stop_training=False)
+    cb = callbacks.EpochCheckpoint(Store(), Epoch())
+    cb.set_model(model)
+    cb.on_epoch_end(4, logs)
+    assert Store.saved == []
+    stop = callbacks.StopOnNonFinite()
+    stop.set_model(model)
+    stop.on_epoch_begin(4)
+    stop.on_batch_end(11, {"loss": 2.0})
+    stop.on_epoch_end(4, logs)
+    assert model.stop_training and stop.where[:2] == (5, 12) and np.isnan(stop.where[2])
+    assert stop.what == "the test loss"
+    cb.on_epoch_end(4, dict(logs, val_loss=2.5))
+    assert Store.saved == [5]
+
+
+# ----------------------------------------------------------------------------- 10. replay sources
+
+
+def _with_config(reference, path, **changes):
+    copy_run(reference, path)
+    config_path = os.path.join(path, tags.RUN_CONFIG_FILE)
+    with open(config_path) as f:
+        rc = json.load(f)
+    rc["config"].update(changes)
+    with open(config_path, "w") as f:
+        json.dump(rc, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("changes,what", [
+    (dict(conv_l2=False), "NoConvL2 (--noconv_l2"),
+    (dict(conv_l2=False, conv_grad_scale=True, conv_lr_factor="replay"),
+     "ConvLRScale (--conv_grad_scale --conv_lr_factor=replay --noconv_l2)"),
+])
+def test_replay_source_must_be_a_baseline(reference, tmp_path, changes, what):
+    from resnet_cifar import trainer
+
+    path = _with_config(reference, tmp_path / "source", **changes)
+    with pytest.raises(config_lib.ConfigError) as e:
+        trainer.load_baseline(path, EPOCHS)
+    message = str(e.value)
+    assert "\n" not in message and f"--replay_from={path} is not a baseline run: it is {what}" in message
+
+
+def test_replay_source_with_a_damaged_event_file_is_refused(reference, tmp_path):
+    from resnet_cifar import trainer
+
+    path = copy_run(reference, tmp_path / "source")
+    event_file = glob.glob(os.path.join(path, tags.TRAIN_DIR, "*tfevents*"))[0]
+    truncate(event_file, 5)
+    with pytest.raises(config_lib.ConfigError, match=rf"damaged event file {re.escape(event_file)}: "):
+        trainer.load_baseline(path, EPOCHS)
+
+
+# ----------------------------------------------------------------------------- 11. damaged event files
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_analysis_names_a_damaged_event_file_and_marks_the_run_incomplete(reference, tmp_path, capsys,
+                                                                          damage):
+    from analysis import make_figures
+
+    results = tmp_path / "results"
+    good = copy_run(reference, results / "baseline")
+    bad = copy_run(reference, results / "noconv_l2")
+    event_file = glob.glob(os.path.join(bad, tags.VALIDATION_DIR, "*tfevents*"))[0]
+    size = os.path.getsize(event_file)
+    if damage == "truncated":
+        truncate(event_file, 7)
+    else:
+        with open(event_file, "r+b") as f:
+            f.seek(size // 2)
+            f.write(b"\xde\xad\xbe\xef")
+
+    run = events.load_run(bad)
+    assert not run.complete and len(run.damaged) == 1 and run.damaged[0].startswith(event_file + ": ")
+    assert events.load_run(good).complete and not events.load_run(good).damaged
+
+    assert make_figures.main([str(results), "--out", str(tmp_path / "figs")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert len(notes) == 1 and event_file in notes[0] and "incomplete" in notes[0], notes
+    table = (tmp_path / "figs" / "summary.md").read_text()
+    row = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert " | no, damaged events | " in next(v for k, v in row.items() if "NoConv" in k), table
+    assert " | yes | " in next(v for k, v in row.items() if k.startswith("Baseline")), table
+    with open(tmp_path / "figs" / "summary.csv") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert rows["noconv_l2"]["complete"] == "no" and rows["noconv_l2"]["damaged_seeds"] == "1"
+    assert rows["baseline"]["complete"] == "yes"
+
+
+# ----------------------------------------------------------------------------- 12. a full disk, for real
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 104 MB tmpfs (the trainer wants 100 MB free to start); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=104m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (the in-process save failure test covers the checkpoint)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_mid_run_stops_in_one_line_and_resumes(data, small_disk, tmp_path):
+    model_dir = str(small_disk / "run")
+    args = train_args(model_dir, data)
+    err_path = tmp_path / "full.err"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", *args], cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    filler = small_disk / "filler"
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1/3 |"):
+                with open(filler, "wb") as f:      # fill the disk while epoch 2 runs
+                    try:
+                        while True:
+                            f.write(b"\0" * 2**20)
+                    except OSError:
+                        pass
+                break
+        proc.stdout.read()
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = err_path.read_text()
+    r = types.SimpleNamespace(returncode=proc.returncode, stderr="\n".join(
+        line for line in stderr.splitlines() if not line.startswith("\t")))   # TF's continuation lines
+    assert_one_error_line(r, 1, "No space left on device", "ckpt-1 is kept", "the same command")
+    assert os.path.basename(latest_checkpoint(model_dir)) == "ckpt-1"
+
+    filler.unlink()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^resuming .* after epoch 1 \(ckpt-1\)", r.stdout, re.M), r.stdout
+    assert os.path.exists(os.path.join(model_dir, tags.DONE_FILE))

@@ -65,3 +65,17 @@ def test_acquire_waits_for_holder_to_exit(tmp_path):
 def test_holder_of_unlocked_or_missing_folder_is_none_and_creates_nothing(tmp_path):
     assert run_lock.holder(str(tmp_path / "absent")) is None
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_holder_probe_is_not_taken_for_a_run(tmp_path):
+    """holder() holds a shared lock for an instant; an acquire meeting it must not refuse."""
+    import fcntl
+    import threading
+    d = tmp_path / "run"
+    d.mkdir()
+    probe = os.open(str(d / run_lock.LOCK_FILE), os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(probe, fcntl.LOCK_SH)                 # a probe caught in the act ...
+    threading.Timer(0.3, os.close, [probe]).start()   # ... that ends 0.3 s later
+    start = time.monotonic()
+    with run_lock.acquire(str(d)):
+        assert time.monotonic() - start >= 0.25       # it did meet the probe, and waited

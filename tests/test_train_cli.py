@@ -81,6 +81,19 @@ def test_flags_reach_the_step():
     (["--no_such_flag"], "no_such_flag"),
     (["stray_argument"], "unexpected"),
     (["--conv_l2", "--flag_noconv_l2"], "contradict"),
+    # Non-finite floats pass every comparison (nan < 0 is False) and nan != nan
+    # would make the run folder impossible to resume.
+    (["--weight_decay=nan"], "--weight_decay=nan must be a finite number"),
+    (["--bn_decay=nan"], "--bn_decay=nan must be a finite number"),
+    (["--boundary_epochs=nan,100"], "--boundary_epochs=nan,100 must be finite numbers"),
+    (["--decay_rates=1,inf,0.01"], "--decay_rates=1,inf,0.01 must be finite numbers"),
+    (["--seed=-1"], "--seed=-1 must be in [0, 2147483647]"),
+    (["--seed=4294967296"], "--seed=4294967296 must be in"),
+    # Keras runs whole executions: 7 per call with 5 steps per epoch trained 14 steps in 2 epochs.
+    (["--steps_per_epoch=5", "--steps_per_execution=7"], "--steps_per_execution=7 must divide the 5 steps"),
+    (["--data_source=synthetic", "--steps_per_execution=7"], "must divide the 390 steps of an epoch"),
+    (["--data_source=synthetic", "--batch_size=1000000"], "--batch_size=1000000 is larger than the 50000"),
+    (["--flagfile=/nonexistent/x.flags"], "x.flags"),
 ])
 def test_bad_flags_fail_in_one_line_before_training(tmp_path, args, needle):
     model_dir = tmp_path / "run"
@@ -90,6 +103,19 @@ def test_bad_flags_fail_in_one_line_before_training(tmp_path, args, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not model_dir.exists()          # nothing was started
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe--seed=1\n\x80\x81", b"--seed=1\n\xc3\x28\n"])
+def test_undecodable_flagfile_fails_in_one_line(tmp_path, content):
+    flagfile = tmp_path / "bad.flags"
+    flagfile.write_bytes(content)
+    model_dir = tmp_path / "run"
+    for path in (flagfile, tmp_path):            # not text; a folder
+        r = run_cli(f"--model_dir={model_dir}", f"--flagfile={path}", timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert "flagfile" in lines[0] and "Traceback" not in r.stderr
+        assert not model_dir.exists()
 
 
 def test_missing_model_dir_flag():

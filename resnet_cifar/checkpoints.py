@@ -1,0 +1,172 @@
+"""Checkpoints that survive damage: restore the newest one that reads back whole.
+
+`tf.train.CheckpointManager` trusts its small `checkpoint` index file: garbage in
+it made a run start afresh, and its rotation then deleted the intact earlier
+checkpoint. Here the files themselves are the truth:
+
+- restore lists every `ckpt-N.*` on disk, newest first, reads each variable of
+  ckpt-N back (the bundle reader checks sizes and CRCs, so a truncated or
+  corrupted data file or a missing index is caught) and restores the first that
+  reads back whole, saying which newer ones were skipped and why (and rewrites
+  the index if it named another). When files exist but none reads back, the run
+  is refused: never a silent fresh start.
+- save writes ckpt-N (TensorFlow writes to a temporary name and renames), reads
+  it back, then rewrites the index (atomically), and only then deletes
+  checkpoints other than ckpt-N and the previous good one. A failed save
+  (full disk) deletes nothing but its own partial files.
+"""
+
+import os
+import re
+import shutil
+from typing import List, Optional, Tuple
+
+import tensorflow as tf
+
+INDEX_FILE = "checkpoint"            # tf.train.latest_checkpoint's index, kept for other tools
+PREFIX = "ckpt"
+KEEP = 2
+_FILE_RE = re.compile(rf"^{PREFIX}-(\d+)(\.|_temp)")
+
+
+class NothingReadable(RuntimeError):
+    """Checkpoint files exist but none reads back; the message is one line."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the message is one line."""
+
+
+def name(number: int) -> str:
+    return f"{PREFIX}-{number}"
+
+
+def numbers_on_disk(directory: str) -> List[int]:
+    """Numbers of every checkpoint with any file on disk, newest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted({int(m.group(1)) for m in map(_FILE_RE.match, names) if m}, reverse=True)
+
+
+def _short(error: BaseException) -> str:
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    text = " ".join(text.split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def unreadable_reason(prefix: str) -> Optional[str]:
+    """None if every variable of the checkpoint at `prefix` reads back, else why not."""
+    if not os.path.exists(prefix + ".index"):
+        return "its .index file is missing"
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for variable in reader.get_variable_to_shape_map():
+            reader.get_tensor(variable)
+    except Exception as e:    # the reader raises OpErrors, IndexError, ValueError...
+        return f"{type(e).__name__}: {_short(e)}"
+    return None
+
+
+class CheckpointStore:
+    """Saves and restores `checkpoint` (a tf.train.Checkpoint) as DIR/ckpt-N."""
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, keep: int = KEEP):
+        self.checkpoint = checkpoint
+        self.directory = directory
+        self.keep = keep
+        self.good: List[int] = []      # checkpoints known to read back whole, oldest first
+        # Checkpoint.save() (and so CheckpointManager) records a save counter; write()
+        # records it only once it exists: create it, so both kinds of files match.
+        checkpoint.save_counter  # noqa: B018
+
+    def prefix(self, number: int) -> str:
+        return os.path.join(self.directory, name(number))
+
+    def restore(self) -> Tuple[int, List[Tuple[str, str]]]:
+        """Restores the newest checkpoint that reads back whole.
+
+        Returns (its number or 0 if there are none, [(skipped name, reason), ...]).
+        Raises NothingReadable if checkpoint files exist but none can be restored.
+        """
+        skipped = []
+        for number in numbers_on_disk(self.directory):
+            prefix = self.prefix(number)
+            reason = unreadable_reason(prefix)
+            if reason is None:
+                try:
+                    self.checkpoint.restore(prefix).assert_existing_objects_matched()
+                except Exception as e:    # noqa: BLE001 (shape/name mismatches of any kind)
+                    reason = "it does not match this model: " + _short(e)
+            if reason is None:
+                self.good = [number]
+                if self._indexed() != name(number):      # damaged, or naming a skipped one
+                    self._write_index(self.good)
+                return number, skipped
+            skipped.append((name(number), reason))
+        if skipped:
+            raise NothingReadable(
+                f"no checkpoint in {self.directory} reads back whole ("
+                + "; ".join(f"{n}: {r}" for n, r in skipped) + ")")
+        return 0, []
+
+    def save(self, checkpoint_number: int) -> str:
+        """Writes, verifies, indexes ckpt-N; then deletes all but it and the previous good one."""
+        number = checkpoint_number
+        prefix = self.prefix(number)
+        last = f"the last good checkpoint {name(self.good[-1])} is kept" if self.good \
+            else "no earlier checkpoint exists"
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            self.checkpoint.save_counter.assign(number)
+            self.checkpoint.write(prefix)
+            reason = unreadable_reason(prefix)
+            if reason is not None:
+                raise SaveError(f"{name(number)} did not read back whole ({reason})")
+            good = ([n for n in self.good if n != number] + [number])[-self.keep:]
+            self._write_index(good)
+        except (tf.errors.OpError, OSError, SaveError) as e:
+            self._remove(number)
+            raise SaveError(f"could not save checkpoint {name(number)} in {self.directory} "
+                            f"({_short(e)}); {last}; free space and run the same command "
+                            "to resume") from None
+        self.good = good
+        for other in numbers_on_disk(self.directory):
+            if other not in self.good:
+                self._remove(other)
+        return prefix
+
+    def _indexed(self) -> Optional[str]:
+        """The checkpoint the index names, if it can be read."""
+        try:
+            with open(os.path.join(self.directory, INDEX_FILE)) as f:
+                found = re.search(r'^model_checkpoint_path: "([^"]*)"', f.read(), re.M)
+        except (OSError, UnicodeDecodeError):
+            return None
+        return os.path.basename(found.group(1)) if found else None
+
+    def _write_index(self, good: List[int]) -> None:
+        """The CheckpointState text proto that tf.train.latest_checkpoint reads, atomically."""
+        lines = [f'model_checkpoint_path: "{name(good[-1])}"']
+        lines += [f'all_model_checkpoint_paths: "{name(n)}"' for n in good]
+        path = os.path.join(self.directory, INDEX_FILE)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _remove(self, number: int) -> None:
+        base = name(number)
+        for entry in os.listdir(self.directory):
+            if entry.startswith(base + ".") or entry.startswith(base + "_temp"):
+                path = os.path.join(self.directory, entry)
+                try:
+                    if os.path.isdir(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        os.remove(path)
+                except OSError:
+                    pass
