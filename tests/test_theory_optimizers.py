@@ -71,3 +71,26 @@ def test_levels_of_adam_configs():
     old = theory.predicted_levels(base)
     assert [lv.predicted for lv in old] == [lv.predicted for lv in theory.predicted_levels(dict(base, optimizer="momentum"))]
     assert old[0].predicted == pytest.approx(math.sqrt(2 * 0.1 * 0.01 / 1.9))
+
+
+def test_angular_update_figure_draws_the_baselines_level(tmp_path):
+    from analysis import make_figures
+    from resnet_cifar import events, tags
+    from tests.test_analysis import write_run
+
+    e1 = np.arange(1, 7)
+    config = {"batch_size": 128, "boundary_epochs": [2, 4], "decay_rates": [1, 0.1, 0.01], "train_epochs": 6,
+              "weight_decay": 0.01, "conv_l2": True, "conv_grad_scale": False, "optimizer": "adamw"}
+    write_run(str(tmp_path / "baseline"), {tags.CONV_ANGULAR_UPDATE: (e1, np.full(6, 1e-3))}, config=config,
+              done=True)
+    paths = make_figures.write_all(make_figures.load_results(events.find_runs(str(tmp_path))), str(tmp_path / "f"))
+    assert any(p.endswith("angular_update.png") for p in paths)
+    from analysis import angular
+
+    levels = theory.baseline_segments(make_figures.load_results(events.find_runs(str(tmp_path))))
+    fig = angular.angular_update(make_figures.curves(
+        make_figures.load_results(events.find_runs(str(tmp_path))), tags.CONV_ANGULAR_UPDATE, tags.TRAIN_DIR),
+        levels=levels)
+    dashed = [l for l in fig.axes[0].get_lines() if l.get_linestyle() == "--"]
+    assert [l.get_ydata()[0] for l in dashed] == pytest.approx(
+        [math.sqrt(2 * r * 0.01 * 0.1 / 1.9) for r in (1e-3, 1e-4, 1e-5)])
