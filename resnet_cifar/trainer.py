@@ -105,7 +105,7 @@ def build_model(config, steps_per_epoch, baseline=None):
         except (AttributeError, TypeError, ValueError):
             raise config_lib.ConfigError(
                 "--conv_lr_factor=per_layer: the baseline run lacks per-layer "
-                f"{tags.CONV_SQSUM}/<layer> curves for the 22 conv layers") from None
+                f"{tags.CONV_SQSUM}/<layer> curves for the {len(names)} conv layers") from None
     # adamw decays the weights in the optimizer (decoupled): no L2 term in the loss.
     decoupled = config.optimizer == "adamw"
     model.configure(weight_decay=0.0 if decoupled else config.weight_decay, conv_l2=config.conv_l2,

@@ -76,3 +76,13 @@ def test_run_config_records_the_new_flags(tmp_path):
     assert list(epochs) == [0, 1] and len(layers) == 10
     assert tags.CONV_ANGULAR_UPDATE in events.list_tags(str(model_dir))
     assert config_lib.TrainConfig(**saved["config"]).optimizer == "adam"
+
+
+def test_runs_made_before_the_new_settings_still_resume():
+    from resnet_cifar import run_dir
+
+    new = config_lib.TrainConfig(model_dir="/x").to_dict()
+    old = {k: v for k, v in new.items() if k not in ("resnet_size", "optimizer", "learning_rate")}
+    assert run_dir.differing_flags(old, new) == []
+    deeper = dict(new, resnet_size=32)
+    assert run_dir.differing_flags(old, deeper) == ["--resnet_size: None -> 32"]
