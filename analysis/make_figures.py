@@ -21,8 +21,8 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import figures, grid, replay_match, summary, theory
-from resnet_cifar import events
+from analysis import angular, figures, grid, replay_match, summary, theory
+from resnet_cifar import events, tags
 
 EXIT_NO_RUNS = 2
 FORMATS = ("png", "svg")
@@ -90,6 +90,9 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
         fig = make(curves(loaded, tag, subdir), labels=labels, configs=configs, **extra)
         if fig is not None:
             written += save(fig, out_dir, fig_name)
+    fig = angular.angular_update(curves(loaded, angular.TAG, tags.TRAIN_DIR), labels, levels)
+    if fig is not None:
+        written += save(fig, out_dir, "angular_update")
     fig = replay_match.replay_match_figure(loaded, labels)
     if fig is not None:
         written += save(fig, out_dir, "replay_match")

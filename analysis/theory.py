@@ -37,6 +37,7 @@ import numpy as np
 
 from analysis.figures import BASELINE, label_of, note, ordered_names
 from analysis.summary import mean_std
+from resnet_cifar import config as config_lib
 from resnet_cifar import events, fidelity, tags
 
 LATE_FRACTION = 0.2     # late phase = its last 20% of epochs (at least one)
@@ -116,6 +117,52 @@ def equilibrium_time_constant(lr: float, weight_decay: float,
     return (1.0 - momentum) / (2.0 * lr * weight_decay)
 
 
+ADAM_BETA_1 = 0.9      # Keras' (and Kingma & Ba's) default, what --optimizer=adam/adamw use
+
+
+def equilibrium_angular_update(optimizer: str, lr: float, weight_decay: float,
+                               momentum: float = fidelity.MOMENTUM,
+                               beta_1: float = ADAM_BETA_1) -> Optional[float]:
+    """Expected per-step rotation (radians) of a scale-invariant weight at equilibrium.
+
+    - momentum: sqrt(2·lr·wd/(1+m)), the same as the relative step (see
+      `equilibrium_relative_step`; at equilibrium the update is almost all
+      tangential, its radial part lr·wd/(1-m) is second order).
+    - adamw (decoupled decay w -= lr·wd·w, Keras' convention): sqrt(2·lr·wd·(1-b1)/(1+b1)),
+      Kosson, Messmer & Jaggi 2024 (Table 1, AdamW). Derivation, as for momentum:
+      Adam's direction u = m̂/sqrt(v̂) has E[u_i²] ≈ (1-b1)/(1+b1) per element for
+      uncorrelated gradients (m is an EMA of them: Σ(1-b1)²b1^2k = (1-b1)/(1+b1),
+      in units of v), so E||u||² = C·(1-b1)/(1+b1) for C elements; one gradient's
+      total contribution over the steps is g/sqrt(v) (the EMA weights sum to 1),
+      whose squared norm is C. Unlike SGD the step does not scale with 1/||w||, so
+      ||w||² obeys d||w||²/dt = -2·lr·wd·||w||² + lr²·C: equilibrium ||w||² =
+      lr·C/(2·wd), reached with time constant 1/(2·lr·wd) steps
+      (`adamw_time_constant`). There the rotation per step is
+      lr·||u||/||w|| = sqrt(lr²·C·(1-b1)/(1+b1) / (lr·C/(2·wd))) = sqrt(2·lr·wd·(1-b1)/(1+b1)).
+      (Without momentum, b1 = 0, this is sqrt(2·lr·wd).) The simulation in
+      tests/test_theory_optimizers.py agrees within 2%.
+    - adam (L2 in the loss): None. The L2 gradient wd·w enters Adam's second
+      moment with the data gradient and is normalized with it, so the shrinking
+      per step depends on the ratio of wd·||w|| to the gradient's scale, which
+      changes with ||w||; there is no closed form in lr and wd alone (Loshchilov &
+      Hutter 2019 make this point for why L2 and decay differ under Adam).
+    """
+    if weight_decay <= 0 or lr <= 0:
+        return None
+    if optimizer == "momentum":
+        return equilibrium_relative_step(lr, weight_decay, momentum)
+    if optimizer == "adamw":
+        return math.sqrt(2.0 * lr * weight_decay * (1.0 - beta_1) / (1.0 + beta_1))
+    return None
+
+
+def adamw_time_constant(lr: float, weight_decay: float) -> float:
+    """Steps over which ||w||² relaxes to the AdamW equilibrium: 1/(2·lr·wd) (see above)."""
+    if lr <= 0 or weight_decay <= 0:
+        return math.inf
+    return 1.0 / (2.0 * lr * weight_decay)
+
+
 # --- phases and predictions of a run config ---------------------------------------------
 
 class Phase(NamedTuple):
@@ -132,9 +179,12 @@ class Level(NamedTuple):
 
 
 def base_learning_rate(config: Mapping) -> float:
-    """0.1 · batch_size / 128, as the original `learning_rate_with_decay`."""
+    """0.1 · batch_size / 128, as the original `learning_rate_with_decay` (the run's
+    --learning_rate, or its optimizer's default rate, in place of 0.1)."""
     batch = config.get("batch_size") or fidelity.BATCH_SIZE
-    return fidelity.BASE_LEARNING_RATE * float(batch) / fidelity.BATCH_DENOM
+    rate = config.get("learning_rate") or config_lib.DEFAULT_LEARNING_RATES.get(
+        config.get("optimizer") or "momentum", fidelity.BASE_LEARNING_RATE)
+    return rate * float(batch) / fidelity.BATCH_DENOM
 
 
 def steps_per_epoch(config: Mapping) -> int:
@@ -169,6 +219,9 @@ def phases(config: Mapping) -> List[Phase]:
 def prediction_basis(config: Mapping) -> str:
     """Why a run gets the prediction it gets (a table column).
 
+    - --optimizer=adam: none (see `equilibrium_angular_update`); adamw: its own
+      equilibrium, for runs whose conv kernels are decayed and not gradient-scaled.
+
     - conv L2, no gradient scaling (Baseline): the equilibrium at the run's lr, wd.
     - no conv L2, no scaling (NoConvL2): none. Nothing shrinks the kernels, ||w||²
       grows without bound (∝ sqrt(steps) at a fixed rate) and the relative step
@@ -184,6 +237,15 @@ def prediction_basis(config: Mapping) -> str:
     """
     conv_l2 = bool(config.get("conv_l2", True))
     scaled = bool(config.get("conv_grad_scale", False))
+    optimizer = config.get("optimizer") or "momentum"
+    if optimizer == "adam":
+        return "none: Adam with L2 in the loss, no simple equilibrium"
+    if optimizer == "adamw":
+        if float(config.get("weight_decay", fidelity.WEIGHT_DECAY)) <= 0:
+            return "none: weight_decay 0, no equilibrium"
+        if conv_l2 and not scaled:
+            return "AdamW decoupled-decay equilibrium"
+        return "none: AdamW without decay on the conv kernels, or with gradient scaling"
     if float(config.get("weight_decay", fidelity.WEIGHT_DECAY)) <= 0:
         return "none: weight_decay 0, no equilibrium"
     if conv_l2 and not scaled:
@@ -199,8 +261,9 @@ def predicted_levels(config: Mapping, momentum: float = fidelity.MOMENTUM) -> Li
     """Per phase the predicted conv relative step, or None (see `prediction_basis`)."""
     wd = float(config.get("weight_decay", fidelity.WEIGHT_DECAY))
     predict = not prediction_basis(config).startswith("none")
+    optimizer = config.get("optimizer") or "momentum"
     return [Level(p.start, p.end, p.lr,
-                  equilibrium_relative_step(p.lr, wd, momentum) if predict else None)
+                  equilibrium_angular_update(optimizer, p.lr, wd, momentum) if predict else None)
             for p in phases(config)]
 
 

@@ -32,7 +32,7 @@ examples:
     python -m experiments.run_all --address=auto --results_dir=/shared/results/full
 
 Finished runs are skipped, interrupted ones resume from their checkpoint. Runs that
-replay the baseline (--conv_lr_factor=replay or per_layer) start after their grid
+replay the baseline (--conv_lr_factor=replay, per_layer or per_channel) start after their grid
 point's and seed's baseline. Arguments after -- go to every run.
 """
 
@@ -78,7 +78,9 @@ def make_parser():
     p.add_argument("--results_dir", required=True, metavar="DIR",
                    help="folder of all runs (created); on a cluster, shared by every node at this path")
     p.add_argument("--preset", choices=sorted(sweep.PRESETS), default="full",
-                   help="full: the post's 150 epochs; quick: 6 compressed epochs for CPUs (default: full)")
+                   help="full: the post's 150 epochs; quick: 6 compressed epochs for CPUs; equivalence: the "
+                        "weight-decay study (with --grid=weight_decay=...); adam, adamw: the post's "
+                        "runs with Adam / AdamW (default: full)")
     p.add_argument("--runs", default=",".join(sweep.POST_RUNS), metavar="A,B,...",
                    help="runs (flagfile names) to do, e.g. add conv_lr_scale_per_layer (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run (default: 1)")

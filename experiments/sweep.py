@@ -30,11 +30,13 @@ from resnet_cifar import run_lock, tags
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 POST_RUNS = ("baseline", "noconv_l2", "conv_lr_scale", "conv_lr_scale_bn098")
-PRESETS = {"full": HERE, "quick": os.path.join(HERE, "quick")}
+PRESETS = {"full": HERE, "quick": os.path.join(HERE, "quick"),
+           "equivalence": os.path.join(HERE, "equivalence"),
+           "adam": os.path.join(HERE, "adam"), "adamw": os.path.join(HERE, "adamw")}
 BASELINE = "baseline"
 # Set by the runner for each run; not allowed in flagfiles' extras or grids.
 RUNNER_FLAGS = ("model_dir", "seed", "replay_from", "verbose", "flagfile", "overwrite")
-REPLAY_MODES = ("replay", "per_layer")
+REPLAY_MODES = ("replay", "per_layer", "per_channel")
 LOCK_POLL_SECONDS = 2.0
 WATCH_SECONDS = 2.0
 _CKPT = re.compile(r'^model_checkpoint_path:\s*"ckpt-(\d+)"', re.M)

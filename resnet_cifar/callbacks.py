@@ -1,6 +1,7 @@
 """Epoch-level callbacks: TensorBoard with the diagnostics, checkpoints, progress, NaN stop."""
 
 import math
+import os
 import time
 
 import keras
@@ -85,6 +86,7 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
         means = self.model.diagnostics.means()
         sq = np.asarray(layer_sqsum(self.model))
         self._write(epoch + 1, sq, means["relative_step"], means["lr_factor"], means["learning_rate"])
+        self._write_angular_update(epoch + 1, means["angular_update"], logs)
         super().on_epoch_end(epoch + 1, logs)
         if logs is not None:
             logs.update({tags.CONV_SQSUM: float(sq.sum()),
@@ -93,6 +95,17 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
                          tags.LEARNING_RATE: means["learning_rate"]})
         for writer in self._writers.values():
             writer.flush()
+
+
+    def _write_angular_update(self, step, angle, logs):
+        """conv_angular_update (mean over layers) and per layer: the epoch-mean angle per step."""
+        with self._train_writer.as_default():
+            self.summary.scalar(tags.CONV_ANGULAR_UPDATE, float(np.mean(angle)), step=step)
+            for name, value in zip(self._layer_names(), angle):
+                self.summary.scalar(tags.per_layer(tags.CONV_ANGULAR_UPDATE, name), float(value), step=step)
+        if logs is not None:
+            logs[tags.CONV_ANGULAR_UPDATE] = float(np.mean(angle))
+
 
 
 def _chart(title, *tag_names):
@@ -114,9 +127,11 @@ def scalars_layout(per_layer_factor=False):
         _chart("loss: cross entropy (validation = test)", tags.EPOCH_LOSS),
         _chart("conv_lr_factor: factor on conv gradients", tags.CONV_LR_FACTOR),
         _chart("learning_rate (epoch mean)", tags.LEARNING_RATE),
+        _chart("conv_angular_update: angle (rad) between w before and after a step",
+               tags.CONV_ANGULAR_UPDATE),
         _chart("epoch_l2_loss: the L2 term of the objective", tags.EPOCH_L2_LOSS),
     ]
-    layer_tags = [tags.CONV_SQSUM, tags.CONV_RELATIVE_STEP] + (
+    layer_tags = [tags.CONV_SQSUM, tags.CONV_RELATIVE_STEP, tags.CONV_ANGULAR_UPDATE] + (
         [tags.CONV_LR_FACTOR] if per_layer_factor else [])
     layers = [layout_pb2.Chart(title=f"{tag} per conv layer", multiline=layout_pb2.MultilineChartContent(
         tag=[f"^{tags.per_layer(tag, '')}"])) for tag in layer_tags]
@@ -124,6 +139,42 @@ def scalars_layout(per_layer_factor=False):
         layout_pb2.Category(title="The post's curves (step = epoch)", chart=main),
         layout_pb2.Category(title="Per conv layer", chart=layers, closed=True),
     ])
+
+class ChannelSqsumLog(keras.callbacks.Callback):
+    """Per-output-channel conv sums of squares at every epoch's end, in one .npz file.
+
+    What `--conv_lr_factor=per_channel` replays. Epoch 0 is the initial state.
+    Rows of epochs past the one just finished (left by a run killed after this
+    callback but before its checkpoint) are replaced on resume. Written
+    atomically (temporary file + rename); read with `events.read_channel_sqsum`.
+    """
+
+    def __init__(self, model_dir):
+        super().__init__()
+        self.path = os.path.join(model_dir, tags.CHANNEL_SQSUM_FILE)
+
+    def on_train_begin(self, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == 0:
+            self._save(0, fresh=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save(epoch + 1)
+
+    def _save(self, epoch, fresh=False):
+        layers = models.conv_layers(self.model)
+        row = {layer.name: models.channel_sum_of_squares(layer.kernel).numpy()[None] for layer in layers}
+        epochs = np.array([epoch], np.int64)
+        if not fresh and os.path.exists(self.path):
+            with np.load(self.path) as old:
+                keep = old["epochs"] < epoch
+                epochs = np.concatenate([old["epochs"][keep], epochs])
+                row = {k: np.concatenate([old[k][keep], v]) for k, v in row.items()}
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, epochs=epochs, **row)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

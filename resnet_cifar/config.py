@@ -12,7 +12,13 @@ from typing import Optional, Tuple
 from resnet_cifar import fidelity
 
 DATA_SOURCES = ("tfds", "binary", "synthetic")
-CONV_LR_FACTORS = ("piecewise", "replay", "per_layer")
+CONV_LR_FACTORS = ("piecewise", "replay", "per_layer", "per_channel")
+REPLAY_FACTORS = ("replay", "per_layer", "per_channel")     # the modes that need --replay_from
+OPTIMIZERS = ("momentum", "adam", "adamw")
+RESNET_SIZES = (20, 32, 44, 56, 110)   # 6n+2; any 6n+2 builds, these are the documented ones
+# Base learning rate per optimizer at batch 128 (scaled by batch/128 like the original's 0.1).
+# momentum: the post's; adam / adamw: Kingma & Ba's and Keras' default 1e-3.
+DEFAULT_LEARNING_RATES = {"momentum": fidelity.BASE_LEARNING_RATE, "adam": 1e-3, "adamw": 1e-3}
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
 MAX_SEED = 2**31 - 1       # NumPy seeds stop at 2**32 - 1, TF's int32 seeds at 2**31 - 1
 
@@ -46,6 +52,10 @@ class TrainConfig:
     dtype: str = "float32"
     overwrite: bool = False
     verbose: int = 1                        # Keras progress output: 0, 1 (bar), 2 (line)
+    # Beyond the post: depth, optimizer, its rate.
+    resnet_size: int = fidelity.RESNET_SIZE  # 6n+2
+    optimizer: str = "momentum"             # momentum (TF1, the post), adam (L2 in loss), adamw (decoupled)
+    learning_rate: Optional[float] = None   # base rate at batch 128; None: the optimizer's default
 
     def __post_init__(self):
         # Normalise sequences so that configs from flags, JSON and code compare equal.
@@ -55,8 +65,12 @@ class TrainConfig:
 
     @property
     def base_learning_rate(self) -> float:
-        """0.1 * batch/128, as `resnet_run_loop.learning_rate_with_decay`."""
-        return fidelity.BASE_LEARNING_RATE * self.batch_size / fidelity.BATCH_DENOM
+        """0.1 * batch/128, as `resnet_run_loop.learning_rate_with_decay` (the
+        optimizer's default rate, or --learning_rate, in place of 0.1)."""
+        rate = self.learning_rate
+        if rate is None:
+            rate = DEFAULT_LEARNING_RATES.get(self.optimizer, fidelity.BASE_LEARNING_RATE)
+        return rate * self.batch_size / fidelity.BATCH_DENOM
 
     def validate(self):
         def fail(msg):
@@ -97,17 +111,38 @@ class TrainConfig:
             fail(f"--weight_decay={self.weight_decay} must not be negative")
         if not 0.0 <= self.bn_decay < 1.0:
             fail(f"--bn_decay={self.bn_decay} must be in [0, 1)")
-        if self.conv_lr_factor in ("replay", "per_layer"):
+        if self.conv_lr_factor in REPLAY_FACTORS:
             if not self.conv_grad_scale:
                 fail(f"--conv_lr_factor={self.conv_lr_factor} needs --conv_grad_scale")
             if not self.replay_from:
                 fail(f"--conv_lr_factor={self.conv_lr_factor} needs --replay_from=BASELINE_DIR")
         elif self.replay_from:
-            fail("--replay_from is only used with --conv_lr_factor=replay or per_layer")
+            fail("--replay_from is only used with --conv_lr_factor=replay, per_layer or per_channel")
         if self.verbose not in (0, 1, 2):
             fail(f"--verbose={self.verbose}: choose 0, 1 or 2")
         if self.steps_per_epoch is not None:
             check_steps_per_execution(self, self.steps_per_epoch)
+        self._validate_beyond(fail)
+
+    def _validate_beyond(self, fail):
+        """Depth, optimizer, rate; the post's piecewise fit only where it was fitted."""
+        if self.resnet_size < 8 or self.resnet_size % 6 != 2:
+            fail(f"--resnet_size={self.resnet_size} must be 6n+2 "
+                 f"({', '.join(str(s) for s in RESNET_SIZES)}, ...)")
+        if self.optimizer not in OPTIMIZERS:
+            fail(f"--optimizer={self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            fail(f"--learning_rate={self.learning_rate} must be positive")
+        if self.conv_grad_scale and self.conv_lr_factor == "piecewise":
+            differs = [f"--{name}={_show(getattr(self, name))}" for name, post in (
+                ("resnet_size", fidelity.RESNET_SIZE), ("optimizer", "momentum"),
+                ("train_epochs", fidelity.TRAIN_EPOCHS), ("boundary_epochs", fidelity.BOUNDARY_EPOCHS),
+                ("decay_rates", fidelity.DECAY_RATES), ("steps_per_epoch", None))
+                if _show(getattr(self, name)) != _show(post)]
+            if differs:
+                fail(f"--conv_lr_factor=piecewise is the post's fit for ResNet-20 with momentum on the "
+                     f"150-epoch schedule, not for {' '.join(differs)}: use --conv_lr_factor=replay "
+                     f"--replay_from=BASELINE_DIR")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -136,3 +171,8 @@ def check_steps_per_execution(config, steps_per_epoch):
 
 def _csv(values):
     return ",".join(f"{v:g}" for v in values)
+
+
+def _show(value):
+    """A setting as the user spells it: 1,0.1,0.01 for sequences, else str."""
+    return _csv(value) if isinstance(value, (tuple, list)) else str(value)

@@ -11,6 +11,12 @@ reproduces the baseline's own ||w||^2 trajectory. Three ways to get it:
   trajectory, linearly interpolated in epoch; works for any schedule.
 - `per_layer`: each layer's ||w_l||^2 / baseline ||w_l||^2(epoch); each conv
   followed by BN is scale-invariant on its own.
+- `per_channel`: each output channel c of each layer gets ||w_c||^2 / baseline
+  ||w_c||^2(epoch): a conv output channel followed by BN is scale-invariant on its
+  own (Hoffer, Banner, Golan, Soudry, "Norm matters: efficient and accurate
+  normalization schemes in deep networks", NeurIPS 2018, arXiv:1803.01814, mimic
+  weight decay by a per-channel learning-rate correction ∝ ||w_c||^2). The
+  baseline's per-channel trajectory comes from its `conv_channel_sqsum.npz`.
 
 Every factor is computed inside the train step from the current weights and the
 fractional epoch (step / steps_per_epoch), and returned per conv layer (a global
@@ -49,15 +55,27 @@ def interpolate(epoch, epochs, values):
 class ConvLRFactor:
     """Callable (epoch, per-layer sum of squares (L,)) -> per-layer factor (L,)."""
 
-    def __init__(self, mode, baseline=None):
-        """mode: None (no scaling), 'piecewise', 'replay' or 'per_layer'.
+    def __init__(self, mode, baseline=None, initial_conv_sqsum=fidelity.INITIAL_CONV_SQSUM):
+        """mode: None (no scaling), 'piecewise', 'replay', 'per_layer' or 'per_channel'.
 
-        baseline: for replay / per_layer, a `BaselineTrajectory`.
+        baseline: for replay / per_layer / per_channel, a `BaselineTrajectory`.
+        initial_conv_sqsum: the piecewise factor's normalizer, the model's expected
+        initial conv sum of squares (`models.expected_initial_conv_sqsum`; 800 for ResNet-20).
         """
-        if mode in ("replay", "per_layer") and baseline is None:
+        if mode in ("replay", "per_layer", "per_channel") and baseline is None:
             raise ValueError(f"conv_lr_factor={mode} needs a baseline trajectory")
         self.mode = mode
         self.baseline = baseline
+        self.initial_conv_sqsum = float(initial_conv_sqsum)
+
+    def channel_factors(self, epoch, channel_sqsums):
+        """per_channel mode: per layer, ||w_c||^2 / baseline ||w_c||^2(epoch), shape (cout,).
+
+        channel_sqsums: one (cout,) tensor per conv layer, in the baseline's layer order.
+        """
+        base = self.baseline.per_channel
+        return [sq / interpolate(epoch, self.baseline.channel_epochs, b)
+                for sq, b in zip(channel_sqsums, base)]
 
     def __call__(self, epoch, layer_sqsum):
         ones = tf.ones_like(layer_sqsum)
@@ -65,11 +83,13 @@ class ConvLRFactor:
         if self.mode is None:
             return ones
         if self.mode == "piecewise":
-            return ones * piecewise(epoch) * total / fidelity.INITIAL_CONV_SQSUM
+            return ones * piecewise(epoch) * total / self.initial_conv_sqsum
         if self.mode == "replay":
             return ones * total / interpolate(epoch, self.baseline.epochs, self.baseline.total)
         if self.mode == "per_layer":
             return layer_sqsum / interpolate(epoch, self.baseline.epochs, self.baseline.per_layer)
+        if self.mode == "per_channel":
+            return ones    # the step multiplies by `channel_factors` instead
         raise ValueError(f"unknown conv_lr_factor mode {self.mode!r}")
 
 
@@ -79,11 +99,31 @@ class BaselineTrajectory:
     per_layer: (epochs, layers) with columns named by `layer_names`.
     """
 
-    def __init__(self, epochs, total, per_layer=None, layer_names=None):
+    def __init__(self, epochs, total, per_layer=None, layer_names=None,
+                 channel_epochs=None, per_channel=None):
         self.epochs = np.asarray(epochs, np.float64)
         self.total = np.asarray(total, np.float64)
         self.per_layer = None if per_layer is None else np.asarray(per_layer, np.float64)
         self.layer_names = list(layer_names or [])
+        # per_channel: {layer name: (epochs, cout) array} at `channel_epochs`, or None;
+        # after `aligned_channels`, a list in the model's layer order.
+        self.channel_epochs = None if channel_epochs is None else np.asarray(channel_epochs, np.float64)
+        self.per_channel = per_channel
+
+    def aligned_channels(self, names, channels):
+        """The per-channel trajectory as a list in the order of `names`.
+
+        channels: the model's output channels per layer. KeyError if a layer is
+        missing, ValueError if its channel count differs (another architecture).
+        """
+        arrays = []
+        for name, cout in zip(names, channels):
+            a = np.asarray(self.per_channel[name], np.float64)
+            if a.ndim != 2 or a.shape[1] != cout:
+                raise ValueError(f"layer {name}: baseline has {a.shape[-1]} channels, model {cout}")
+            arrays.append(a)
+        return BaselineTrajectory(self.epochs, self.total, self.per_layer, self.layer_names,
+                                  self.channel_epochs, arrays)
 
     def aligned(self, names):
         """The same trajectory with per-layer columns in the order of `names` (KeyError if one is missing)."""

@@ -211,3 +211,27 @@ def load_run(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR)) -> Run
     damaged = damaged_event_files(run_dir, subdirs)
     return Run(run_dir=run_dir, config=read_config(run_dir),
                complete=is_complete(run_dir) and not damaged, scalars=scalars, damaged=damaged)
+
+
+
+# --- per-channel conv sums of squares (beyond the post) --------------------------------
+
+def read_channel_sqsum(run_dir: str) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """A run's per-output-channel conv sums of squares: (epochs (E,), {layer: (E, cout)}).
+
+    Training writes them to `conv_channel_sqsum.npz` in the run folder at every
+    epoch's end (epoch 0: the initial weights), one (E, cout) float32 array per conv
+    layer, keyed by the layer's name: a few MB even for ResNet-110 and 150 epochs,
+    where a TensorBoard tag per channel would be thousands of tags.
+    """
+    path = os.path.join(run_dir, tags.CHANNEL_SQSUM_FILE)
+    try:
+        with np.load(path) as data:
+            epochs = np.asarray(data["epochs"], np.int64)
+            layers = {k: np.asarray(data[k], np.float64) for k in data.files if k != "epochs"}
+    except (OSError, KeyError, ValueError) as e:
+        raise EventsError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    bad = [k for k, v in layers.items() if v.ndim != 2 or v.shape[0] != len(epochs)]
+    if bad:
+        raise EventsError(f"{path}: layer {bad[0]} does not have one row per epoch")
+    return epochs, layers

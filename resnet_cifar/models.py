@@ -80,13 +80,34 @@ def build_resnet20(bn_decay=fidelity.BATCH_NORM_DECAY, model_cls=keras.Model, na
     `model_cls` lets the trainer build the same graph as its own `keras.Model`
     subclass (with the custom `train_step`).
     """
+    return build_resnet(fidelity.RESNET_SIZE, bn_decay, model_cls, name)
+
+
+def blocks_per_stage(resnet_size):
+    """n = (size - 2) / 6 basic blocks per stage, as the original `cifar10_main.Cifar10Model`.
+
+    Raises ValueError unless resnet_size is 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...).
+    """
+    if resnet_size < 8 or resnet_size % 6 != 2:
+        raise ValueError(f"resnet_size must be 6n+2 (20, 32, 44, 56, 110, ...), got {resnet_size}")
+    return (resnet_size - 2) // 6
+
+
+def build_resnet(resnet_size=fidelity.RESNET_SIZE, bn_decay=fidelity.BATCH_NORM_DECAY,
+                 model_cls=keras.Model, name=None):
+    """ResNet-(6n+2) v1 for CIFAR-10: the original's `--resnet_size`; 20 is the post's model.
+
+    Same stem, stages and head as ResNet-20, with n = (size-2)/6 blocks per stage.
+    """
+    n_blocks = blocks_per_stage(resnet_size)
+    name = name or f"resnet{resnet_size}_v1"
     names = _Namer()
     inputs = keras.Input((fidelity.HEIGHT, fidelity.WIDTH, fidelity.NUM_CHANNELS), name="images")
     x = _conv(inputs, fidelity.INITIAL_FILTERS, fidelity.INITIAL_KERNEL_SIZE, 1, names("conv2d"))
     x = _bn(x, bn_decay, names("batch_normalization"))     # version 1 only
     x = keras.layers.ReLU(name=names("re_lu"))(x)
     for filters, strides in zip(fidelity.STAGE_FILTERS, fidelity.STAGE_STRIDES):
-        for block in range(fidelity.BLOCKS_PER_STAGE):
+        for block in range(n_blocks):
             # The original gives the FIRST block of EVERY stage a projection
             # shortcut, the first stage (stride 1, 16 -> 16) included.
             x = _block_v1(x, filters, strides if block == 0 else 1, block == 0, bn_decay, names)
@@ -96,7 +117,7 @@ def build_resnet20(bn_decay=fidelity.BATCH_NORM_DECAY, model_cls=keras.Model, na
 
 
 def conv_layers(model):
-    """The 22 Conv2D layers in TF1 creation order: conv2d, conv2d_1, ..., conv2d_21.
+    """The Conv2D layers in TF1 creation order: conv2d, conv2d_1, ..., conv2d_21 (ResNet-20).
 
     (`model.layers` is in graph order, where a block's projection conv comes after
     its main-path convs; per-layer logs and replays use the creation order.)
@@ -134,3 +155,19 @@ def set_bn_decay(model, bn_decay):
 def sum_of_squares(variables):
     """sum(v**2) over the variables, in float32 (as the post's `conv2d_sqsum`)."""
     return tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
+
+
+def expected_initial_conv_sqsum(model):
+    """E[sum w^2] of the conv kernels at initialization: the sum of their output channels.
+
+    VarianceScaling(1, fan_in) draws each weight with variance 1/fan_in, and a
+    kernel [kh, kw, cin, cout] has fan_in = kh*kw*cin, so its expected sum of
+    squares is kh*kw*cin*cout / fan_in = cout. For ResNet-20 this is 800, the
+    post's `initial_conv2d_sqsum`; it is the normalizer of the piecewise factor.
+    """
+    return float(sum(int(k.shape[-1]) for k in conv_kernels(model)))
+
+
+def channel_sum_of_squares(kernel):
+    """sum(w^2) per output channel of a conv kernel [kh, kw, cin, cout], float32: (cout,)."""
+    return tf.reduce_sum(tf.square(tf.cast(kernel, tf.float32)), axis=[0, 1, 2])

@@ -71,3 +71,29 @@ def rate_at_epoch(epoch, base_rate, boundary_epochs, decay_rates):
     for boundary, decay in zip(boundary_epochs, decay_rates[1:]):
         rate = ops.where(epoch >= boundary, base_rate * decay, rate)
     return rate
+
+
+def make_optimizer(name, learning_rate, weight_decay=0.0, no_decay=()):
+    """The optimizer of `--optimizer`, on the learning rate (or schedule) given.
+
+    - momentum: `TF1Momentum` (the post); L2 is in the loss.
+    - adam: `keras.optimizers.Adam` (beta_1 0.9, beta_2 0.999, epsilon 1e-7 outside
+      the bias correction: w -= lr·sqrt(1-b2^t)/(1-b1^t) · m/(sqrt(v)+eps)); the L2
+      term stays in the loss as in the post, so Adam normalizes it with the rest
+      of the gradient.
+    - adamw: `keras.optimizers.AdamW`, decoupled decay (Loshchilov & Hutter, ICLR
+      2019, arXiv:1711.05101) applied before the Adam step: w -= lr·weight_decay·w.
+      Keras multiplies by the *scheduled* rate lr = alpha·eta_t, so in their
+      notation (w -= eta_t·(alpha·adam + lambda·w)) lambda = alpha·weight_decay:
+      the decay follows the schedule, as their eta_t does. Variables in `no_decay`
+      (those out of the L2 set, e.g. conv kernels under --noconv_l2) are not decayed.
+    """
+    if name == "momentum":
+        return TF1Momentum(learning_rate, momentum=fidelity.MOMENTUM)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    if name == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=float(weight_decay))
+        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
+        return optimizer
+    raise ValueError(f"unknown optimizer {name!r}")

@@ -125,9 +125,12 @@ def finished_message(config):
 def differing_flags(old, new):
     """['--flag: old -> new', ...] over the settings that change what a run computes."""
     out = []
+    defaults = {f.name: f.default for f in dataclasses.fields(config_lib.TrainConfig)}
     for key in sorted(set(old) | set(new)):
         if key in OPERATIONAL:
             continue
+        if key not in old and key in defaults and _norm(new.get(key)) == _norm(defaults[key]):
+            continue    # a setting added after that run was made, at its default: same run
         a, b = _norm(old.get(key)), _norm(new.get(key))
         if a != b:
             out.append(f"--{key}: {a} -> {b}")
@@ -142,7 +145,7 @@ def clear(d):
     """Removes what a run wrote (and only that) from its folder."""
     for name in (tags.TRAIN_DIR, tags.VALIDATION_DIR, CHECKPOINTS):
         shutil.rmtree(os.path.join(d, name), ignore_errors=True)
-    for name in (tags.RUN_CONFIG_FILE, tags.DONE_FILE):
+    for name in (tags.RUN_CONFIG_FILE, tags.DONE_FILE, tags.CHANNEL_SQSUM_FILE):
         if os.path.exists(os.path.join(d, name)):
             os.remove(os.path.join(d, name))
 

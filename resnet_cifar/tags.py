@@ -23,6 +23,7 @@ CONV_SQSUM = "conv_sqsum"                    # sum of squares of the 22 conv ker
 CONV_RELATIVE_STEP = "conv_relative_step"    # mean over conv layers of ||dw||/||w||, epoch mean
 CONV_LR_FACTOR = "conv_lr_factor"            # factor applied to conv grads, epoch mean
 LEARNING_RATE = "learning_rate"              # optimizer learning rate, epoch mean
+CONV_ANGULAR_UPDATE = "conv_angular_update"  # mean over conv layers of angle(w_before, w_after), epoch mean
 
 
 # Per-layer values of the diagnostics live under their own prefix, so that TensorBoard
@@ -58,3 +59,4 @@ def per_layer_series(scalars: Mapping[str, T], tag: str) -> Dict[str, T]:
 
 RUN_CONFIG_FILE = "run_config.json"
 DONE_FILE = "done.json"            # written when a run has finished all its epochs
+CHANNEL_SQSUM_FILE = "conv_channel_sqsum.npz"   # per-output-channel conv sums of squares by epoch

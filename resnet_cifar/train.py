@@ -39,7 +39,8 @@ flags.DEFINE_boolean("conv_grad_scale", False, "Multiply conv-kernel gradients b
                      "factor (the post's ConvLRScale runs).")
 flags.DEFINE_enum("conv_lr_factor", "piecewise", list(config_lib.CONV_LR_FACTORS),
                   "piecewise: the post's fit * conv_sqsum/800; replay: conv_sqsum / the "
-                  "baseline's logged conv_sqsum; per_layer: the same for each conv layer.")
+                  "baseline's logged conv_sqsum; per_layer: the same for each conv layer; "
+                  "per_channel: for each output channel (from the baseline's conv_channel_sqsum.npz).")
 flags.DEFINE_string("replay_from", None, "Finished baseline run folder whose conv_sqsum is replayed.")
 flags.DEFINE_float("bn_decay", fidelity.BATCH_NORM_DECAY, "Batch-norm moving-average decay.")
 flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: the whole training set).")
@@ -53,6 +54,14 @@ flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
                   "float32 (faithful) or a mixed-precision policy; the conv factor stays float32.")
 flags.DEFINE_boolean("overwrite", False, "Replace a run with other flags in --model_dir.")
 flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
+# Beyond the post: depth and optimizer.
+flags.DEFINE_integer("resnet_size", fidelity.RESNET_SIZE,
+                     "ResNet depth 6n+2 (20: the post; 32, 44, 56, 110), n blocks per stage.")
+flags.DEFINE_enum("optimizer", "momentum", list(config_lib.OPTIMIZERS),
+                  "momentum: TF1 momentum 0.9 (the post); adam: Adam with the L2 term in the loss; "
+                  "adamw: Adam with decoupled weight decay w -= lr*weight_decay*w (no L2 in the loss).")
+flags.DEFINE_float("learning_rate", None, "Base learning rate at batch 128 (scaled by batch/128); "
+                   "default: 0.1 for momentum, 1e-3 for adam and adamw.")
 
 
 def config_from_flags(f=FLAGS):

@@ -7,7 +7,8 @@ One step, traced once into a `tf.function` (XLA-compiled where that pays):
 3. conv-kernel gradients (only those) multiplied by the conv LR factor, computed
    here from the current weights and the fractional epoch;
 4. the TF1 momentum update;
-5. diagnostics of the actual update (||dw|| / ||w|| per conv layer), added into
+5. diagnostics of the actual update (||dw|| / ||w|| and the angle between w
+   before and after, per conv layer), added into
    accumulators that a callback reads and resets once per epoch, so no value
    crosses to the host during the epoch.
 """
@@ -32,9 +33,11 @@ class Diagnostics:
         self.lr_factor = zeros([num_conv])       # sum over steps of the factor per layer
         self.learning_rate = zeros([])           # sum over steps of the learning rate
         self.steps = zeros([])
+        self.angular_update = zeros([num_conv])  # sum over steps of angle(w_before, w_after)
 
     def reset(self):
-        for v in (self.relative_step, self.lr_factor, self.learning_rate, self.steps):
+        for v in (self.relative_step, self.lr_factor, self.learning_rate, self.steps,
+                  self.angular_update):
             v.assign(tf.zeros_like(v))
 
     def means(self):
@@ -43,7 +46,8 @@ class Diagnostics:
         return dict(relative_step=self.relative_step.numpy() / n,
                     lr_factor=self.lr_factor.numpy() / n,
                     learning_rate=float(self.learning_rate.numpy()) / n,
-                    steps=int(self.steps.numpy()))
+                    steps=int(self.steps.numpy()),
+                    angular_update=self.angular_update.numpy() / n)
 
 
 class ReproductionModel(keras.Model):
@@ -94,6 +98,14 @@ class ReproductionModel(keras.Model):
         """The per-layer conv gradient factor at the current step."""
         return self._settings["conv_lr_factor"](self.epoch_fraction(), layer_sqsum)
 
+    def channel_factors(self, kernels):
+        """--conv_lr_factor=per_channel: one (cout,) factor per conv kernel, else None."""
+        factor = self._settings["conv_lr_factor"]
+        if getattr(factor, "mode", None) != "per_channel":
+            return None
+        return factor.channel_factors(self.epoch_fraction(),
+                                      [models.channel_sum_of_squares(w) for w in kernels])
+
     # -- the step -------------------------------------------------------------------
 
     def train_step(self, data):
@@ -114,7 +126,12 @@ class ReproductionModel(keras.Model):
         before = [tf.identity(v) for v in conv]
         layer_sqsum = tf.stack([tf.reduce_sum(tf.square(tf.cast(w, tf.float32))) for w in before])
         factor = self.conv_factor(layer_sqsum)
-        grads = [g * tf.cast(factor[conv_index[id(v)]], g.dtype) if id(v) in conv_index else g
+        multipliers = [factor[i] for i in range(len(conv))]   # per layer: scalar or (cout,)
+        channel = self.channel_factors(before)
+        if channel is not None:
+            multipliers = channel
+            factor = tf.stack([tf.reduce_mean(f) for f in channel])   # logged: per-layer mean
+        grads = [g * tf.cast(multipliers[conv_index[id(v)]], g.dtype) if id(v) in conv_index else g
                  for g, v in zip(grads, variables)]
 
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)  # rate of this step
@@ -127,6 +144,8 @@ class ReproductionModel(keras.Model):
         d.lr_factor.assign_add(factor)
         d.learning_rate.assign_add(learning_rate)
         d.steps.assign_add(1.0)
+        d.angular_update.assign_add(tf.stack([angle_between(w, tf.cast(v, tf.float32))
+                                              for v, w in zip(conv, before)]))
 
         for metric in self.metrics:
             if metric.name == "loss":
@@ -149,6 +168,20 @@ class ReproductionModel(keras.Model):
         logs = self.get_metrics_result()
         logs.pop(self.l2_tracker.name, None)   # the L2 term is a training quantity
         return logs
+
+
+def angle_between(a, b):
+    """The angle (radians) between two tensors seen as vectors, accurate for tiny angles.
+
+    acos(<a,b>/(|a||b|)) loses everything below ~3e-4 rad in float32 (the cosine
+    rounds to 1); 2·asin(|u - v|/2) of the unit vectors u, v has relative error
+    ~eps32/angle instead.
+    """
+    a = tf.reshape(a, [-1])
+    b = tf.reshape(b, [-1])
+    u = a / tf.norm(a)
+    v = b / tf.norm(b)
+    return 2.0 * tf.asin(tf.minimum(tf.norm(u - v) / 2.0, 1.0))
 
 
 def layer_sqsum(model):

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from resnet_cifar import (callbacks, checkpoints, cifar_data, config as config_lib, console, conv_scaling,
-                          events, fidelity, input_pipeline, interrupt, models, optim, run_dir, tags)
+                          events, input_pipeline, interrupt, models, optim, run_dir, tags)
 from resnet_cifar.train_step import ReproductionModel
 
 
@@ -43,7 +43,7 @@ def use_xla(config):
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def load_baseline(path, train_epochs):
+def load_baseline(path, train_epochs, per_channel=False):
     """The logged conv_sqsum trajectory (total and per layer) of a finished baseline run."""
     if not os.path.isdir(path):
         raise config_lib.ConfigError(f"--replay_from={path}: no such run folder")
@@ -76,7 +76,10 @@ def load_baseline(path, train_epochs):
     per_layer = None
     if layers:
         per_layer = np.stack([np.interp(epochs, *series) for series in layers.values()], axis=1)
-    return conv_scaling.BaselineTrajectory(epochs, total, per_layer, list(layers))
+    trajectory = conv_scaling.BaselineTrajectory(epochs, total, per_layer, list(layers))
+    if per_channel:
+        trajectory.channel_epochs, trajectory.per_channel = load_channel_sqsum(path, train_epochs)
+    return trajectory
 
 
 def describe_non_baseline(source_config):
@@ -93,11 +96,35 @@ def describe_non_baseline(source_config):
     return "NoConvL2 (--noconv_l2: conv kernels out of L2)"
 
 
+def load_channel_sqsum(path, train_epochs):
+    """(epochs, {layer: (E, cout)}) of a baseline's conv_channel_sqsum.npz, for per_channel."""
+    try:
+        epochs, layers = events.read_channel_sqsum(path)
+    except events.EventsError as e:
+        raise config_lib.ConfigError(f"--replay_from={path}: --conv_lr_factor=per_channel needs its "
+                                     f"{tags.CHANNEL_SQSUM_FILE} ({str(e).splitlines()[0]})") from None
+    if len(epochs) == 0 or epochs[-1] < train_epochs:
+        last = int(epochs[-1]) if len(epochs) else "no epoch"
+        raise config_lib.ConfigError(f"--replay_from={path}: its {tags.CHANNEL_SQSUM_FILE} ends at "
+                                     f"epoch {last}, this run needs {train_epochs}")
+    return epochs, layers
+
+
 def build_model(config, steps_per_epoch, baseline=None):
     """The compiled ReproductionModel for `config`."""
     keras.mixed_precision.set_dtype_policy(config.dtype)
-    model = models.build_resnet20(bn_decay=config.bn_decay, model_cls=ReproductionModel)
+    model = models.build_resnet(config.resnet_size, bn_decay=config.bn_decay, model_cls=ReproductionModel)
     mode = config.conv_lr_factor if config.conv_grad_scale else None
+    if mode == "per_channel":
+        layers = models.conv_layers(model)
+        try:
+            baseline = baseline.aligned_channels([layer.name for layer in layers],
+                                                 [int(layer.kernel.shape[-1]) for layer in layers])
+        except (AttributeError, TypeError, KeyError, ValueError):
+            raise config_lib.ConfigError(
+                "--conv_lr_factor=per_channel: the baseline run's "
+                f"{tags.CHANNEL_SQSUM_FILE} does not match this model's {len(layers)} conv layers "
+                "(same --resnet_size?)") from None
     if mode == "per_layer":
         names = [layer.name for layer in models.conv_layers(model)]
         try:
@@ -105,14 +132,20 @@ def build_model(config, steps_per_epoch, baseline=None):
         except (AttributeError, TypeError, ValueError):
             raise config_lib.ConfigError(
                 "--conv_lr_factor=per_layer: the baseline run lacks per-layer "
-                f"{tags.per_layer(tags.CONV_SQSUM, '<layer>')} curves for the 22 conv layers") from None
-    model.configure(weight_decay=config.weight_decay, conv_l2=config.conv_l2,
-                    conv_lr_factor=conv_scaling.ConvLRFactor(mode, baseline),
+                f"{tags.per_layer(tags.CONV_SQSUM, '<layer>')} curves for the {len(names)} conv layers") from None
+    # adamw decays the weights in the optimizer (decoupled): no L2 term in the loss.
+    decoupled = config.optimizer == "adamw"
+    model.configure(weight_decay=0.0 if decoupled else config.weight_decay, conv_l2=config.conv_l2,
+                    conv_lr_factor=conv_scaling.ConvLRFactor(
+                        mode, baseline, models.expected_initial_conv_sqsum(model)),
                     steps_per_epoch=steps_per_epoch)
     schedule = optim.PiecewiseByEpoch(config.base_learning_rate, config.boundary_epochs,
                                       config.decay_rates, steps_per_epoch)
+    decayed = {id(v) for v in model.l2_variables()}     # adamw: the L2 variable set
     model.compile(
-        optimizer=optim.TF1Momentum(schedule, momentum=fidelity.MOMENTUM),
+        optimizer=optim.make_optimizer(
+            config.optimizer, schedule, weight_decay=config.weight_decay,
+            no_decay=[v for v in model.trainable_variables if id(v) not in decayed]),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=use_xla(config),
@@ -175,8 +208,9 @@ def _run(config, arrays, print_fn, progress):
         arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
     steps_per_epoch = config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
     baseline = None
-    if config.conv_grad_scale and config.conv_lr_factor in ("replay", "per_layer"):
-        baseline = load_baseline(config.replay_from, config.train_epochs)
+    if config.conv_grad_scale and config.conv_lr_factor in config_lib.REPLAY_FACTORS:
+        baseline = load_baseline(config.replay_from, config.train_epochs,
+                                 per_channel=config.conv_lr_factor == "per_channel")
     model = build_model(config, steps_per_epoch, baseline)
     progress.model, progress.steps_per_epoch = model, steps_per_epoch
 
@@ -240,7 +274,8 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
                 # Keras' progress bar first: it ends its line before EpochSummary prints.
                 keras.callbacks.ProgbarLogger(),
                 callbacks.EpochTensorBoard(config.model_dir,
-                                           per_layer_factor=config.conv_lr_factor == "per_layer"),
+                                           per_layer_factor=config.conv_lr_factor in ("per_layer", "per_channel")),
+                callbacks.ChannelSqsumLog(config.model_dir),
                 callbacks.EpochCheckpoint(store, epoch_variable),
                 nan_stop,
                 callbacks.EpochSummary(config.train_epochs, print_fn),

@@ -1,0 +1,193 @@
+"""The equivalence study: does replaying the baseline's weight norms reproduce it, at
+which granularity (global / per layer / per channel), at each weight decay?
+
+Input: a results folder of the weight-decay grid (the runner's
+`--grid=weight_decay=1e-4,2e-4,5e-4`), laid out as
+
+    RESULTS/weight_decay=<wd>/<run>/seed_<k>/
+
+with the runs of `experiments/equivalence/`: `baseline` and the replays
+`conv_lr_scale` (global), `conv_lr_scale_per_layer`, `conv_lr_scale_per_channel`.
+
+For each weight decay and replay, each seed is compared with the baseline of the same
+seed (the run it replayed):
+  - accuracy gap: |final test accuracy - the baseline's|;
+  - mean step:    max over epochs of |conv_relative_step / baseline's - 1|;
+  - layers:       median over layers of (max over epochs of |ratio_l - 1|), ratio_l the
+                  same for conv_relative_step/<layer>;
+averaged over seeds. The noise floor is the same comparison between two baselines of
+consecutive seeds: what two runs differ by that should agree in expectation. A replay
+at or below the floor is as close to the baseline as the baseline is to itself.
+
+    python -m analysis.equivalence RESULTS [--out_dir=RESULTS/figures]
+
+writes equivalence.png/.svg (one panel per measure, weight decay on the x axis)
+and equivalence.md/.csv.
+"""
+
+import argparse
+import csv
+import math
+import os
+import re
+import sys
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from analysis import figures, replay_match
+from resnet_cifar import events, tags
+
+GRID_FLAG = "weight_decay"
+GRID_DIR = re.compile(rf"^{GRID_FLAG}=(.+)$")
+BASELINE = figures.BASELINE
+REPLAYS = {                      # run name (flagfile) -> granularity
+    "conv_lr_scale": "global",
+    "conv_lr_scale_per_layer": "per layer",
+    "conv_lr_scale_per_channel": "per channel",
+}
+NOISE_FLOOR = "noise floor"
+MEASURES = (("acc_gap", "|test accuracy − baseline's|"),
+            ("step_dev", "mean step: max |ratio − 1|"),
+            ("layer_dev", "layers: median of max |ratio − 1|"))
+COLORS = {"global": "tab:green", "per layer": "tab:purple", "per channel": "tab:orange",
+          NOISE_FLOOR: "gray"}
+
+
+def load_grid(results_dir: str) -> Dict[float, Dict[str, List[events.Run]]]:
+    """weight decay -> run name -> runs (seed order), from RESULTS/weight_decay=<wd>/."""
+    if not os.path.isdir(results_dir):
+        raise events.EventsError(f"no such folder: {results_dir}")
+    grid = {}
+    for entry in sorted(os.listdir(results_dir)):
+        match = GRID_DIR.match(entry)
+        if not match or not os.path.isdir(os.path.join(results_dir, entry)):
+            continue
+        try:
+            wd = float(match.group(1))
+        except ValueError:
+            continue
+        runs = events.find_runs(os.path.join(results_dir, entry))
+        grid[wd] = {name: [events.load_run(d) for d in dirs] for name, dirs in runs.items()}
+    if not grid:
+        raise events.EventsError(f"{results_dir}: no {GRID_FLAG}=<value>/ folders (run the grid first)")
+    return grid
+
+
+def _final_accuracy(run: events.Run) -> float:
+    value = run.last(tags.EPOCH_ACCURACY, tags.VALIDATION_DIR)
+    return math.nan if value is None else value
+
+
+def pair_metrics(run: events.Run, base: events.Run) -> Optional[dict]:
+    """The three measures of one run against one baseline; None without relative steps."""
+    m = replay_match.match(run, base)
+    if m is None:
+        return None
+    layer_devs = [float(np.max(np.abs(v - 1))) for v in m["layers"].values()]
+    return dict(acc_gap=abs(_final_accuracy(run) - _final_accuracy(base)),
+                step_dev=float(np.max(np.abs(m["mean"] - 1))),
+                layer_dev=float(np.median(layer_devs)) if layer_devs else math.nan)
+
+
+def _pairs(runs: Mapping[str, List[events.Run]], name: str):
+    bases = runs.get(BASELINE, [])
+    if name == NOISE_FLOOR:
+        return list(zip(bases[1:], bases[:-1]))          # seed k+1 against seed k
+    return list(zip(runs.get(name, []), bases))           # seed k against its own baseline
+
+
+def study_rows(grid: Mapping[float, Mapping[str, List[events.Run]]]) -> List[dict]:
+    """One row per (weight decay, granularity or noise floor) with pairs to compare."""
+    out = []
+    for wd in sorted(grid):
+        for name, granularity in list(REPLAYS.items()) + [(NOISE_FLOOR, NOISE_FLOOR)]:
+            found = [p for p in (pair_metrics(r, b) for r, b in _pairs(grid[wd], name)) if p]
+            if not found:
+                continue
+            row = dict(weight_decay=wd, run=name, granularity=granularity, pairs=len(found))
+            for key, _ in MEASURES:
+                values = [p[key] for p in found if np.isfinite(p[key])]
+                row[key] = float(np.mean(values)) if values else math.nan
+            out.append(row)
+    return out
+
+
+def equivalence_figure(rows: Sequence[dict]) -> Optional[Figure]:
+    """Three panels (accuracy gap, mean-step and per-layer deviation) against weight decay:
+    a line per granularity, the noise floor dashed gray."""
+    if not rows:
+        figures.note("equivalence: nothing to compare (no baseline with a replay or a second seed)")
+        return None
+    fig = Figure(figsize=(13, 4.2), dpi=figures.DPI)
+    axes = fig.subplots(1, len(MEASURES))
+    for ax, (key, title) in zip(axes, MEASURES):
+        for granularity in list(REPLAYS.values()) + [NOISE_FLOOR]:
+            sel = sorted((r for r in rows if r["granularity"] == granularity and np.isfinite(r[key])),
+                         key=lambda r: r["weight_decay"])
+            if not sel:
+                continue
+            style = dict(linestyle="--", marker="x") if granularity == NOISE_FLOOR else dict(marker="o")
+            ax.plot([r["weight_decay"] for r in sel], [r[key] for r in sel], label=granularity,
+                    color=COLORS[granularity], linewidth=1.2, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("weight decay")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle("Replaying the baseline's weight norms: distance to the baseline (mean over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    lines = ["| weight decay | replay | seed pairs | test accuracy gap | mean step: max abs(ratio−1) "
+             "| layers: median of max abs(ratio−1) |", "|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        acc = "n/a" if not np.isfinite(r["acc_gap"]) else f"{100 * r['acc_gap']:.2f} pts"
+        layer = "n/a" if not np.isfinite(r["layer_dev"]) else f"{r['layer_dev']:.1%}"
+        lines.append(f"| {r['weight_decay']:g} | {r['granularity']} | {r['pairs']} | {acc} | "
+                     f"{r['step_dev']:.1%} | {layer} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(results_dir: str, out_dir: str) -> List[str]:
+    rows = study_rows(load_grid(results_dir))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    fig = equivalence_figure(rows)
+    if fig is not None:
+        for fmt in ("png", "svg"):
+            path = os.path.join(out_dir, f"equivalence.{fmt}")
+            fig.savefig(path, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+            paths.append(path)
+    if rows:
+        md, csv_path = os.path.join(out_dir, "equivalence.md"), os.path.join(out_dir, "equivalence.csv")
+        with open(md, "w") as f:
+            f.write(to_markdown(rows))
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        paths += [md, csv_path]
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.equivalence", description=__doc__.split("\n")[0])
+    parser.add_argument("results_dir")
+    parser.add_argument("--out_dir", default=None, help="default: RESULTS/figures")
+    args = parser.parse_args(argv)
+    try:
+        paths = write(args.results_dir, args.out_dir or os.path.join(args.results_dir, "figures"))
+    except events.EventsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

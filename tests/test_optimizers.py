@@ -1,0 +1,168 @@
+"""--optimizer=adam / adamw: the train step against an independent float64 NumPy Adam.
+
+Adam as Kingma & Ba with Keras' epsilon placement (outside the bias correction):
+    m = b1·m + (1-b1)·g,  v = b2·v + (1-b2)·g²,
+    w -= lr·sqrt(1-b2^t)/(1-b1^t) · m / (sqrt(v) + eps)
+adam: g includes the L2 term wd·w (the post's objective); adamw: no L2 in the loss,
+w -= lr·wd·w before the Adam step (decoupled), on the L2 variable set only.
+
+The whole-step checks run with conv kernels in the L2 set: with L2 (or decay)
+dominating, the step is insensitive to the data gradient's float32 rounding.
+Without it, the pure data gradient of the first convs can change by ~1% between
+eager and tf.function when a ReLU input sits at zero, and Adam's per-element
+normalization does not damp that; the optimizer rule itself is then checked on
+fabricated gradients (`test_optimizer_rule_against_numpy`), the L2/decay
+variable sets structurally.
+"""
+
+import numpy as np
+import pytest
+
+from resnet_cifar import config as config_lib
+from tests.test_train_step import assert_close_update, batch, data_gradients, make_model
+
+B1, B2, EPS = 0.9, 0.999, 1e-7
+
+
+def numpy_adam(model, cfg, grads, weights, state, t):
+    """One step in float64; t is 1-based. Returns new weights."""
+    names = [v.path for v in model.trainable_variables]
+    in_l2 = [cfg.conv_l2 or "conv2d" not in n for n in names]
+    lr = cfg.base_learning_rate     # step < first boundary
+    out = []
+    for i, (g, w, l2) in enumerate(zip(grads, weights, in_l2)):
+        if cfg.optimizer == "adam" and l2:
+            g = g + cfg.weight_decay * w
+        if cfg.optimizer == "adamw" and l2:
+            w = w - lr * cfg.weight_decay * w
+        m, v = state[i]
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        state[i] = (m, v)
+        alpha = lr * np.sqrt(1 - B2 ** t) / (1 - B1 ** t)
+        out.append(w - alpha * m / (np.sqrt(v) + EPS))
+    return out
+
+
+def check_adam(optimizer, n_steps=2, weight_decay=1e-2, **overrides):
+    model, cfg = make_model(10, optimizer=optimizer, weight_decay=weight_decay, **overrides)
+    x, y = batch()
+    state = [(np.zeros(v.shape), np.zeros(v.shape)) for v in model.trainable_variables]
+    good = [np.ones(v.shape, bool) for v in model.trainable_variables]
+    for t in range(1, n_steps + 1):
+        weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+        grads = data_gradients(model, x, y)
+        want = numpy_adam(model, cfg, grads, weights, state, t)
+        model.train_on_batch(x, y)
+        for i, (v, w0, w1) in enumerate(zip(model.trainable_variables, weights, want)):
+            good[i] &= well_conditioned(state[i][0], state[i][1], t)
+            check_update(v.numpy() - w0, w1 - w0, w0, good[i], f"step {t} {v.path}")
+        total = sum(g.size for g in good)
+        assert sum(int(g.sum()) for g in good) > 0.9 * total, "too few well-conditioned elements"
+    return model, cfg
+
+
+def well_conditioned(m, v, t):
+    """Elements whose Adam direction m̂/sqrt(v̂) is insensitive to float32 rounding of g.
+
+    Adam divides each element by its own gradient scale, so where that scale is
+    tiny against the tensor's (here: below 5% of its rms), the float32 rounding
+    of the gradient (eager vs tf.function, different op orders) becomes an O(1)
+    change of that element's lr-sized step. These are a few percent of elements.
+    """
+    scale = np.sqrt(v / (1 - B2 ** t))
+    return scale >= 0.05 * np.sqrt(np.mean(scale ** 2))
+
+
+def check_update(actual, desired, weights, good, name):
+    """Well-conditioned elements: within 1e-3 of the update's norm, as the momentum
+    step is checked. The others (< 10% of them): no more than Adam's largest
+    possible step away, lr·sqrt(1-b2^t)/(1-b1^t)·|m|/sqrt(v) <= ~lr·t, bounded here by
+    3x the tensor's largest step; a wrong bias correction (x0.32 on step 1), beta or
+    L2/decay placement (weight decay 1e-2 / 50 below dominate the step) is far out."""
+    assert_close_update(actual[good], desired[good], weights[good], name, tol=1e-3)
+    bad = ~good
+    if bad.any():
+        limit = 3 * np.max(np.abs(desired))
+        assert np.max(np.abs(actual[bad] - desired[bad])) <= limit, name
+
+
+def test_adam_rates_default_per_optimizer():
+    for name, rate in (("momentum", 0.1), ("adam", 1e-3), ("adamw", 1e-3)):
+        cfg = config_lib.TrainConfig(model_dir="/x", optimizer=name, batch_size=256)
+        assert cfg.base_learning_rate == pytest.approx(rate * 2)
+    assert config_lib.TrainConfig(model_dir="/x", optimizer="adam", learning_rate=3e-4).base_learning_rate \
+        == pytest.approx(3e-4)
+
+
+def test_adam_step_matches_numpy():
+    model, _ = check_adam("adam")
+    assert float(model.l2_penalty()) > 0           # the L2 term is in the loss
+
+
+def test_adam_noconv_l2_penalty_leaves_out_conv_kernels():
+    model, cfg = make_model(10, optimizer="adam", weight_decay=1e-2, conv_l2=False)
+    chosen = [v for v in model.trainable_variables if "conv2d" not in v.path]
+    want = cfg.weight_decay * sum(np.sum(v.numpy().astype(np.float64) ** 2) / 2 for v in chosen)
+    assert float(model.l2_penalty()) == pytest.approx(want, rel=1e-5)
+
+
+def test_adamw_step_matches_numpy():
+    # lr 1e-3·8/128 = 6.25e-5; wd 50 makes the decoupled shrink 3e-3·w per step, far above
+    # Adam's ~lr-sized elementwise step: a missing or doubled decay is way out of tolerance.
+    model, _ = check_adam("adamw", weight_decay=50.0)
+    assert float(model.l2_penalty()) == 0.0         # decoupled: nothing in the loss
+
+
+def test_adamw_noconv_l2_decays_the_l2_set_only():
+    model, _ = make_model(10, optimizer="adamw", weight_decay=50.0, conv_l2=False)
+    for v in model.trainable_variables:
+        assert model.optimizer._use_weight_decay(v) == ("conv2d" not in v.path), v.path
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_optimizer_rule_against_numpy(name):
+    """make_optimizer on fabricated float32 gradients, 4 steps across a rate drop,
+    against float64 NumPy. Same gradients on both sides, so only float32 rounding
+    separates them: elementwise within 1e-4 of the step plus 2 eps32 |w|. One
+    variable is excluded from the decay (as conv kernels under --noconv_l2)."""
+    import keras
+    from resnet_cifar import optim
+
+    rng = np.random.default_rng(3)
+    shapes = [(3, 3, 4, 5), (5,), (7, 2)]
+    init = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) * (1 + k) for s in shapes] for k in range(4)]
+    variables = [keras.Variable(w.astype(np.float32)) for w in init]
+    wd = 0.5
+    schedule = optim.PiecewiseByEpoch(0.01, (2,), (1.0, 0.1), steps_per_epoch=1)
+    opt = optim.make_optimizer(name, schedule, weight_decay=wd, no_decay=[variables[1]])
+    opt.build(variables)
+    w = [x.astype(np.float64) for x in init]
+    state = [(np.zeros(s), np.zeros(s)) for s in shapes]
+    for t in range(1, 5):
+        lr = 0.01 * (1.0 if t - 1 < 2 else 0.1)
+        before = [v.numpy().astype(np.float64) for v in variables]
+        opt.apply([g.astype(np.float32) for g in grads[t - 1]], variables)
+        for i, g in enumerate(grads[t - 1]):
+            g = g.astype(np.float32).astype(np.float64)
+            if name == "adamw" and i != 1:
+                w[i] = before[i] - lr * wd * before[i]
+            else:
+                w[i] = before[i]
+            m, v = state[i]
+            m = B1 * m + (1 - B1) * g
+            v = B2 * v + (1 - B2) * g * g
+            state[i] = (m, v)
+            w[i] = w[i] - lr * np.sqrt(1 - B2 ** t) / (1 - B1 ** t) * m / (np.sqrt(v) + EPS)
+            got = variables[i].numpy().astype(np.float64)
+            step = np.abs(w[i] - before[i])
+            bound = 1e-4 * step + 2 * np.finfo(np.float32).eps * np.abs(before[i]) + 1e-12
+            assert np.all(np.abs(got - w[i]) <= bound), (name, t, i, np.max(np.abs(got - w[i]) / bound))
+
+
+def test_bad_optimizer_and_rate_are_refused():
+    with pytest.raises(config_lib.ConfigError, match="--optimizer='sgd'"):
+        config_lib.TrainConfig(model_dir="/x", optimizer="sgd")
+    with pytest.raises(config_lib.ConfigError, match="--learning_rate=0"):
+        config_lib.TrainConfig(model_dir="/x", learning_rate=0.0)
