@@ -51,7 +51,8 @@ flags.DEFINE_float("bn_decay", fidelity.BATCH_NORM_DECAY, "Batch-norm moving-ave
 flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: the whole training set).")
 flags.DEFINE_integer("eval_steps", None, "Test batches per evaluation (default: the whole test set).")
 flags.DEFINE_integer("seed", 0, "Seed of all randomness (initial weights, data order, augmentation).")
-flags.DEFINE_boolean("deterministic", False, "TF op determinism: bitwise-repeatable runs (slower).")
+flags.DEFINE_boolean("deterministic", False, "TF op determinism and one inter-op thread: "
+                     "bitwise-repeatable runs (slower).")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "XLA-compile the train step; auto: on GPU only (it is slower on CPU).")
 flags.DEFINE_integer("steps_per_execution", 1, "Train steps per tf.function call.")
