@@ -175,6 +175,38 @@ def versions():
     return out
 
 
+def onednn_enabled():
+    """Whether this process's TensorFlow runs oneDNN kernels (fixed when TF was imported)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:          # a TF build without this module: unknown
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def cpu_model():
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def runtime():
+    """The CPU settings a run's speed (and last bits) depend on: oneDNN, thread pools."""
+    import tensorflow as tf
+
+    return {"onednn": onednn_enabled(),
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),   # 0: TF's default
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+
+
 def write_run_config(config, model, steps_per_epoch, num_train_images):
     """run_config.json: every setting, versions, parameter count, seed: a figure's provenance."""
     import tensorflow as tf
@@ -187,6 +219,7 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
         "num_train_images": num_train_images,
         "versions": versions(),
         "devices": [d.name for d in tf.config.list_logical_devices()],
+        "runtime": runtime(),
         "command": sys.argv,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })

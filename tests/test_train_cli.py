@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -240,6 +241,31 @@ def test_run_config_records_the_run(short_run):
     assert rc["versions"]["tensorflow"].startswith("2.21")
     assert rc["steps_per_epoch"] == 8
     assert (model_dir / tags.DONE_FILE).exists()
+    # oneDNN: the entry point's default (on) unless the environment says otherwise,
+    # as TensorFlow itself reports it; TF's default thread pools.
+    want = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")
+    runtime = rc["runtime"]
+    assert runtime["TF_ENABLE_ONEDNN_OPTS"] == want
+    if platform.machine() in ("x86_64", "AMD64"):        # TF's x86 builds carry oneDNN
+        assert runtime["onednn"] is (want == "1")
+    assert (runtime["intra_op_threads"], runtime["inter_op_threads"]) == (0, 0)
+    assert runtime["cpu_count"] == os.cpu_count() and runtime["cpu"]
+
+
+@pytest.mark.parametrize("preset,want", [(None, "1"), ("0", "0"), ("1", "1")])
+def test_entry_point_chooses_onednn_before_tensorflow_is_imported(preset, want):
+    """oneDNN is fixed when TF is imported: importing the entry point must set the
+    default (keeping the user's value) and must not import TensorFlow itself."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if preset is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = preset
+    code = ("import os, sys; import resnet_cifar.train; "
+            "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [want, "False", "False"]
 
 
 def test_progress_output(short_run):
@@ -316,3 +342,30 @@ def test_other_flags_on_same_model_dir_are_refused(short_run):
     assert r.returncode == 2 and len(line) == 1, r.stderr
     assert "--conv_l2: True -> False" in line[0] and "--bn_decay: 0.997 -> 0.98" in line[0]
     assert (model_dir / tags.DONE_FILE).exists()     # nothing damaged
+
+
+def test_deterministic_runs_are_bit_identical(tmp_path):
+    """Two --deterministic runs at the real batch size give the same weights bit for bit.
+
+    At batch 128 on a multi-core CPU, op determinism alone is not enough: with more
+    than one inter-op thread the gradients differed in their last bits between
+    evaluations (oneDNN on or off), and after a few steps in every weight.
+    """
+    import tensorflow as tf
+
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        r = run_cli(f"--model_dir={d}", "--data_source=synthetic", "--deterministic", "--train_epochs=1",
+                    "--steps_per_epoch=3", "--eval_steps=1", "--verbose=0", timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    def weights(d):
+        reader = tf.train.load_checkpoint(str(d / "checkpoints"))
+        return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+                if name.startswith(("model/", "optimizer/"))}
+
+    a, b = weights(dirs[0]), weights(dirs[1])
+    assert a.keys() == b.keys() and len(a) > 100
+    assert [name for name in a if not np.array_equal(a[name], b[name])] == []
+    with open(dirs[0] / tags.RUN_CONFIG_FILE) as f:
+        assert json.load(f)["runtime"]["inter_op_threads"] == 1
