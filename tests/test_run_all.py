@@ -419,7 +419,9 @@ def test_make_figures_on_the_grid_sweep(local_sweep, tmp_path):
     out = tmp_path / "figures"
     assert make_figures.main([str(results), "--out", str(out)]) == 0
     for wd in WEIGHT_DECAYS:                       # today's figures and tables, per grid point
-        assert (out / f"weight_decay={wd}" / "test_accuracy.png").is_file()
+        # (baseline and ConvLRScale: the figures about them; test_accuracy.png is about NoConvL2)
+        assert (out / f"weight_decay={wd}" / "conv_lr_scale_accuracy.png").is_file()
+        assert not (out / f"weight_decay={wd}" / "test_accuracy.png").exists()
         assert (out / f"weight_decay={wd}" / "summary.md").is_file()
     assert (out / "grid_test_accuracy.png").is_file() and (out / "grid_test_accuracy.svg").is_file()
     rows = [line.split(",") for line in (out / "grid.csv").read_text().splitlines()]
