@@ -1,7 +1,7 @@
 """TensorBoard tag names and run-folder layout: a contract with users and `analysis/`.
 
 Training writes these and the analysis scripts read them; neither spells a tag
-itself. See `shared/reference/CLI.md` and the README's tag table.
+itself. See `docs/cli.md` and the README's tag table.
 """
 
 # Sub-folders of --model_dir, as Keras' TensorBoard callback makes them.
