@@ -52,6 +52,7 @@ def _load_tfds(data_dir):
 
         builder = tfds.builder("cifar10", data_dir=data_dir)
         if not builder.is_prepared() and not _download_cached(builder.data_dir_root):
+            _check_tfds_imports()
             _check_network(fidelity.ARCHIVE_URL)
         splits = tfds.load("cifar10", split=["train", "test"], data_dir=data_dir,
                            as_supervised=True, batch_size=-1)
@@ -73,6 +74,24 @@ def _download_cached(data_dir_root):
     downloads = os.path.join(str(data_dir_root), "downloads")
     return os.path.isdir(downloads) and any(
         "cifar-10-binary" in name and not name.endswith(".INFO") for name in os.listdir(downloads))
+
+
+def _check_tfds_imports():
+    """TFDS's builder imports its own dependencies lazily (`etils.epy.lazy_imports`), so a
+    missing one (importlib_resources for TFDS 4.9.10) surfaces only when preparing. Name it
+    before the network check. The optional ones (apache_beam, ...) come from TFDS's
+    `lazy_imports_utils` and are left out."""
+    import importlib.util
+
+    from tensorflow_datasets.core import dataset_builder
+    from tensorflow_datasets.core.utils import lazy_imports_utils
+
+    optional = {id(v) for v in vars(lazy_imports_utils).values()}
+    lazy = [v for v in vars(dataset_builder).values()
+            if type(v).__name__ == "LazyModule" and id(v) not in optional]
+    for name in sorted({getattr(v, "module_name", "").split(".")[0] for v in lazy} - {""}):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 def _check_network(url, timeout=15):
@@ -117,7 +136,7 @@ def describe_tfds_error(e):
     """The one-line message for an exception out of TFDS: broken install, no network, or other."""
     missing = next((c for c in _chain(e) if isinstance(c, ImportError)), None)
     if missing is not None:
-        name = getattr(missing, "name", None)
+        name = (getattr(missing, "name", None) or "").split(".")[0]
         fix = f"`pip install {name}`, or " if name else ""
         return (f"TensorFlow Datasets is not installed correctly ({type(missing).__name__}: "
                 f"{missing}); {fix}`pip install -r requirements.txt` in this environment")

@@ -108,6 +108,8 @@ def test_a_real_connection_error_out_of_tfds_reads_as_no_network(monkeypatch):
         requests.get(fidelity.ARCHIVE_URL, timeout=5)
     msg = cifar_data.describe_tfds_error(e.value)
     assert msg.startswith("cannot download CIFAR-10: no network") and "gaierror" in msg
+    broken = cifar_data.describe_tfds_error(ModuleNotFoundError("No module named 'x_y'", name="x_y.z"))
+    assert broken.startswith("TensorFlow Datasets is not installed correctly") and "pip install x_y`" in broken
     other = cifar_data.describe_tfds_error(RuntimeError("disk full"))
     assert "no network" not in other and "disk full" in other
 
@@ -128,17 +130,6 @@ class Missing(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Missing())
 """
 
-ONLINE = """
-import io, requests
-def send(adapter, request, **kwargs):
-    if request.method != 'HEAD':
-        raise requests.exceptions.ConnectionError('the test serves no downloads')
-    r = requests.Response()
-    r.status_code, r.url, r.request, r.raw = 200, request.url, request, io.BytesIO(b'')
-    return r
-requests.adapters.HTTPAdapter.send = send
-"""
-
 NO_NETWORK = """
 import socket
 def fail(*a, **k):
@@ -148,9 +139,10 @@ socket.getaddrinfo = fail
 
 
 def test_broken_tfds_install_names_the_module_and_the_fix(tmp_path):
-    """TFDS 4.9.10 without importlib_resources (its undeclared dependency), online: not "offline"."""
+    """TFDS 4.9.10 without importlib_resources (its undeclared dependency): named before any
+    download is tried, so even offline the message is about the install, not the network."""
     r = run_train([f"--model_dir={tmp_path / 'run'}", f"--data_dir={tmp_path / 'tfds'}"],
-                  prelude=BLOCK_IMPORTLIB_RESOURCES + ONLINE)
+                  prelude=BLOCK_IMPORTLIB_RESOURCES + NO_NETWORK)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert lines[-1].startswith("error: TensorFlow Datasets is not installed correctly"), r.stderr
