@@ -93,8 +93,9 @@ def expected_update(model, cfg, grads_data, weights, accum, step, steps_per_epoc
 # worst ratio error / (rate * |data accum|) on an AVX-512 CPU: 3.5e-3 with
 # TF_ENABLE_ONEDNN_OPTS=0, 2.7e-4 with =1, i.e. 2.8x and 36x inside the bound. The test's
 # weight decay (0.1) makes the L2 part 10% of a conv kernel's update and most of a BN
-# scale's, so an L2 mistake (twice the coefficient, a variable left out) exceeds the bound
-# by 5x or more.
+# scale's, so an L2 mistake exceeds the bound: twice the coefficient, or the conv kernels
+# wrongly in or out of the sum, gave errors 15x the bound on the first conv kernel and
+# 130x on a BN scale.
 U32 = 2.0 ** -24
 REDUCTION = BATCH * 32 * 32
 DEPTH = fidelity.RESNET_SIZE
