@@ -51,7 +51,7 @@ def _load_tfds(data_dir):
         import tensorflow_datasets as tfds  # here: binary and synthetic runs need not pay for it
 
         builder = tfds.builder("cifar10", data_dir=data_dir)
-        if not builder.is_prepared() and not _download_cached(builder.data_dir_root):
+        if not _quietly(builder.is_prepared) and not _download_cached(builder.data_dir_root):
             _check_tfds_imports()
             _check_network(fidelity.ARCHIVE_URL)
         splits = tfds.load("cifar10", split=["train", "test"], data_dir=data_dir,
@@ -67,6 +67,18 @@ def _load_tfds(data_dir):
 
 _OFFLINE_ADVICE = (f"download {fidelity.ARCHIVE_NAME} from {fidelity.CIFAR_PAGE} elsewhere and "
                    f"use --data_source=binary --data_dir=PATH/{fidelity.ARCHIVE_NAME}")
+
+
+def _quietly(fn):
+    """fn() without absl warnings: `is_prepared` warns about the folder it is asked about."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        return fn()
+    finally:
+        logging.set_verbosity(level)
 
 
 def _download_cached(data_dir_root):

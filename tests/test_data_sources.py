@@ -155,6 +155,7 @@ def test_offline_first_run_ends_in_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert lines[-1].startswith("error: cannot download CIFAR-10: no network"), r.stderr
+    assert not any("WARNING" in line or line.startswith("W1") for line in lines), r.stderr   # absl noise
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "tfds").exists() or not any((tmp_path / "tfds").rglob("*.tfrecord*"))
 
