@@ -66,7 +66,8 @@ def _load_tfds(data_dir):
 
 
 _OFFLINE_ADVICE = (f"download {fidelity.ARCHIVE_NAME} from {fidelity.CIFAR_PAGE} elsewhere and "
-                   f"use --data_source=binary --data_dir=PATH/{fidelity.ARCHIVE_NAME}")
+                   f"use --data_source=binary --data_dir=PATH/{fidelity.ARCHIVE_NAME} "
+                   "(or --data_source=synthetic for a smoke run)")
 
 
 def _quietly(fn):
@@ -156,8 +157,8 @@ def describe_tfds_error(e):
         return (f"cannot download CIFAR-10: no network connection ({_root_cause(e)}); "
                 f"{_OFFLINE_ADVICE}")
     first_line = (str(e).strip().splitlines() or [""])[0][:200]
-    return (f"TFDS could not prepare CIFAR-10 ({type(e).__name__}: {first_line}); "
-            f"or {_OFFLINE_ADVICE}")
+    what = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+    return f"TFDS could not prepare CIFAR-10 ({what}); or {_OFFLINE_ADVICE}"
 
 
 def find_binary_folder(data_dir):

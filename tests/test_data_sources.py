@@ -97,7 +97,7 @@ def test_no_network_is_one_line_naming_the_cause(tmp_path, monkeypatch):
         cifar_data.load_arrays("tfds", str(tmp_path / "tfds"))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("cannot download CIFAR-10: no network")
-    assert "--data_source=binary" in msg and fidelity.ARCHIVE_NAME in msg
+    assert "--data_source=binary" in msg and fidelity.ARCHIVE_NAME in msg and "synthetic" in msg
     assert "not installed" not in msg
 
 
