@@ -84,9 +84,11 @@ def _quietly(fn):
 
 def _download_cached(data_dir_root):
     """True if TFDS already holds the downloaded archive (then it needs no network)."""
-    downloads = os.path.join(str(data_dir_root), "downloads")
-    return os.path.isdir(downloads) and any(
-        "cifar-10-binary" in name and not name.endswith(".INFO") for name in os.listdir(downloads))
+    import glob
+
+    pattern = os.path.join(str(data_dir_root), "downloads", "**", "*cifar-10-binary*")
+    return any(os.path.isfile(p) and not p.endswith(".INFO") and ".tmp." not in p
+               for p in glob.glob(pattern, recursive=True))
 
 
 def _check_tfds_imports():

@@ -80,6 +80,9 @@ def test_tfds_prepares_cifar10_from_the_official_archive(tmp_path, archive, monk
         key = lambda x, y: sorted(bytes([l]) + im.tobytes() for im, l in zip(x, y))  # noqa: E731
         assert key(got_x, got_y) == key(want_x, want_y)
 
+    # The archive stays in TFDS's downloads: a lost preparation is redone without network.
+    assert cifar_data._download_cached(data_dir)
+
     # Prepared once, loaded again without any network.
     seen.clear()
     monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", lambda *a, **k: pytest.fail("network used"))
