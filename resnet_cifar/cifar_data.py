@@ -1,7 +1,8 @@
 """CIFAR-10 as uint8 arrays, from one of three sources (`--data_source`).
 
 - `tfds`: `tfds.load("cifar10")`, TFDS's own download and cache.
-- `binary`: the official `cifar-10-batches-bin` files the original code read.
+- `binary`: the official binary release the original code read: the
+  `cifar-10-batches-bin` folder, or the `cifar-10-binary.tar.gz` archive itself.
 - `synthetic`: random images of the right shapes (the original `--use_synthetic_data`).
 
 NumPy only (TFDS is imported when used), so bad data is reported before
@@ -45,27 +46,128 @@ def load_arrays(data_source, data_dir=None, seed=0):
 
 
 def _load_tfds(data_dir):
-    import tensorflow_datasets as tfds  # imported here: binary and synthetic runs need not pay for it
-
+    """`tfds.load("cifar10")`; a failure becomes one line that says whose fault it is."""
     try:
+        import tensorflow_datasets as tfds  # here: binary and synthetic runs need not pay for it
+
+        builder = tfds.builder("cifar10", data_dir=data_dir)
+        if not _quietly(builder.is_prepared) and not _download_cached(builder.data_dir_root):
+            _check_tfds_imports()
+            _check_network(fidelity.ARCHIVE_URL)
         splits = tfds.load("cifar10", split=["train", "test"], data_dir=data_dir,
                            as_supervised=True, batch_size=-1)
-    except Exception as e:  # noqa: BLE001 - any download/prepare failure gets the same advice
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(
-            f"could not load CIFAR-10 through TFDS ({type(e).__name__}: {first_line}); "
-            "offline, use --data_source=binary --data_dir=DIR (the official cifar-10-batches-bin "
-            "files) or --data_source=synthetic") from None
-    (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
+        (train_x, train_y), (test_x, test_y) = tfds.as_numpy(splits)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TFDS raises many types; each gets one line
+        raise DataError(describe_tfds_error(e)) from None
     return Arrays(train_x.astype(np.uint8), train_y.astype(np.int32),
                   test_x.astype(np.uint8), test_y.astype(np.int32))
+
+
+_OFFLINE_ADVICE = (f"download {fidelity.ARCHIVE_NAME} from {fidelity.CIFAR_PAGE} elsewhere and "
+                   f"use --data_source=binary --data_dir=PATH/{fidelity.ARCHIVE_NAME} "
+                   "(or --data_source=synthetic for a smoke run)")
+
+
+def _quietly(fn):
+    """fn() without absl warnings: `is_prepared` warns about the folder it is asked about."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        return fn()
+    finally:
+        logging.set_verbosity(level)
+
+
+def _download_cached(data_dir_root):
+    """True if TFDS already holds the downloaded archive (then it needs no network)."""
+    import glob
+
+    pattern = os.path.join(str(data_dir_root), "downloads", "**", "*cifar-10-binary*")
+    return any(os.path.isfile(p) and not p.endswith(".INFO") and ".tmp." not in p
+               for p in glob.glob(pattern, recursive=True))
+
+
+def _check_tfds_imports():
+    """TFDS's builder imports its own dependencies lazily (`etils.epy.lazy_imports`), so a
+    missing one (importlib_resources for TFDS 4.9.10) surfaces only when preparing. Name it
+    before the network check. The optional ones (apache_beam, ...) come from TFDS's
+    `lazy_imports_utils` and are left out."""
+    import importlib.util
+
+    from tensorflow_datasets.core import dataset_builder
+    from tensorflow_datasets.core.utils import lazy_imports_utils
+
+    optional = {id(v) for v in vars(lazy_imports_utils).values()}
+    lazy = [v for v in vars(dataset_builder).values()
+            if type(v).__name__ == "LazyModule" and id(v) not in optional]
+    for name in sorted({getattr(v, "module_name", "").split(".")[0] for v in lazy} - {""}):
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def _check_network(url, timeout=15):
+    """One quick request before TFDS's download, which retries for minutes when offline."""
+    import requests  # a dependency of TFDS
+
+    try:
+        requests.head(url, timeout=timeout, allow_redirects=True)
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+        raise DataError(f"cannot download CIFAR-10: no network connection to {url} "
+                        f"({_root_cause(e)}); {_OFFLINE_ADVICE}") from None
+
+
+def _chain(e):
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def _root_cause(e):
+    last = _chain(e)[-1]
+    text = (str(last).strip().splitlines() or [""])[0][:160]
+    return f"{type(last).__name__}: {text}" if text else type(last).__name__
+
+
+def _is_network_error(e):
+    import socket
+    import urllib.error
+
+    network = (ConnectionError, TimeoutError, socket.gaierror, socket.timeout, urllib.error.URLError)
+    try:
+        import requests
+        network += (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    except ImportError:
+        pass
+    return any(isinstance(c, network) for c in _chain(e))
+
+
+def describe_tfds_error(e):
+    """The one-line message for an exception out of TFDS: broken install, no network, or other."""
+    missing = next((c for c in _chain(e) if isinstance(c, ImportError)), None)
+    if missing is not None:
+        name = (getattr(missing, "name", None) or "").split(".")[0]
+        fix = f"`pip install {name}`, or " if name else ""
+        return (f"TensorFlow Datasets is not installed correctly ({type(missing).__name__}: "
+                f"{missing}); {fix}`pip install -r requirements.txt` in this environment")
+    if _is_network_error(e):
+        return (f"cannot download CIFAR-10: no network connection ({_root_cause(e)}); "
+                f"{_OFFLINE_ADVICE}")
+    first_line = (str(e).strip().splitlines() or [""])[0][:200]
+    what = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
+    return f"TFDS could not prepare CIFAR-10 ({what}); or {_OFFLINE_ADVICE}"
 
 
 def find_binary_folder(data_dir):
     """`--data_dir` may name the `cifar-10-batches-bin` folder itself or its parent."""
     if not data_dir:
-        raise DataError("--data_source=binary needs --data_dir (the cifar-10-batches-bin folder "
-                        "or its parent)")
+        raise DataError("--data_source=binary needs --data_dir (the cifar-10-batches-bin folder, "
+                        f"its parent, or the {fidelity.ARCHIVE_NAME} archive)")
     for folder in (data_dir, os.path.join(data_dir, fidelity.BINARY_FOLDER)):
         if os.path.isfile(os.path.join(folder, fidelity.TEST_FILES[0])):
             return folder
@@ -73,37 +175,71 @@ def find_binary_folder(data_dir):
                     f"there or in {os.path.join(data_dir, fidelity.BINARY_FOLDER)}")
 
 
-def read_binary_file(path):
-    """One official binary file -> (images uint8 (N,32,32,3), labels int32 (N,)).
+def decode_records(raw, name):
+    """Bytes of one official binary file -> (images uint8 (N,32,32,3), labels int32 (N,)).
 
     Each record is 1 label byte then 3072 bytes: the R, G and B planes of 32x32.
+    `name` (the file) is only for messages.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"missing CIFAR-10 file {path}")
-    raw = np.fromfile(path, dtype=np.uint8)
+    raw = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes) else raw
     if raw.size == 0 or raw.size % fidelity.RECORD_BYTES:
-        raise DataError(f"{path}: {raw.size} bytes is not a whole number of "
+        raise DataError(f"{name}: {raw.size} bytes is not a whole number of "
                         f"{fidelity.RECORD_BYTES}-byte CIFAR-10 records")
     records = raw.reshape(-1, fidelity.RECORD_BYTES)
     labels = records[:, 0].astype(np.int32)
     bad = np.flatnonzero(labels >= fidelity.NUM_CLASSES)
     if bad.size:
-        raise DataError(f"{path}: record {bad[0]} has label {labels[bad[0]]}, "
+        raise DataError(f"{name}: record {bad[0]} has label {labels[bad[0]]}, "
                         f"outside 0..{fidelity.NUM_CLASSES - 1}")
     planes = records[:, fidelity.LABEL_BYTES:].reshape(-1, fidelity.NUM_CHANNELS,
                                                        fidelity.HEIGHT, fidelity.WIDTH)
     return np.ascontiguousarray(planes.transpose(0, 2, 3, 1)), labels
 
 
+def read_binary_file(path):
+    """One official binary file -> (images uint8 (N,32,32,3), labels int32 (N,))."""
+    if not os.path.isfile(path):
+        raise DataError(f"missing CIFAR-10 file {path}")
+    return decode_records(np.fromfile(path, dtype=np.uint8), path)
+
+
+def read_binary_archive(path):
+    """The official `cifar-10-binary.tar.gz`, read in memory: {file name: (images, labels)}."""
+    import tarfile
+    import zlib
+
+    wanted = {f"{fidelity.BINARY_FOLDER}/{n}": n for n in fidelity.TRAIN_FILES + fidelity.TEST_FILES}
+    found = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                name = wanted.get(member.name.removeprefix("./"))
+                if name and member.isfile():
+                    found[name] = decode_records(tar.extractfile(member).read(), f"{path}:{member.name}")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DataError(f"{path} is not a readable {fidelity.ARCHIVE_NAME} archive "
+                        f"({type(e).__name__}: {e})") from None
+    missing = [m for m, n in wanted.items() if n not in found]
+    if missing:
+        raise DataError(f"{path}: the archive lacks {missing[0]} (expected the official "
+                        f"{fidelity.ARCHIVE_NAME} layout)")
+    return found
+
+
 def _load_binary(data_dir):
-    folder = find_binary_folder(data_dir)
+    if data_dir and os.path.isfile(data_dir):
+        parts = read_binary_archive(data_dir)
+    else:
+        folder = find_binary_folder(data_dir)
+        parts = {n: read_binary_file(os.path.join(folder, n))
+                 for n in fidelity.TRAIN_FILES + fidelity.TEST_FILES}
 
-    def read(names):
-        parts = [read_binary_file(os.path.join(folder, n)) for n in names]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    def join(names):
+        return (np.concatenate([parts[n][0] for n in names]),
+                np.concatenate([parts[n][1] for n in names]))
 
-    train_x, train_y = read(fidelity.TRAIN_FILES)
-    test_x, test_y = read(fidelity.TEST_FILES)
+    train_x, train_y = join(fidelity.TRAIN_FILES)
+    test_x, test_y = join(fidelity.TEST_FILES)
     return Arrays(train_x, train_y, test_x, test_y)
 
 

@@ -2,8 +2,9 @@
 
 The source of each number is the original TF 1.11 CIFAR-10 ResNet of
 tensorflow/models (`official/resnet/resnet_model.py`, `cifar10_main.py`,
-`resnet_run_loop.py`) and the blog post's snippets. Tests check each value
-against `shared/reference/FIDELITY.md`; change none of them without the post.
+`resnet_run_loop.py`) and the blog post's snippets; `docs/fidelity.md` gives the
+source of each for users, and `tests/test_models.py` checks these values against
+that document. Change none of them without the post.
 """
 
 # --- Model: ResNet-20 v1, CIFAR variant (resnet_model.py, cifar10_main.py) ---
@@ -32,6 +33,9 @@ RECORD_BYTES = LABEL_BYTES + IMAGE_BYTES   # 3073
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILES = ("test_batch.bin",)
 BINARY_FOLDER = "cifar-10-batches-bin"
+CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+ARCHIVE_NAME = "cifar-10-binary.tar.gz"        # holds BINARY_FOLDER/
+ARCHIVE_URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE_NAME}"
 
 # --- Objective and optimizer (resnet_run_loop.py, cifar10_main.py) ---
 WEIGHT_DECAY = 2e-4               # cifar10_main: weight_decay=2e-4

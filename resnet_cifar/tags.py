@@ -1,7 +1,7 @@
 """TensorBoard tag names and run-folder layout: a contract with users and `analysis/`.
 
 Training writes these and the analysis scripts read them; neither spells a tag
-itself. See the README's tag table.
+itself. See `docs/cli.md` and the README's tag table.
 """
 
 from typing import Dict, Iterable, Mapping, TypeVar

@@ -1,6 +1,6 @@
 """Train one run of the post: `python -m resnet_cifar.train --model_dir=DIR [flags]`.
 
-This module only parses flags (names fixed by shared/reference/CLI.md) into a
+This module only parses flags (names fixed by docs/cli.md) into a
 `TrainConfig` and hands it to `resnet_cifar.trainer`. Any bad flag, bad data
 or diverged run ends with one line on stderr and a non-zero exit code.
 """
@@ -26,9 +26,10 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model_dir", None, "Run folder: event files, checkpoints, run_config.json.")
 flags.DEFINE_enum("data_source", "tfds", list(config_lib.DATA_SOURCES),
-                  "tfds (downloads CIFAR-10), binary (official cifar-10-batches-bin files), "
+                  "tfds (downloads CIFAR-10), binary (the official binary release), "
                   "or synthetic (random images, for smoke runs and benchmarks).")
-flags.DEFINE_string("data_dir", None, "TFDS data folder, or the binary folder (or its parent).")
+flags.DEFINE_string("data_dir", None, "TFDS data folder; for binary: the cifar-10-batches-bin "
+                    "folder, its parent, or the cifar-10-binary.tar.gz archive itself.")
 flags.DEFINE_integer("train_epochs", fidelity.TRAIN_EPOCHS, "Total epochs.")
 flags.DEFINE_integer("epochs_between_evals", 1, "Evaluate on the test set every this many epochs.")
 flags.DEFINE_integer("batch_size", fidelity.BATCH_SIZE, "Global batch; the learning rate is 0.1*batch/128.")

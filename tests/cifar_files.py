@@ -48,3 +48,27 @@ def truncate(path, drop_bytes):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(max(size - drop_bytes, 0))
+
+
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
+               "dog", "frog", "horse", "ship", "truck")
+
+
+def write_binary_archive(path, per_train_file=4, num_test=4, seed=0):
+    """A tiny `cifar-10-binary.tar.gz` in the official layout (cifar-10-batches-bin/ with the
+    five train files, the test file and batches.meta.txt). Returns {file name: (images, labels)}."""
+    import io
+    import tarfile
+
+    contents = {}
+    for i, name in enumerate(fidelity.TRAIN_FILES):
+        contents[name] = learnable_arrays(per_train_file, seed + i)
+    contents[fidelity.TEST_FILES[0]] = learnable_arrays(num_test, seed + 100)
+    files = {name: encode_records(*arrays) for name, arrays in contents.items()}
+    files["batches.meta.txt"] = ("\n".join(CLASS_NAMES) + "\n\n").encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"{fidelity.BINARY_FOLDER}/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return contents

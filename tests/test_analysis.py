@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from analysis import figures, make_figures, summary
 from resnet_cifar import events, fidelity, tags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = "/work/venv/bin/python"
+PYTHON = sys.executable
 EPOCHS = 6
 PER_LAYER = "conv_lr_scale_per_layer"
 ALL_NAMES = [figures.BASELINE, figures.NOCONV_L2, figures.CONV_LR_SCALE,

@@ -18,7 +18,7 @@ if REPO not in sys.path:   # `pytest tests/...` does not put the checkout on the
 
 import tensorflow as tf  # noqa: E402
 
-from resnet_cifar import fidelity, input_pipeline  # noqa: E402
+from resnet_cifar import cifar_data, fidelity, input_pipeline  # noqa: E402
 from resnet_cifar.input_pipeline import DataError  # noqa: E402
 
 TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]   # written out, not read from fidelity
@@ -270,6 +270,7 @@ def test_tfds_mocked(monkeypatch, tmp_path):
     # padded_batch(sys.maxsize) and the process aborts with std::length_error.
     # Give the mocked splits a size; the real dataset_info has 60,000.
     monkeypatch.setattr(splits_lib.SplitDict, "total_num_examples", property(lambda self: 64))
+    monkeypatch.setattr(cifar_data, "_check_network", lambda url: None)   # mock_data needs none
     with tfds.testing.mock_data(num_examples=6):
         arrays = input_pipeline.load_arrays("tfds", str(tmp_path))
     assert arrays.train_images.shape == (6, 32, 32, 3)
@@ -292,6 +293,7 @@ def test_tfds_download_failure(monkeypatch, tmp_path, error):
         raise error
 
     monkeypatch.setattr(tfds, "load", fail)
+    monkeypatch.setattr(cifar_data, "_check_network", lambda url: None)   # the network answers
     with pytest.raises(DataError) as excinfo:
         input_pipeline.load_arrays("tfds", str(tmp_path))
     message = assert_one_line_error(excinfo, "--data_source=binary", "synthetic",

@@ -1,6 +1,6 @@
 """Tests of the ResNet-20 v1 model against what the original code pins down.
 
-See shared/reference/FIDELITY.md. Every check here recomputes its expectation
+See docs/fidelity.md. Every check here recomputes its expectation
 independently of resnet_cifar/models.py: the parameter count from a hand-written
 architecture table, the block structure by walking the functional graph from
 `model.get_config()`, the fixed padding with a NumPy convolution. No training;
