@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -238,7 +239,7 @@ def train_run(run: Run, board, *baseline):
     """Trains one run in a subprocess; returns a dict with its status (done / failed / skipped)."""
     if baseline and baseline[0]["status"] != "done":
         return _result(run, "skipped", error=f"its baseline {baseline[0]['label']} did not finish")
-    node = ray.util.get_node_ip_address()
+    node = socket.gethostname()
     os.makedirs(run.run_dir, exist_ok=True)
     log_path = os.path.join(run.run_dir, "train.log")
     start = time.time()
@@ -295,7 +296,7 @@ def _probe(path: str, token: str, action: str):
     if action == "write":
         os.makedirs(path, exist_ok=True)
         with open(own, "w") as f:
-            f.write(ray.util.get_node_ip_address())
+            f.write(socket.gethostname())
         return os.path.basename(own)
     if action == "list":
         return sorted(n for n in os.listdir(path) if n.startswith(prefix))
