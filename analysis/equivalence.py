@@ -26,7 +26,6 @@ and equivalence.md/.csv.
 """
 
 import argparse
-import csv
 import math
 import os
 import re
@@ -36,7 +35,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis import figures, replay_match
+from analysis import figures, output, replay_match
 from resnet_cifar import events, tags
 
 GRID_FLAG = "weight_decay"
@@ -158,19 +157,9 @@ def write(results_dir: str, out_dir: str) -> List[str]:
     paths = []
     fig = equivalence_figure(rows)
     if fig is not None:
-        for fmt in ("png", "svg"):
-            path = os.path.join(out_dir, f"equivalence.{fmt}")
-            fig.savefig(path, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
-            paths.append(path)
+        paths += output.save_figure(fig, out_dir, "equivalence")
     if rows:
-        md, csv_path = os.path.join(out_dir, "equivalence.md"), os.path.join(out_dir, "equivalence.csv")
-        with open(md, "w") as f:
-            f.write(to_markdown(rows))
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        paths += [md, csv_path]
+        paths += output.write_table(out_dir, "equivalence", to_markdown(rows), rows)
     return paths
 
 

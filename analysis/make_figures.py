@@ -21,11 +21,10 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import angular, figures, grid, replay_match, summary, theory
+from analysis import angular, figures, grid, output, replay_match, summary, theory
 from resnet_cifar import events, tags
 
 EXIT_NO_RUNS = 2
-FORMATS = ("png", "svg")
 
 
 def load_results(runs: Dict[str, List[str]]) -> Dict[str, List[events.Run]]:
@@ -68,13 +67,7 @@ def legend_labels(loaded: Dict[str, List[events.Run]]) -> Dict[str, str]:
 
 
 def save(fig, out_dir: str, name: str) -> List[str]:
-    """NAME.png and NAME.svg; no date in the SVG, so the same data gives the same file."""
-    paths = []
-    for fmt in FORMATS:
-        path = os.path.join(out_dir, f"{name}.{fmt}")
-        fig.savefig(path, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
-        paths.append(path)
-    return paths
+    return output.save_figure(fig, out_dir, name)
 
 
 def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:

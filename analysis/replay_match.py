@@ -13,14 +13,12 @@ The figure shows ratio (line) and the min-max of ratio_l over layers (band); the
 table gives the worst deviations and the final conv_sqsum relative to the baseline.
 """
 
-import csv
-import os
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis import figures
+from analysis import figures, output
 from resnet_cifar import events, tags
 
 TOLERANCE = 0.15      # the issue's bar for "reproduces the baseline's relative step"
@@ -152,11 +150,4 @@ def write(loaded, out_dir) -> List[str]:
     table = rows(loaded)
     if not table:
         return []
-    md, csv_path = os.path.join(out_dir, "replay_match.md"), os.path.join(out_dir, "replay_match.csv")
-    with open(md, "w") as f:
-        f.write(to_markdown(table))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    return [md, csv_path]
+    return output.write_table(out_dir, "replay_match", to_markdown(table), table)
