@@ -431,3 +431,45 @@ def test_make_figures_on_the_grid_sweep(local_sweep, tmp_path):
     for (wd, name), run_dir in sweep_dirs(results).items():
         _, acc = events.read_scalars(str(run_dir), tags.EPOCH_ACCURACY, tags.VALIDATION_DIR)
         assert got[wd, name] == acc[-1]
+
+
+def test_runner_killed_with_sigkill_takes_its_trainer_along_and_a_rerun_finishes(ray_token, tmp_path):
+    """SIGKILL the runner while its trainer is mid-run: the trainer must not live on (it would
+    race the re-run's trainer for the folder); the same command then resumes and finishes."""
+    results = tmp_path / "results"
+    run_dir = results / "baseline" / "seed_0"
+    cmd = [sys.executable, "-m", "experiments.run_all", f"--results_dir={results}", "--preset=quick",
+           "--runs=baseline", "--status_every=1", "--", *TINY]
+    runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while (holder := run_lock.holder(str(run_dir))) is None:   # the trainer holds its folder
+            assert runner.poll() is None and time.monotonic() < deadline, "no trainer started"
+            time.sleep(0.2)
+        trainer = int(re.match(r"pid (\d+) ", holder).group(1))
+        os.kill(trainer, signal.SIGSTOP)                  # keep it mid-run ...
+        os.kill(runner.pid, signal.SIGKILL)               # ... while its runner is killed
+        runner.wait()
+        os.kill(trainer, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while _alive(trainer):
+            assert time.monotonic() < deadline, f"trainer {trainer} outlived its killed runner"
+            time.sleep(0.2)
+        assert run_lock.holder(str(run_dir)) is None
+        assert not events.is_complete(str(run_dir))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)         # whatever of its Ray instance is left
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert events.is_complete(str(run_dir)) and not events.load_run(str(run_dir)).damaged
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:                # a zombie has exited
+        return f.read().split(")")[-1].split()[0] != "Z"
