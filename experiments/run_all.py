@@ -81,8 +81,9 @@ def make_parser():
                    help="full: the post's 150 epochs; quick: 6 compressed epochs for CPUs; equivalence: the "
                         "weight-decay study (with --grid=weight_decay=...); adam, adamw: the post's "
                         "runs with Adam / AdamW (default: full)")
-    p.add_argument("--runs", default=",".join(sweep.POST_RUNS), metavar="A,B,...",
-                   help="runs (flagfile names) to do, e.g. add conv_lr_scale_per_layer (default: %(default)s)")
+    p.add_argument("--runs", default=None, metavar="A,B,...",
+                   help="runs (flagfile names) to do, e.g. add conv_lr_scale_per_layer (default: the preset's "
+                        "runs; full and quick: " + ",".join(sweep.POST_RUNS) + ")")
     p.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run (default: 1)")
     p.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2,...",
                    help="a training flag's values; repeat for a cartesian product; each point goes to "
@@ -127,7 +128,7 @@ def connect(address):
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(_node_ip_address="127.0.0.1", **kwargs)
+            sweep.start_local_ray(**kwargs)
     except ray.exceptions.AuthenticationError:
         fail(f"cannot connect to Ray at {address}: its token authentication refused this process; "
              "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
@@ -156,6 +157,11 @@ def resources(runs_per_gpu, cpus_per_run):
     return opts, f"Ray: {len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs; {how}"
 
 
+def run_names(args):
+    """--runs as a list; by default the preset's own runs."""
+    return [r.strip() for r in (args.runs or ",".join(sweep.PRESET_RUNS[args.preset])).split(",") if r.strip()]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     own, extra = split_extra(argv)
@@ -166,7 +172,7 @@ def main(argv=None):
     if args.max_retries < 0:
         fail(f"--max_retries={args.max_retries} must not be negative")
     results_dir = os.path.abspath(args.results_dir)
-    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    runs = run_names(args)
     if not runs:
         fail("--runs is empty")
 

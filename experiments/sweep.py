@@ -31,6 +31,11 @@ from resnet_cifar import run_lock, tags
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 POST_RUNS = ("baseline", "noconv_l2", "conv_lr_scale", "conv_lr_scale_bn098")
+# What `--runs` defaults to for each preset: its own flagfiles' runs.
+PRESET_RUNS = {"full": POST_RUNS, "quick": POST_RUNS,
+               "equivalence": ("baseline", "conv_lr_scale", "conv_lr_scale_per_layer",
+                               "conv_lr_scale_per_channel"),
+               "adam": ("baseline", "noconv_l2"), "adamw": ("baseline", "noconv_l2")}
 PRESETS = {"full": HERE, "quick": os.path.join(HERE, "quick"),
            "equivalence": os.path.join(HERE, "equivalence"),
            "adam": os.path.join(HERE, "adam"), "adamw": os.path.join(HERE, "adamw")}
@@ -283,6 +288,23 @@ def train_run(run: Run, board, *baseline):
                                      f"at epoch {checkpoint_epoch(run.run_dir)}")
         return _result(run, "failed", node=node, exit=code, error=error_line(out),
                        log=log_path, seconds=time.time() - start)
+
+
+def start_local_ray(**kwargs):
+    """A new Ray instance of this machine alone, listening on the loopback address only.
+
+    `ray.init(_node_ip_address="127.0.0.1")` swaps 127.0.0.1 for the machine's routable
+    address, so that other nodes could join; a local instance needs none of that. Ray's
+    switch for a local-only instance is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its default on
+    macOS and Windows): the environment variable reaches the processes Ray starts, and the
+    constant it was read into at import is set for this process. tests/test_run_all.py
+    checks that the nodes are on 127.0.0.1.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(**kwargs)
 
 
 # ----------------------------------------------------------------------------- results folder

@@ -24,7 +24,7 @@ def runner_args(words):
     own, extra = run_all.split_extra(words[3:])
     args = run_all.make_parser().parse_args(own)
     grid = sweep.parse_grid(args.grid, __import__("resnet_cifar.train").train.FLAGS)
-    runs = sweep.plan(args.results_dir, args.preset, args.runs.split(","), args.seeds, grid, extra)
+    runs = sweep.plan(args.results_dir, args.preset, run_all.run_names(args), args.seeds, grid, extra)
     return args, runs
 
 

@@ -61,9 +61,10 @@ def main(argv, out=None):
 # ----------------------------------------------------------------------------- plan (no Ray)
 
 
-def test_flagfiles_exist_for_every_run_in_both_presets():
-    for folder in sweep.PRESETS.values():
-        for name in ALL_RUNS:
+def test_flagfiles_exist_for_every_run_of_every_preset():
+    for preset, folder in sweep.PRESETS.items():
+        runs = ALL_RUNS if preset in ("full", "quick") else sweep.PRESET_RUNS[preset]
+        for name in set(runs) | set(sweep.PRESET_RUNS[preset]):
             assert os.path.isfile(os.path.join(folder, f"{name}.flags")), (folder, name)
 
 
@@ -204,9 +205,10 @@ def local_ray(ray_token):
     import ray
 
     temp = tempfile.mkdtemp(prefix="ray")          # short: Ray's socket paths must stay < 108 chars
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
-             object_store_memory=80 * 2**20, logging_level="WARNING", log_to_driver=False)
+    sweep.start_local_ray(num_cpus=2, include_dashboard=False, _temp_dir=temp,
+                          object_store_memory=80 * 2**20, logging_level="WARNING", log_to_driver=False)
     try:
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}   # loopback only
         yield
     finally:
         ray.shutdown()
@@ -465,11 +467,3 @@ def test_runner_killed_with_sigkill_takes_its_trainer_along_and_a_rerun_finishes
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert events.is_complete(str(run_dir)) and not events.load_run(str(run_dir)).damaged
 
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:                # a zombie has exited
-        return f.read().split(")")[-1].split()[0] != "Z"
