@@ -86,25 +86,23 @@ class EpochTensorBoard(keras.callbacks.TensorBoard):
         means = self.model.diagnostics.means()
         sq = np.asarray(layer_sqsum(self.model))
         self._write(epoch + 1, sq, means["relative_step"], means["lr_factor"], means["learning_rate"])
-        self._write_angular_update(epoch + 1, means["angular_update"], logs)
+        self._write_angular_update(epoch + 1, means["angular_update"])
         super().on_epoch_end(epoch + 1, logs)
-        if logs is not None:
+        if logs is not None:      # after Keras wrote `logs`: these are in the event files once
             logs.update({tags.CONV_SQSUM: float(sq.sum()),
                          tags.CONV_RELATIVE_STEP: float(np.mean(means["relative_step"])),
                          tags.CONV_LR_FACTOR: float(np.mean(means["lr_factor"])),
-                         tags.LEARNING_RATE: means["learning_rate"]})
+                         tags.LEARNING_RATE: means["learning_rate"],
+                         tags.CONV_ANGULAR_UPDATE: float(np.mean(means["angular_update"]))})
         for writer in self._writers.values():
             writer.flush()
 
-
-    def _write_angular_update(self, step, angle, logs):
+    def _write_angular_update(self, step, angle):
         """conv_angular_update (mean over layers) and per layer: the epoch-mean angle per step."""
         with self._train_writer.as_default():
             self.summary.scalar(tags.CONV_ANGULAR_UPDATE, float(np.mean(angle)), step=step)
             for name, value in zip(self._layer_names(), angle):
                 self.summary.scalar(tags.per_layer(tags.CONV_ANGULAR_UPDATE, name), float(value), step=step)
-        if logs is not None:
-            logs[tags.CONV_ANGULAR_UPDATE] = float(np.mean(angle))
 
 
 

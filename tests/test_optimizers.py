@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from resnet_cifar import config as config_lib
-from tests.test_train_step import assert_close_update, batch, data_gradients, make_model
+from tests.test_train_step import assert_close_in_norm, batch, data_gradients, make_model
 
 B1, B2, EPS = 0.9, 0.999, 1e-7
 
@@ -80,7 +80,7 @@ def check_update(actual, desired, weights, good, name):
     possible step away, lr·sqrt(1-b2^t)/(1-b1^t)·|m|/sqrt(v) <= ~lr·t, bounded here by
     3x the tensor's largest step; a wrong bias correction (x0.32 on step 1), beta or
     L2/decay placement (weight decay 1e-2 / 50 below dominate the step) is far out."""
-    assert_close_update(actual[good], desired[good], weights[good], name, tol=1e-3)
+    assert_close_in_norm(actual[good], desired[good], weights[good], name, tol=1e-3)
     bad = ~good
     if bad.any():
         limit = 3 * np.max(np.abs(desired))

@@ -16,7 +16,7 @@ import tensorflow as tf
 from resnet_cifar import callbacks, config as config_lib, events, models, tags, trainer
 from resnet_cifar.train_step import angle_between
 from tests.test_conv_scaling import EPOCHS, LAYERS, fabricate_baseline
-from tests.test_train_step import assert_close_update
+from tests.test_train_step import assert_close_in_norm
 
 # ResNet-20's output channels per conv layer in creation order (stem, then per stage:
 # projection, first conv, 5 more), written out.
@@ -90,7 +90,7 @@ def test_per_channel_scaling_in_the_step(baseline_dir):
         path = layer.kernel.path
         f = factors[path]
         assert f.max() / f.min() > 2, "channels must get different factors"
-        assert_close_update(deltas[True][path], f * deltas[False][path], before[path], path)
+        assert_close_in_norm(deltas[True][path], f * deltas[False][path], before[path], path)
         assert logged[j] == pytest.approx(f.mean(), rel=1e-4)     # logged: the layer's mean factor
 
 

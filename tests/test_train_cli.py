@@ -178,7 +178,8 @@ def test_no_duplicate_or_iteration_stepped_tags(short_run):
     top_level = [t for t in train_tags if not t.startswith(tags.PER_LAYER_PREFIX + "/")]
     assert sorted(top_level) == sorted([tags.EPOCH_LOSS, tags.EPOCH_ACCURACY, tags.EPOCH_L2_LOSS,
                                         tags.CONV_SQSUM, tags.CONV_RELATIVE_STEP,
-                                        tags.CONV_LR_FACTOR, tags.LEARNING_RATE])
+                                        tags.CONV_LR_FACTOR, tags.LEARNING_RATE,
+                                        tags.CONV_ANGULAR_UPDATE])
     for subdir in (tags.TRAIN_DIR, tags.VALIDATION_DIR):
         for tag in events.list_tags(str(model_dir), subdir):
             assert max(events.read_scalars(str(model_dir), tag, subdir)[0]) <= 4, (subdir, tag)
@@ -216,7 +217,8 @@ def test_custom_scalars_layout_shows_the_posts_curves_first(short_run):
     # The per-layer curves are apart, folded, and only there.
     per_layer = [t for c in layout.category[1:] for chart in c.chart for rx in chart.multiline.tag
                  for t in logged if re.search(rx, t)]
-    assert len(per_layer) == 2 * len(LAYERS) and all(c.closed for c in layout.category[1:])
+    # conv_sqsum, conv_relative_step and conv_angular_update of every layer
+    assert len(per_layer) == 3 * len(LAYERS) and all(c.closed for c in layout.category[1:])
     assert not set(per_layer) & {t for ts in chart_tags for t in ts}
 
 

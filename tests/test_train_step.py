@@ -110,6 +110,15 @@ def assert_close_update(actual, desired, weights, name, data_part):
                           f"|data part| {np.linalg.norm(data_part):.3g})")
 
 
+def assert_close_in_norm(actual, desired, weights, name, tol=1e-3):
+    """`actual` within `tol` of `desired`'s norm, plus the 2 u |w| of reading an update back
+    as a difference of float32 weights: for comparisons that involve no independent
+    autodiff (two train steps of one graph), or that bound what they compare themselves."""
+    err = np.linalg.norm(actual - desired)
+    bound = tol * np.linalg.norm(desired) + 2 * U32 * np.linalg.norm(weights) + 1e-12
+    assert err <= bound, f"{name}: |error| {err:.3g} > {bound:.3g} (|update| {np.linalg.norm(desired):.3g})"
+
+
 def check_steps(n_steps, steps_per_epoch=10, weight_decay=0.1, **overrides):
     """n train steps, each against NumPy. weight_decay is raised from 2e-4 so that an L2
     mistake (e.g. Keras' L2, twice the original) moves updates far beyond tolerance."""
