@@ -19,7 +19,7 @@ averaged over seeds. The noise floor is the same comparison between two baseline
 consecutive seeds: what two runs differ by that should agree in expectation. A replay
 at or below the floor is as close to the baseline as the baseline is to itself.
 
-    python -m analysis.equivalence RESULTS [--out_dir=RESULTS/figures]
+    python -m analysis.equivalence RESULTS [--out=RESULTS/figures]
 
 writes equivalence.png/.svg (one panel per measure, weight decay on the x axis)
 and equivalence.md/.csv.
@@ -164,9 +164,14 @@ def write(results_dir: str, out_dir: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.equivalence", description=__doc__.split("\n")[0])
-    parser.add_argument("results_dir")
-    parser.add_argument("--out_dir", default=None, help="default: RESULTS/figures")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.equivalence",
+        description="The equivalence study's figure and table: how closely each replay granularity "
+                    "matches the baseline at each weight decay, against the seed-to-seed noise floor.")
+    parser.add_argument("results_dir", metavar="RESULTS_DIR",
+                        help="the runner's weight-decay grid: RESULTS_DIR/weight_decay=<wd>/<run>/seed_<k>/")
+    parser.add_argument("--out", "--out_dir", dest="out_dir", metavar="DIR", default=None,
+                        help="output folder (default: RESULTS_DIR/figures)")
     args = parser.parse_args(argv)
     try:
         paths = write(args.results_dir, args.out_dir or os.path.join(args.results_dir, "figures"))

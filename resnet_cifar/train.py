@@ -32,7 +32,8 @@ flags.DEFINE_string("data_dir", None, "TFDS data folder; for binary: the cifar-1
                     "folder, its parent, or the cifar-10-binary.tar.gz archive itself.")
 flags.DEFINE_integer("train_epochs", fidelity.TRAIN_EPOCHS, "Total epochs.")
 flags.DEFINE_integer("epochs_between_evals", 1, "Evaluate on the test set every this many epochs.")
-flags.DEFINE_integer("batch_size", fidelity.BATCH_SIZE, "Global batch; the learning rate is 0.1*batch/128.")
+flags.DEFINE_integer("batch_size", fidelity.BATCH_SIZE, "Global batch; the base learning rate scales as batch/128 "
+                     "(0.1*batch/128 with momentum).")
 flags.DEFINE_list("boundary_epochs", [f"{b:g}" for b in fidelity.BOUNDARY_EPOCHS],
                   "Learning-rate boundaries in epochs (comma list, increasing).")
 flags.DEFINE_list("decay_rates", [f"{r:g}" for r in fidelity.DECAY_RATES],
@@ -48,7 +49,8 @@ flags.DEFINE_enum("conv_lr_factor", "piecewise", list(config_lib.CONV_LR_FACTORS
                   "piecewise: the post's fit * conv_sqsum/800; replay: conv_sqsum / the "
                   "baseline's logged conv_sqsum; per_layer: the same for each conv layer; "
                   "per_channel: for each output channel (from the baseline's conv_channel_sqsum.npz).")
-flags.DEFINE_string("replay_from", None, "Finished baseline run folder whose conv_sqsum is replayed.")
+flags.DEFINE_string("replay_from", None, "Finished baseline run folder whose logged conv_sqsum (per_channel: its "
+                    "conv_channel_sqsum.npz) is replayed.")
 flags.DEFINE_float("bn_decay", fidelity.BATCH_NORM_DECAY, "Batch-norm moving-average decay.")
 flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: the whole training set).")
 flags.DEFINE_integer("eval_steps", None, "Test batches per evaluation (default: the whole test set).")
