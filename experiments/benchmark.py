@@ -118,10 +118,10 @@ def count_flops(model):
 def plain_keras_model():
     import keras
 
-    from resnet_cifar import models
+    from resnet_cifar import fidelity, models
 
     model = models.build_resnet20()
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+    model.compile(optimizer=keras.optimizers.SGD(fidelity.BASE_LEARNING_RATE, momentum=fidelity.MOMENTUM),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=False)
     return model
