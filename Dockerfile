@@ -8,6 +8,12 @@
 #   docker run --gpus all --network host --shm-size=8g -v /shared:/shared resnet-cifar ray start --address=HEAD:6379 --block
 FROM tensorflow/tensorflow:2.21.0-gpu
 
+# TensorFlow's images are built with Python 3.11 (tensorflow/tools/dockerfiles); the pins
+# need 3.11 or newer (pyproject.toml), so a base image with an older one stops here, in
+# one line, rather than in pip's "no matching distribution" for numpy.
+RUN python -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
+    'resnet_cifar needs Python 3.11 or newer; this base image has ' + sys.version.split()[0])"
+
 # CIFAR-10 is downloaded once into this folder: mount it (-v HOST_DIR:/data/tfds) to keep it.
 ENV TFDS_DATA_DIR=/data/tfds \
     PYTHONUNBUFFERED=1 \

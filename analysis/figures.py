@@ -197,7 +197,7 @@ def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int
     ax.plot(steps, mean, label=label, color=color, linewidth=1.2)
 
 
-def _draw_levels(ax, levels: Optional[Levels]) -> None:
+def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL) -> None:
     """Each phase's predicted level as a dashed segment over its epochs; one legend entry.
 
     An entry is (start, end, value), or any tuple with those first two and the value
@@ -208,14 +208,15 @@ def _draw_levels(ax, levels: Optional[Levels]) -> None:
         start, end, value = level[0], level[1], level[-1]
         if value is None:
             continue
-        ax.plot([start, end], [value, value], label="_nolegend_" if labelled else LEVEL_LABEL,
+        ax.plot([start, end], [value, value], label="_nolegend_" if labelled else label,
                 **LEVEL_STYLE)
         labelled = True
 
 
 def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, ylabel: str,
                  labels=None, log_y=False, start_epoch=0, levels=None, subject=None,
-                 configs: Optional[Configs] = None, scale: float = 1.0) -> Optional[Figure]:
+                 configs: Optional[Configs] = None, scale: float = 1.0,
+                 level_label: str = LEVEL_LABEL) -> Optional[Figure]:
     """One line (or band) per run of `names` that has data.
 
     None (not drawn) if the `subject` run, or every run, is missing; other missing
@@ -236,7 +237,7 @@ def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, 
     fig, ax = _new_figure(title, ylabel, subtitle(present, curves, configs))
     for name in present:
         _draw(ax, curves[name], label_of(name, labels), _color_of(name), start_epoch, scale)
-    _draw_levels(ax, levels)
+    _draw_levels(ax, levels, level_label)
     _draw_boundaries(ax, boundaries(present, configs))
     if log_y:
         ax.set_yscale("log")
@@ -272,16 +273,18 @@ def conv_sqsum(sqsum: Curves, labels=None, configs=None) -> Optional[Figure]:
 
 
 def relative_step(step: Curves, labels=None, levels: Optional[Levels] = None,
-                  log_y: bool = False, configs=None) -> Optional[Figure]:
+                  log_y: bool = False, configs=None,
+                  level_label: str = LEVEL_LABEL) -> Optional[Figure]:
     """Mean conv step / weight norm. Starts at epoch 1: epoch 0 is before any step.
 
-    levels: the predicted equilibrium per phase (dashed); log_y: a log scale, which
-    make_figures uses since the phases' levels differ by about 10x each.
+    levels: the predicted equilibrium per phase (dashed), named in the legend by
+    level_label (its formula, which depends on the optimizer); log_y: a log scale,
+    which make_figures uses since the phases' levels differ by about 10x each.
     """
     return _runs_figure("relative_step", step, [BASELINE, NOCONV_L2],
                         "Relative step size of conv layers", RELATIVE_STEP,
                         labels, log_y=log_y, start_epoch=1, levels=levels,
-                        subject=NOCONV_L2, configs=configs)
+                        subject=NOCONV_L2, configs=configs, level_label=level_label)
 
 
 def conv_lr_scale_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
@@ -332,13 +335,14 @@ def bn098_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figu
 
 
 def relative_step_all(step: Curves, labels=None, levels: Optional[Levels] = None,
-                      log_y: bool = False, configs=None) -> Optional[Figure]:
-    """Gradient scaling reproduces the baseline's relative step size (levels, log_y:
-    as `relative_step`)."""
+                      log_y: bool = False, configs=None,
+                      level_label: str = LEVEL_LABEL) -> Optional[Figure]:
+    """Gradient scaling reproduces the baseline's relative step size (levels, log_y,
+    level_label: as `relative_step`)."""
     return _runs_figure("relative_step_all", step, _post_three_and_extras(step),
                         "Relative step size of conv layers, with gradient scaling", RELATIVE_STEP,
                         labels, log_y=log_y, start_epoch=1, levels=levels,
-                        subject=CONV_LR_SCALE, configs=configs)
+                        subject=CONV_LR_SCALE, configs=configs, level_label=level_label)
 
 
 def conv_sqsum_log(sqsum: Curves, labels=None, configs=None) -> Optional[Figure]:

@@ -76,14 +76,16 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
     os.makedirs(out_dir, exist_ok=True)
     labels = legend_labels(loaded)
     levels = theory.baseline_segments(loaded)
+    level_label = theory.baseline_level_label(loaded)
     configs = run_configs(loaded)
     written = []
     for fig_name, (make, tag, subdir) in figures.FIGURES.items():
-        extra = dict(levels=levels, log_y=True) if fig_name in figures.LEVEL_FIGURES else {}
+        extra = dict(levels=levels, log_y=True, level_label=level_label) if fig_name in figures.LEVEL_FIGURES else {}
         fig = make(curves(loaded, tag, subdir), labels=labels, configs=configs, **extra)
         if fig is not None:
             written += save(fig, out_dir, fig_name)
-    fig = angular.angular_update(curves(loaded, angular.TAG, tags.TRAIN_DIR), labels, levels)
+    fig = angular.angular_update(curves(loaded, angular.TAG, tags.TRAIN_DIR), labels, levels,
+                                 level_label)
     if fig is not None:
         written += save(fig, out_dir, "angular_update")
     fig = replay_match.replay_match_figure(loaded, labels)

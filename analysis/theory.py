@@ -35,7 +35,7 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from analysis.figures import BASELINE, label_of, note, ordered_names
+from analysis.figures import BASELINE, LEVEL_LABEL, label_of, note, ordered_names
 from analysis.summary import mean_std
 from resnet_cifar import config as config_lib
 from resnet_cifar import events, fidelity, tags
@@ -274,6 +274,27 @@ def level_segments(config: Mapping, momentum: float = fidelity.MOMENTUM
             if lv.predicted is not None]
 
 
+def level_label(config: Mapping) -> str:
+    """The legend entry of the dashed levels: the formula of the run's optimizer."""
+    if (config.get("optimizer") or "momentum") == "adamw":
+        return "AdamW equilibrium sqrt(2·lr·wd·(1−β1)/(1+β1))"
+    return LEVEL_LABEL
+
+
+def baseline_level_label(loaded: Mapping[str, Sequence[events.Run]]) -> str:
+    """`level_label` of the baseline run whose levels the figures draw."""
+    seeds = loaded.get(BASELINE) or []
+    return level_label(seeds[0].config) if seeds else LEVEL_LABEL
+
+
+def time_constant(optimizer: str, lr: float, weight_decay: float,
+                  momentum: float = fidelity.MOMENTUM) -> float:
+    """Steps over which the weight norm relaxes to the optimizer's equilibrium."""
+    if optimizer == "adamw":
+        return adamw_time_constant(lr, weight_decay)
+    return equilibrium_time_constant(lr, weight_decay, momentum)
+
+
 def baseline_segments(loaded: Mapping[str, Sequence[events.Run]],
                       momentum: float = fidelity.MOMENTUM) -> List[Tuple[float, float, float]]:
     """The figures' level lines: from the baseline run's config; none without a baseline."""
@@ -382,6 +403,7 @@ class Row:
     first_epoch: int
     last_epoch: int
     steps_per_epoch: int
+    optimizer: str = "momentum"
 
     @property
     def ratio(self) -> float:
@@ -390,7 +412,7 @@ class Row:
 
     @property
     def tau_steps(self) -> float:
-        return equilibrium_time_constant(self.lr, self.weight_decay, self.momentum)
+        return time_constant(self.optimizer, self.lr, self.weight_decay, self.momentum)
 
     @property
     def phase_steps(self) -> float:
@@ -421,7 +443,8 @@ def theory_rows(loaded: Mapping[str, Sequence[events.Run]], fraction: float = LA
                 basis=prediction_basis(config), predicted=level.predicted,
                 measured=[m.mean for m in found],
                 layer_values=[v for m in found for v in m.layers.values()],
-                first_epoch=first, last_epoch=last, steps_per_epoch=steps_per_epoch(config)))
+                first_epoch=first, last_epoch=last, steps_per_epoch=steps_per_epoch(config),
+                optimizer=config.get("optimizer") or "momentum"))
     return rows
 
 
@@ -447,7 +470,7 @@ def _fmt_epochs(a: float, b: float) -> str:
 
 def to_markdown(rows: Sequence[Row], fraction: float = LATE_FRACTION) -> str:
     lines = [
-        "# Conv relative step vs the equilibrium sqrt(2·lr·wd/(1+m))",
+        "# Conv relative step vs its predicted equilibrium",
         "",
         "| run | phase (epochs) | lr | predicted | measured, late phase | layers min–max "
         "| measured / predicted | window (epochs) | phase / τ |",
@@ -478,6 +501,13 @@ def to_markdown(rows: Sequence[Row], fraction: float = LATE_FRACTION) -> str:
         f"of the epoch) over the last {fraction:.0%} of the phase's epochs (at least one); "
         f"mean ± std over seeds; layers min–max over every layer and seed.",
     ]
+    if any(r.optimizer == "adamw" for r in rows):
+        lines += [
+            "",
+            f"AdamW runs (decoupled decay): predicted sqrt(2·lr·wd·(1−β1)/(1+β1)), β1 = "
+            f"{ADAM_BETA_1:g}, with τ = 1/(2·lr·wd) steps (no momentum factor; see "
+            f"`equilibrium_angular_update`). Adam with L2 in the loss has no prediction.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -68,3 +68,17 @@ def test_readme_tensorboard_command_goes_to_tensorboard():
     assert args[:3] == ["tensorboard", "--logdir", "/runs"]
     r = run_entrypoint(["tensorboard", "--version_tb"], timeout=120)
     assert r.returncode == 0 and r.stdout.strip().startswith("2.21"), r.stderr[-1000:]
+
+
+def test_dockerfile_refuses_a_base_image_with_python_older_than_3_11():
+    """The Dockerfile's version check, as the image's shell would run it (lines joined)."""
+    with open(os.path.join(ROOT, "Dockerfile")) as f:
+        text = f.read().replace("\\\n", " ")
+    check = next(line for line in text.splitlines() if line.startswith("RUN python -c"))
+    code = shlex.split(check[len("RUN "):])[2]
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    old = subprocess.run([sys.executable, "-c", "import sys; sys.version_info = (3, 10, 12)\n" + code],
+                         capture_output=True, text=True)
+    assert old.returncode == 1
+    assert old.stderr.strip().startswith("resnet_cifar needs Python 3.11 or newer")

@@ -298,3 +298,31 @@ def test_cli_writes_theory_tables_and_level_lines(tmp_path):
 
     svg = (out / "relative_step.svg").read_text()
     assert figures.LEVEL_LABEL in svg
+
+
+def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
+    """An AdamW baseline: its own level (decoupled decay, no momentum factor), its own
+    τ = 1/(2·lr·wd) in the table, and the AdamW formula in the figures' legends."""
+    root = tmp_path / "results"
+    config = dict(CLI_CONFIG, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05)
+    rng = np.random.default_rng(3)
+    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10))
+    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10))
+    out = tmp_path / "figs"
+
+    assert make_figures.main([str(root), "--out", str(out)]) == 0
+
+    with open(out / "theory.csv") as f:
+        table = {int(r["phase"]): r for r in csv.DictReader(f) if r["name"] == figures.BASELINE}
+    for phase, lr in ((0, 1e-3), (1, 1e-4)):
+        row = table[phase]
+        assert float(row["predicted"]) == pytest.approx(math.sqrt(2 * lr * 0.05 * 0.1 / 1.9), rel=1e-12)
+        assert float(row["tau_steps"]) == pytest.approx(1 / (2 * lr * 0.05), rel=1e-12)
+        assert float(row["phase_over_tau"]) == pytest.approx(5 * 390 * 2 * lr * 0.05, rel=1e-12)
+    assert "AdamW runs (decoupled decay)" in (out / "theory.md").read_text()
+    for name in ("relative_step", "angular_update"):
+        svg_path = out / f"{name}.svg"
+        if name == "angular_update" and not svg_path.exists():
+            continue   # the fabricated run logs no angular update
+        svg = svg_path.read_text()
+        assert "AdamW equilibrium" in svg and figures.LEVEL_LABEL not in svg
