@@ -97,12 +97,23 @@ def _pairs(runs: Mapping[str, List[events.Run]], name: str):
     return list(zip(runs.get(name, []), bases))           # seed k against its own baseline
 
 
+def unfinished(grid: Mapping[float, Mapping[str, List[events.Run]]]) -> List[str]:
+    """Run folders of the grid that have not finished (or whose event files are damaged)."""
+    return sorted(run.run_dir for runs in grid.values() for seeds in runs.values()
+                  for run in seeds if not run.complete)
+
+
 def study_rows(grid: Mapping[float, Mapping[str, List[events.Run]]]) -> List[dict]:
-    """One row per (weight decay, granularity or noise floor) with pairs to compare."""
+    """One row per (weight decay, granularity or noise floor) with pairs to compare.
+
+    Only finished runs are compared: an unfinished run's last accuracy is not its final
+    one, and a sweep still running must not pass for a result (`unfinished` names them).
+    """
     out = []
     for wd in sorted(grid):
         for name, granularity in list(REPLAYS.items()) + [(NOISE_FLOOR, NOISE_FLOOR)]:
-            found = [p for p in (pair_metrics(r, b) for r, b in _pairs(grid[wd], name)) if p]
+            pairs = [(r, b) for r, b in _pairs(grid[wd], name) if r.complete and b.complete]
+            found = [p for p in (pair_metrics(r, b) for r, b in pairs) if p]
             if not found:
                 continue
             row = dict(weight_decay=wd, run=name, granularity=granularity, pairs=len(found))
@@ -152,7 +163,12 @@ def to_markdown(rows: Sequence[dict]) -> str:
 
 
 def write(results_dir: str, out_dir: str) -> List[str]:
-    rows = study_rows(load_grid(results_dir))
+    grid = load_grid(results_dir)
+    left_out = unfinished(grid)
+    if left_out:
+        figures.note(f"equivalence: {len(left_out)} run(s) not finished, left out of the comparison: "
+                     + ", ".join(os.path.relpath(d, results_dir) for d in left_out))
+    rows = study_rows(grid)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     fig = equivalence_figure(rows)
