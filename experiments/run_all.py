@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from experiments import plan as plan_lib
+from experiments import progress as progress_lib
 from experiments import sweep
 
 EXAMPLES = """\
@@ -77,13 +79,13 @@ def make_parser():
         usage="%(prog)s --results_dir=DIR [options] [-- TRAINING_FLAGS...]")
     p.add_argument("--results_dir", required=True, metavar="DIR",
                    help="folder of all runs (created); on a cluster, shared by every node at this path")
-    p.add_argument("--preset", choices=sorted(sweep.PRESETS), default="full",
+    p.add_argument("--preset", choices=sorted(plan_lib.PRESETS), default="full",
                    help="full: the post's 150 epochs; quick: 6 compressed epochs for CPUs; equivalence: the "
                         "weight-decay study (with --grid=weight_decay=...); adam, adamw: the post's "
                         "runs with Adam / AdamW (default: full)")
     p.add_argument("--runs", default=None, metavar="A,B,...",
                    help="runs (flagfile names) to do, e.g. add conv_lr_scale_per_layer (default: the preset's "
-                        "runs; full and quick: " + ",".join(sweep.POST_RUNS) + ")")
+                        "runs; full and quick: " + ",".join(plan_lib.POST_RUNS) + ")")
     p.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run (default: 1)")
     p.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2,...",
                    help="a training flag's values; repeat for a cartesian product; each point goes to "
@@ -159,7 +161,7 @@ def resources(runs_per_gpu, cpus_per_run):
 
 def run_names(args):
     """--runs as a list; by default the preset's own runs."""
-    return [r.strip() for r in (args.runs or ",".join(sweep.PRESET_RUNS[args.preset])).split(",") if r.strip()]
+    return [r.strip() for r in (args.runs or ",".join(plan_lib.PRESET_RUNS[args.preset])).split(",") if r.strip()]
 
 
 def main(argv=None):
@@ -178,13 +180,13 @@ def main(argv=None):
 
     from resnet_cifar import train            # the training flags, to check grids and extras
     try:
-        grid = sweep.parse_grid(args.grid, train.FLAGS)
-        plan = sweep.plan(results_dir, args.preset, runs, args.seeds, grid, absolute_data_dir(extra))
-    except sweep.PlanError as e:
+        grid = plan_lib.parse_grid(args.grid, train.FLAGS)
+        plan = plan_lib.plan(results_dir, args.preset, runs, args.seeds, grid, absolute_data_dir(extra))
+    except plan_lib.PlanError as e:
         fail(str(e))
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)   # noqa: E731
 
-    todo = [r for r in plan if not sweep.is_done(r.run_dir)]
+    todo = [r for r in plan if not plan_lib.is_done(r.run_dir)]
     if not todo:
         log(f"all {len(plan)} runs in {results_dir} have finished; nothing to do")
         return 0
@@ -210,9 +212,9 @@ def main(argv=None):
 
     bad = [(label, r) for label, r in sorted(progress.results.items()) if r["status"] != "done"]
     done = sum(s == "done" for s in progress.status.values())
-    log(f"{done} of {len(plan)} runs finished in {sweep.hms(time.time() - progress.start)} -> {results_dir}")
+    log(f"{done} of {len(plan)} runs finished in {progress_lib.hms(time.time() - progress.start)} -> {results_dir}")
     for label, r in bad:
-        log(f"  {r['status']:<8} {label}: {sweep.describe(r)}")
+        log(f"  {r['status']:<8} {label}: {progress_lib.describe(r)}")
     return 1 if bad else 0
 
 

@@ -1,4 +1,4 @@
-"""A sweep of training runs on Ray: the plan (runs x grid points x seeds), one Ray task per run.
+"""A sweep of training runs on Ray: one Ray task per run of the plan (`experiments/plan.py`).
 
 Each run is one `python -m resnet_cifar.train` subprocess started by a Ray task
 (TensorFlow state is never shared between runs). Ray places the tasks by their
@@ -8,191 +8,30 @@ worker died or whose trainer was killed by a signal; the retried trainer resumes
 from its last checkpoint. The run folder's lock (`resnet_cifar.run_lock`) keeps
 two trainers out of one folder: a task whose folder is held waits for the holder.
 
-Library code: `experiments/run_all.py` is the command line around it.
+Library code: `experiments/run_all.py` is the command line around it; the status
+table it prints is `experiments/progress.py`.
 """
 
 import ctypes
-import dataclasses
-import itertools
 import os
-import re
 import signal
 import socket
-import statistics
 import subprocess
-import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import ray
 
-from resnet_cifar import run_lock, tags
+from experiments.plan import ROOT, Run, checkpoint_epoch, is_done
+from experiments.progress import Progress
+from resnet_cifar import run_lock
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-POST_RUNS = ("baseline", "noconv_l2", "conv_lr_scale", "conv_lr_scale_bn098")
-# What `--runs` defaults to for each preset: its own flagfiles' runs.
-PRESET_RUNS = {"full": POST_RUNS, "quick": POST_RUNS,
-               "equivalence": ("baseline", "conv_lr_scale", "conv_lr_scale_per_layer",
-                               "conv_lr_scale_per_channel"),
-               "adam": ("baseline", "noconv_l2"), "adamw": ("baseline", "noconv_l2")}
-PRESETS = {"full": HERE, "quick": os.path.join(HERE, "quick"),
-           "equivalence": os.path.join(HERE, "equivalence"),
-           "adam": os.path.join(HERE, "adam"), "adamw": os.path.join(HERE, "adamw")}
-BASELINE = "baseline"
-# Set by the runner for each run; not allowed in flagfiles' extras or grids.
-RUNNER_FLAGS = ("model_dir", "seed", "replay_from", "verbose", "flagfile", "overwrite")
-REPLAY_MODES = ("replay", "per_layer", "per_channel")
 LOCK_POLL_SECONDS = 2.0
 WATCH_SECONDS = 2.0
-_CKPT = re.compile(r'^model_checkpoint_path:\s*"ckpt-(\d+)"', re.M)
-
-
-class PlanError(ValueError):
-    """A sweep that cannot be run as asked; the message is one line."""
 
 
 class TrainerInterrupted(RuntimeError):
     """The trainer was killed by a signal (preemption, OOM killer, node drain): Ray retries."""
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    name: str                            # flagfile name: baseline, noconv_l2, ...
-    seed: int
-    point: Tuple[Tuple[str, str], ...]   # grid point ((flag, value), ...); () without --grid
-    run_dir: str
-    args: Tuple[str, ...]                # training flags: flagfile lines, grid values, extras
-    train_epochs: int
-    needs: Optional[str] = None          # run_dir of the baseline this run replays
-
-    @property
-    def label(self) -> str:
-        return "/".join(([point_dir(self.point)] if self.point else []) + [self.name, f"seed_{self.seed}"])
-
-    def command(self, python: str = sys.executable) -> List[str]:
-        cmd = [python, "-m", "resnet_cifar.train", *self.args,
-               f"--model_dir={self.run_dir}", f"--seed={self.seed}", "--verbose=2"]
-        if self.needs:
-            cmd.append(f"--replay_from={self.needs}")
-        return cmd
-
-
-def point_dir(point) -> str:
-    """The folder of a grid point: `flag=value[,flag=value...]`."""
-    return ",".join(f"{flag}={value}" for flag, value in point)
-
-
-def parse_grid(specs: Sequence[str], known_flags) -> List[Tuple[str, List[str]]]:
-    """`FLAG=v1,v2,...` strings -> [(flag, [values])]; unknown or runner-owned flags refused."""
-    grid = []
-    for spec in specs:
-        flag, sep, values = spec.lstrip("-").partition("=")
-        vals = [v.strip() for v in values.split(",")]
-        if not sep or not flag or not all(vals):
-            raise PlanError(f"--grid={spec}: expected FLAG=VALUE1,VALUE2,... (e.g. --grid=weight_decay=1e-4,2e-4)")
-        if flag not in known_flags:
-            raise PlanError(f"--grid={spec}: --{flag} is not a training flag (see python -m resnet_cifar.train --helpshort)")
-        if flag in RUNNER_FLAGS or flag == "flag_noconv_l2":
-            hint = " (use --seeds)" if flag == "seed" else ""
-            raise PlanError(f"--grid={spec}: --{flag} is set by the runner{hint}")
-        if flag in (f for f, _ in grid):
-            raise PlanError(f"--grid: --{flag} given twice; put all its values in one --grid={flag}=...")
-        if len(set(vals)) != len(vals):
-            raise PlanError(f"--grid={spec}: a value is repeated")
-        bad = [v for v in vals if "/" in v or v in (".", "..")]
-        if bad:
-            raise PlanError(f"--grid={spec}: {bad[0]!r} cannot be a folder name")
-        grid.append((flag, vals))
-    return grid
-
-
-def check_extra(extra: Sequence[str], grid) -> None:
-    for arg in extra:
-        name = arg.lstrip("-").split("=", 1)[0]
-        if name in RUNNER_FLAGS:
-            hint = {"seed": "; use --seeds=N", "model_dir": "; use --results_dir",
-                    "replay_from": "; replaying runs get their baseline's folder"}.get(name, "")
-            raise PlanError(f"{arg} after --: the runner sets --{name} for each run{hint}")
-        if name in (f for f, _ in grid):
-            raise PlanError(f"{arg} after --: --{name} is already a --grid flag")
-
-
-def flagfile_args(path: str) -> List[str]:
-    """The flags of a flagfile, as absl reads them (comments dropped, nested flagfiles expanded)."""
-    from absl import flags
-    return flags.FlagValues().read_flags_from_files([f"--flagfile={path}"], force_gnu=False)
-
-
-def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
-         grid: Sequence[Tuple[str, List[str]]] = (), extra: Sequence[str] = ()) -> List[Run]:
-    """Every run of the sweep, baselines before the runs that replay them.
-
-    Each run's full command line is parsed by the training program's own flag
-    definitions, so a bad value anywhere is reported here, before anything starts.
-    """
-    from absl import flags
-
-    from resnet_cifar import config as config_lib
-    from resnet_cifar import train
-
-    folder = PRESETS[preset]
-    files = {}
-    for name in runs:
-        path = os.path.join(folder, f"{name}.flags")
-        if not os.path.isfile(path):
-            raise PlanError(f"no flagfile {path} for run {name!r}")
-        files[name] = flagfile_args(path)
-    check_extra(extra, grid)
-    points = list(itertools.product(*[[(flag, v) for v in values] for flag, values in grid]))
-    out = []
-    for point in points:
-        for seed in range(seeds):
-            base = os.path.join(results_dir, point_dir(point)) if point else results_dir
-            for name in runs:
-                args = tuple(files[name]) + tuple(f"--{f}={v}" for f, v in point) + tuple(extra)
-                run_dir = os.path.join(base, name, f"seed_{seed}")
-                probe = Run(name, seed, point, run_dir, args, 0)
-                where = f"run {probe.label}"
-                try:
-                    train.FLAGS.unparse_flags()
-                    train.FLAGS(["train", *probe.command()[3:]])
-                    replays = train.FLAGS.conv_grad_scale and train.FLAGS.conv_lr_factor in REPLAY_MODES
-                    needs = None
-                    if replays:
-                        if name == BASELINE:
-                            raise PlanError(f"{where}: the baseline cannot replay itself")
-                        if BASELINE not in runs:
-                            raise PlanError(f"run {name!r} replays the baseline: include {BASELINE} in --runs")
-                        needs = os.path.join(base, BASELINE, f"seed_{seed}")
-                        train.FLAGS["replay_from"].parse(needs)
-                    config = train.config_from_flags()
-                except flags.Error as e:
-                    raise PlanError(f"{where}: {str(e).splitlines()[0]}") from None
-                except config_lib.ConfigError as e:
-                    raise PlanError(f"{where}: {e}") from None
-                finally:
-                    train.FLAGS.unparse_flags()
-                out.append(dataclasses.replace(probe, needs=needs, train_epochs=config.train_epochs))
-    out.sort(key=lambda r: r.needs is not None)        # stable: baselines and independent runs first
-    return out
-
-
-def is_done(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, tags.DONE_FILE))
-
-
-def checkpoint_epoch(run_dir: str) -> int:
-    """The last completed epoch of a run: its latest checkpoint's number (0 if none)."""
-    try:
-        with open(os.path.join(run_dir, "checkpoints", "checkpoint")) as f:
-            match = _CKPT.search(f.read())
-    except OSError:
-        return 0
-    return int(match.group(1)) if match else 0
 
 
 # ----------------------------------------------------------------------------- the Ray task
@@ -353,114 +192,7 @@ def check_shared_folder(path: str) -> Optional[str]:
     return None
 
 
-# ----------------------------------------------------------------------------- progress
-
-
-def hms(seconds: float) -> str:
-    seconds = int(round(max(seconds, 0)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """The status table: counts, each running run's epoch, and an overall ETA."""
-
-    def __init__(self, runs: Sequence[Run], done_before: Sequence[str], log=print, every: float = 30.0):
-        self.runs = {r.label: r for r in runs}
-        self.status = {r.label: ("done" if r.label in done_before else "waiting") for r in runs}
-        self.results: Dict[str, dict] = {}
-        self.board: Dict[str, dict] = {}
-        self.log = log
-        self.every = every
-        self.start = time.time()
-        self._last_print = 0.0
-        self._last_shown = None
-
-    def finish(self, label: str, result: dict) -> None:
-        self.results[label] = result
-        self.status[label] = result["status"]
-        if result["status"] == "done":
-            self.log(f"done     {label} ({hms(result.get('seconds', 0))}"
-                     + (f", {result['note']})" if result.get("note") else ")"))
-        else:
-            self.log(f"{result['status']:<8} {label}: {describe(result)}")
-
-    def update(self, board: Dict[str, dict]) -> None:
-        self.board = board
-        for label, info in board.items():
-            if self.status.get(label) in ("waiting", "running", "elsewhere", "retrying"):
-                self.status[label] = info.get("state", "waiting")
-
-    def counts(self) -> Dict[str, int]:
-        out = dict.fromkeys(("done", "running", "waiting", "failed"), 0)
-        for state in self.status.values():
-            key = {"elsewhere": "running", "retrying": "running", "skipped": "failed"}.get(state, state)
-            out[key] += 1
-        return out
-
-    def eta(self) -> Optional[float]:
-        """Seconds left: the running runs' remaining epochs plus the waiting runs, spread over
-        as many runs at once as are running now; None until some run has timed an epoch."""
-        now = time.time()
-        durations = [r["seconds"] for r in self.results.values() if r["status"] == "done" and "note" not in r
-                     and r.get("seconds")]
-        rates, left = [], []
-        for label, state in self.status.items():
-            info = self.board.get(label, {})
-            if state != "running" or not info.get("epoch_time"):
-                continue
-            epochs = info["epoch"] - info["first_epoch"]
-            if epochs > 0:
-                rate = (info["epoch_time"] - info["since"]) / epochs
-                rates.append((rate, self.runs[label].train_epochs))
-                left.append(rate * (self.runs[label].train_epochs - info["epoch"])
-                            - (now - info["epoch_time"]))
-        if durations:
-            per_run = statistics.median(durations)
-        elif rates:
-            per_run = statistics.median(rate * total for rate, total in rates)
-        else:
-            return None
-        running = sum(s == "running" for s in self.status.values())
-        waiting = sum(s == "waiting" for s in self.status.values())
-        left_running = [max(x, 0.0) for x in left]
-        # Running runs without a timed epoch yet count as a whole run.
-        untimed = running - len(left_running)
-        work = sum(left_running) + (untimed + waiting) * per_run
-        return max(max(left_running, default=0.0), work / max(running, 1))
-
-    def table(self, force: bool = False) -> None:
-        shown = (tuple(sorted(self.status.items())),
-                 tuple(sorted((k, v.get("epoch")) for k, v in self.board.items())))
-        now = time.time()
-        if not force and (shown == self._last_shown or now - self._last_print < self.every):
-            return
-        self._last_shown, self._last_print = shown, now
-        c = self.counts()
-        eta = self.eta()
-        self.log(f"{len(self.status)} runs: {c['done']} done, {c['running']} running, {c['waiting']} waiting, "
-                 f"{c['failed']} failed | elapsed {hms(now - self.start)} | "
-                 + (f"ETA {hms(eta)}" if eta is not None else "ETA after the first timed epoch"))
-        width = max((len(k) for k in self.status), default=0)
-        for label, state in sorted(self.status.items()):
-            if state not in ("running", "elsewhere", "retrying"):
-                continue
-            info = self.board.get(label, {})
-            if state == "elsewhere":
-                what = f"held by {info.get('holder')}: waiting for it"
-            else:
-                what = f"epoch {info.get('epoch', 0)}/{self.runs[label].train_epochs}"
-                what += f" on {info['node']}" if info.get("node") else ""
-                what += " (retrying)" if state == "retrying" else ""
-            self.log(f"  {state:<9} {label:<{width}}  {what}")
-
-
-def describe(result: dict) -> str:
-    parts = []
-    if result.get("exit") is not None:
-        parts.append(f"exit {result['exit']}")
-    parts.append(result.get("error", ""))
-    text = ": ".join(p for p in parts if p)
-    return text + (f" (log {result['log']})" if result.get("log") else "")
+# ----------------------------------------------------------------------------- running the plan
 
 
 def execute(runs: Sequence[Run], resources: dict, max_retries: int = 3, log=print,

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from experiments import run_all, sweep
+from experiments import plan, run_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "deploy", "slurm", "sweep.sbatch")
@@ -23,8 +23,8 @@ def runner_args(words):
     assert words[:3] == ["python", "-m", "experiments.run_all"], words
     own, extra = run_all.split_extra(words[3:])
     args = run_all.make_parser().parse_args(own)
-    grid = sweep.parse_grid(args.grid, __import__("resnet_cifar.train").train.FLAGS)
-    runs = sweep.plan(args.results_dir, args.preset, run_all.run_names(args), args.seeds, grid, extra)
+    grid = plan.parse_grid(args.grid, __import__("resnet_cifar.train").train.FLAGS)
+    runs = plan.plan(args.results_dir, args.preset, run_all.run_names(args), args.seeds, grid, extra)
     return args, runs
 
 
@@ -47,7 +47,7 @@ def test_sbatch_script_syntax_and_dry_run(tmp_path):
     assert runner[:4] == ["python", "-m", "experiments.run_all", "--address=10.1.2.3:6379"]
     assert runner[4:] == user_args                      # the user's arguments, unchanged
     args, runs = runner_args(runner)
-    assert args.address == "10.1.2.3:6379" and len(runs) == 2 * 2 * len(sweep.POST_RUNS)
+    assert args.address == "10.1.2.3:6379" and len(runs) == 2 * 2 * len(plan.POST_RUNS)
 
 
 def test_rayjob_manifest_names_the_image_and_entrypoint_that_exist():

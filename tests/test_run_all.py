@@ -1,4 +1,4 @@
-"""The runner on Ray (experiments/run_all.py, experiments/sweep.py).
+"""The runner on Ray (experiments/run_all.py, plan.py, sweep.py, progress.py).
 
 Plan and flag checks run without Ray. The sweeps run real Ray (a local instance
 started once for this module, and a separate head process started by one test
@@ -22,12 +22,13 @@ import time
 import numpy as np
 import pytest
 
-from experiments import run_all, sweep
+from experiments import plan, run_all, sweep
+from experiments.progress import Progress
 from resnet_cifar import config as config_lib
 from resnet_cifar import events, run_lock, tags, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_RUNS = list(sweep.POST_RUNS) + ["conv_lr_scale_per_layer"]
+ALL_RUNS = list(plan.POST_RUNS) + ["conv_lr_scale_per_layer"]
 REPLAYING = ("conv_lr_scale", "conv_lr_scale_bn098", "conv_lr_scale_per_layer")
 TINY = ["--data_source=synthetic", "--train_epochs=2", "--steps_per_epoch=2", "--eval_steps=1",
         "--batch_size=8", "--boundary_epochs=1", "--decay_rates=1,0.1", "--deterministic"]
@@ -62,15 +63,15 @@ def main(argv, out=None):
 
 
 def test_flagfiles_exist_for_every_run_of_every_preset():
-    for preset, folder in sweep.PRESETS.items():
-        runs = ALL_RUNS if preset in ("full", "quick") else sweep.PRESET_RUNS[preset]
-        for name in set(runs) | set(sweep.PRESET_RUNS[preset]):
+    for preset, folder in plan.PRESETS.items():
+        runs = ALL_RUNS if preset in ("full", "quick") else plan.PRESET_RUNS[preset]
+        for name in set(runs) | set(plan.PRESET_RUNS[preset]):
             assert os.path.isfile(os.path.join(folder, f"{name}.flags")), (folder, name)
 
 
 def test_plan_grid_folders_order_and_dependencies(tmp_path):
     grid = [("weight_decay", ["1e-4", "5e-4"]), ("bn_decay", ["0.9", "0.99"])]
-    runs = sweep.plan(str(tmp_path), "quick", ALL_RUNS, 2, grid, ["--data_source=synthetic"])
+    runs = plan.plan(str(tmp_path), "quick", ALL_RUNS, 2, grid, ["--data_source=synthetic"])
     assert len(runs) == 4 * 2 * len(ALL_RUNS)
     points = {r.point for r in runs}
     assert points == {(("weight_decay", w), ("bn_decay", b)) for w in ("1e-4", "5e-4") for b in ("0.9", "0.99")}
@@ -91,7 +92,7 @@ def test_plan_grid_folders_order_and_dependencies(tmp_path):
 
 
 def test_plan_without_grid_keeps_the_old_layout(tmp_path):
-    runs = sweep.plan(str(tmp_path), "full", ["baseline", "noconv_l2"], 1)
+    runs = plan.plan(str(tmp_path), "full", ["baseline", "noconv_l2"], 1)
     assert [r.run_dir for r in runs] == [str(tmp_path / "baseline" / "seed_0"),
                                          str(tmp_path / "noconv_l2" / "seed_0")]
     # The full baseline is exactly the program's default run (the flagfile only documents it).
@@ -112,7 +113,7 @@ FULL = dict(QUICK, conv_lr_scale=(False, True, 0.997, "piecewise"),
 @pytest.mark.parametrize("preset", ["quick", "full"])
 def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     want = {"quick": QUICK, "full": FULL}[preset]
-    for r in sweep.plan(str(tmp_path), preset, ALL_RUNS, 1):
+    for r in plan.plan(str(tmp_path), preset, ALL_RUNS, 1):
         cfg = parse(r.command()[3:])
         assert (cfg.conv_l2, cfg.conv_grad_scale, cfg.bn_decay, cfg.conv_lr_factor) == want[r.name], r.name
         assert cfg.weight_decay == 2e-4 and cfg.batch_size == 128 and cfg.decay_rates == (1.0, 0.1, 0.01)
@@ -158,9 +159,9 @@ def test_help_is_readable():
 
 
 def test_progress_eta_and_table_on_change():
-    runs = [sweep.Run(n, 0, (), f"/r/{n}", (), 10) for n in ("a", "b", "c")]
+    runs = [plan.Run(n, 0, (), f"/r/{n}", (), 10) for n in ("a", "b", "c")]
     lines = []
-    progress = sweep.Progress(runs, [], log=lines.append, every=3600)
+    progress = Progress(runs, [], log=lines.append, every=3600)
     now = time.time()
     # a: 4 epochs in 40 s since it started at epoch 0, so 10 s/epoch and 6 epochs (60 s) left.
     progress.update({"a/seed_0": dict(state="running", epoch=4, first_epoch=0, since=now - 40,
@@ -327,7 +328,7 @@ def test_locked_folder_waits_then_killed_worker_is_retried_with_the_same_curves(
         assert _trainer_pid(run_dir) is None
     finally:
         lock.release()
-    _wait_for(lambda: sweep.checkpoint_epoch(str(run_dir)) >= 1 or not runner.is_alive(), 600, "epoch 1")
+    _wait_for(lambda: plan.checkpoint_epoch(str(run_dir)) >= 1 or not runner.is_alive(), 600, "epoch 1")
     trainer = _trainer_pid(run_dir)
     assert trainer is not None, outcome
     os.kill(trainer, signal.SIGSTOP)                        # hold it mid-run while we kill its worker

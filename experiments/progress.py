@@ -1,0 +1,114 @@
+"""The runner's status table: counts, each running run's epoch, an overall ETA."""
+
+import statistics
+import time
+from typing import Dict, Optional, Sequence
+
+from experiments.plan import Run
+
+
+def hms(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """The status table: counts, each running run's epoch, and an overall ETA."""
+
+    def __init__(self, runs: Sequence[Run], done_before: Sequence[str], log=print, every: float = 30.0):
+        self.runs = {r.label: r for r in runs}
+        self.status = {r.label: ("done" if r.label in done_before else "waiting") for r in runs}
+        self.results: Dict[str, dict] = {}
+        self.board: Dict[str, dict] = {}
+        self.log = log
+        self.every = every
+        self.start = time.time()
+        self._last_print = 0.0
+        self._last_shown = None
+
+    def finish(self, label: str, result: dict) -> None:
+        self.results[label] = result
+        self.status[label] = result["status"]
+        if result["status"] == "done":
+            self.log(f"done     {label} ({hms(result.get('seconds', 0))}"
+                     + (f", {result['note']})" if result.get("note") else ")"))
+        else:
+            self.log(f"{result['status']:<8} {label}: {describe(result)}")
+
+    def update(self, board: Dict[str, dict]) -> None:
+        self.board = board
+        for label, info in board.items():
+            if self.status.get(label) in ("waiting", "running", "elsewhere", "retrying"):
+                self.status[label] = info.get("state", "waiting")
+
+    def counts(self) -> Dict[str, int]:
+        out = dict.fromkeys(("done", "running", "waiting", "failed"), 0)
+        for state in self.status.values():
+            key = {"elsewhere": "running", "retrying": "running", "skipped": "failed"}.get(state, state)
+            out[key] += 1
+        return out
+
+    def eta(self) -> Optional[float]:
+        """Seconds left: the running runs' remaining epochs plus the waiting runs, spread over
+        as many runs at once as are running now; None until some run has timed an epoch."""
+        now = time.time()
+        durations = [r["seconds"] for r in self.results.values() if r["status"] == "done" and "note" not in r
+                     and r.get("seconds")]
+        rates, left = [], []
+        for label, state in self.status.items():
+            info = self.board.get(label, {})
+            if state != "running" or not info.get("epoch_time"):
+                continue
+            epochs = info["epoch"] - info["first_epoch"]
+            if epochs > 0:
+                rate = (info["epoch_time"] - info["since"]) / epochs
+                rates.append((rate, self.runs[label].train_epochs))
+                left.append(rate * (self.runs[label].train_epochs - info["epoch"])
+                            - (now - info["epoch_time"]))
+        if durations:
+            per_run = statistics.median(durations)
+        elif rates:
+            per_run = statistics.median(rate * total for rate, total in rates)
+        else:
+            return None
+        running = sum(s == "running" for s in self.status.values())
+        waiting = sum(s == "waiting" for s in self.status.values())
+        left_running = [max(x, 0.0) for x in left]
+        # Running runs without a timed epoch yet count as a whole run.
+        untimed = running - len(left_running)
+        work = sum(left_running) + (untimed + waiting) * per_run
+        return max(max(left_running, default=0.0), work / max(running, 1))
+
+    def table(self, force: bool = False) -> None:
+        shown = (tuple(sorted(self.status.items())),
+                 tuple(sorted((k, v.get("epoch")) for k, v in self.board.items())))
+        now = time.time()
+        if not force and (shown == self._last_shown or now - self._last_print < self.every):
+            return
+        self._last_shown, self._last_print = shown, now
+        c = self.counts()
+        eta = self.eta()
+        self.log(f"{len(self.status)} runs: {c['done']} done, {c['running']} running, {c['waiting']} waiting, "
+                 f"{c['failed']} failed | elapsed {hms(now - self.start)} | "
+                 + (f"ETA {hms(eta)}" if eta is not None else "ETA after the first timed epoch"))
+        width = max((len(k) for k in self.status), default=0)
+        for label, state in sorted(self.status.items()):
+            if state not in ("running", "elsewhere", "retrying"):
+                continue
+            info = self.board.get(label, {})
+            if state == "elsewhere":
+                what = f"held by {info.get('holder')}: waiting for it"
+            else:
+                what = f"epoch {info.get('epoch', 0)}/{self.runs[label].train_epochs}"
+                what += f" on {info['node']}" if info.get("node") else ""
+                what += " (retrying)" if state == "retrying" else ""
+            self.log(f"  {state:<9} {label:<{width}}  {what}")
+
+
+def describe(result: dict) -> str:
+    parts = []
+    if result.get("exit") is not None:
+        parts.append(f"exit {result['exit']}")
+    parts.append(result.get("error", ""))
+    text = ": ".join(p for p in parts if p)
+    return text + (f" (log {result['log']})" if result.get("log") else "")
