@@ -34,6 +34,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from analysis import figures, output, replay_match
 from resnet_cifar import events, tags
@@ -47,11 +48,20 @@ REPLAYS = {                      # run name (flagfile) -> granularity
     "conv_lr_scale_per_channel": "per channel",
 }
 NOISE_FLOOR = "noise floor"
-MEASURES = (("acc_gap", "|test accuracy − baseline's|"),
-            ("step_dev", "mean step: max |ratio − 1|"),
-            ("layer_dev", "layers: median of max |ratio − 1|"))
+MEASURES = (("acc_gap", "final test accuracy"),
+            ("step_dev", "relative step, mean over conv layers"),
+            ("layer_dev", "relative step of each conv layer"))
+YLABELS = {"acc_gap": "|replay − baseline| (percentage points)",
+           "step_dev": "max over epochs of |replay / baseline − 1|",
+           "layer_dev": "median over layers of max |ratio − 1|"}
 COLORS = {"global": "tab:green", "per layer": "tab:purple", "per channel": "tab:orange",
           NOISE_FLOOR: "gray"}
+
+
+def decay_label(wd: float) -> str:
+    """2e-4, as the grid's folders and flags write a weight decay (not 0.0002)."""
+    mantissa, exponent = f"{wd:.6e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 def load_grid(results_dir: str) -> Dict[float, Dict[str, List[events.Run]]]:
@@ -124,31 +134,52 @@ def study_rows(grid: Mapping[float, Mapping[str, List[events.Run]]]) -> List[dic
     return out
 
 
-def equivalence_figure(rows: Sequence[dict]) -> Optional[Figure]:
+def equivalence_figure(rows: Sequence[dict], subtitle: str = "") -> Optional[Figure]:
     """Three panels (accuracy gap, mean-step and per-layer deviation) against weight decay:
-    a line per granularity, the noise floor dashed gray."""
+    a line per granularity, the noise floor dashed gray; every axis from 0, so the
+    panels show how far, not only which is closer."""
     if not rows:
         figures.note("equivalence: nothing to compare (no baseline with a replay or a second seed)")
         return None
-    fig = Figure(figsize=(13, 4.2), dpi=figures.DPI)
+    fig = Figure(figsize=(13, 4.4), dpi=figures.DPI)
     axes = fig.subplots(1, len(MEASURES))
+    decays = sorted({r["weight_decay"] for r in rows})
     for ax, (key, title) in zip(axes, MEASURES):
+        scale = 100.0 if key == "acc_gap" else 1.0       # accuracy in percentage points
         for granularity in list(REPLAYS.values()) + [NOISE_FLOOR]:
             sel = sorted((r for r in rows if r["granularity"] == granularity and np.isfinite(r[key])),
                          key=lambda r: r["weight_decay"])
             if not sel:
                 continue
             style = dict(linestyle="--", marker="x") if granularity == NOISE_FLOOR else dict(marker="o")
-            ax.plot([r["weight_decay"] for r in sel], [r[key] for r in sel], label=granularity,
+            ax.plot([r["weight_decay"] for r in sel], [scale * r[key] for r in sel], label=granularity,
                     color=COLORS[granularity], linewidth=1.2, **style)
         ax.set_xscale("log")
+        ax.set_xticks(decays, [decay_label(wd) for wd in decays])
+        ax.minorticks_off()
         ax.set_xlabel("weight decay")
+        ax.set_ylabel(YLABELS[key])
+        if key != "acc_gap":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_ylim(bottom=0)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("Replaying the baseline's weight norms: distance to the baseline (mean over seeds)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Replaying the baseline's weight norms: distance to the baseline (mean over seed pairs)"
+                 + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def figure_subtitle(grid: Mapping[float, Mapping[str, List[events.Run]]], rows: Sequence[dict]) -> str:
+    """'<data> · <schedule> · seed pairs per point' of the baselines compared."""
+    configs = [run.config for runs in grid.values() for run in runs.get(BASELINE, [])]
+    pairs = sorted({r["pairs"] for r in rows})
+    seeds = ""
+    if pairs:
+        count = str(pairs[0]) if len(pairs) == 1 else f"{pairs[0]}–{pairs[-1]}"
+        seeds = f"{count} seed pair{'' if pairs == [1] else 's'} per point"
+    return " · ".join(figures.data_and_schedule(configs) + ([seeds] if seeds else []))
 
 
 def to_markdown(rows: Sequence[dict]) -> str:
@@ -157,7 +188,7 @@ def to_markdown(rows: Sequence[dict]) -> str:
     for r in rows:
         acc = "n/a" if not np.isfinite(r["acc_gap"]) else f"{100 * r['acc_gap']:.2f} pts"
         layer = "n/a" if not np.isfinite(r["layer_dev"]) else f"{r['layer_dev']:.1%}"
-        lines.append(f"| {r['weight_decay']:g} | {r['granularity']} | {r['pairs']} | {acc} | "
+        lines.append(f"| {decay_label(r['weight_decay'])} | {r['granularity']} | {r['pairs']} | {acc} | "
                      f"{r['step_dev']:.1%} | {layer} |")
     return "\n".join(lines) + "\n"
 
@@ -171,7 +202,7 @@ def write(results_dir: str, out_dir: str) -> List[str]:
     rows = study_rows(grid)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    fig = equivalence_figure(rows)
+    fig = equivalence_figure(rows, figure_subtitle(grid, rows))
     if fig is not None:
         paths += output.save_figure(fig, out_dir, "equivalence")
     if rows:

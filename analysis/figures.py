@@ -22,7 +22,7 @@ dashed black segments after the runs' lines, labelled once in the legend.
 """
 
 import sys
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -152,19 +152,24 @@ def _schedule(config: Mapping) -> str:
     return text
 
 
+def data_and_schedule(configs: Sequence[Mapping]) -> List[str]:
+    """['<data>', '<schedule>'] of run configs; values they do not share joined by ' / '."""
+    parts = []
+    for describe in (lambda c: DATA_NAMES.get(c.get("data_source"), str(c.get("data_source", "?"))),
+                     _schedule):
+        values = list(dict.fromkeys(describe(c) for c in configs))
+        if values:
+            parts.append(" / ".join(values))
+    return parts
+
+
 def subtitle(names: Sequence[str], curves: Curves, configs: Optional[Configs]) -> str:
     """'<data> · <schedule> · <seeds>' of the runs `names`, from their run_config.json.
 
     Values the runs do not share are listed with ' / '.
     """
     configs = configs or {}
-    seen = [c for n in names for c in configs.get(n, ())]
-    parts = []
-    for describe in (lambda c: DATA_NAMES.get(c.get("data_source"), str(c.get("data_source", "?"))),
-                     _schedule):
-        values = list(dict.fromkeys(describe(c) for c in seen))
-        if values:
-            parts.append(" / ".join(values))
+    parts = data_and_schedule([c for n in names for c in configs.get(n, ())])
     seeds = sorted({len(curves[n]) for n in names if curves.get(n)})
     if seeds:
         parts.append(_plural(seeds[0], "seed") if len(seeds) == 1

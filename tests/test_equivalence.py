@@ -74,13 +74,18 @@ def test_figure_and_tables_written(tmp_path):
     paths = equivalence.write(str(fabricate(tmp_path / "grid")), str(out))
     names = sorted(p.rsplit("/", 1)[1] for p in paths)
     assert names == ["equivalence.csv", "equivalence.md", "equivalence.png", "equivalence.svg"]
+    assert "2 seed pairs per point" in (out / "equivalence.svg").read_text()   # global replays: 2 seeds each
     fig = equivalence.equivalence_figure(equivalence.study_rows(equivalence.load_grid(str(tmp_path / "grid"))))
     for ax in fig.axes:
         lines = {l.get_label(): l for l in ax.get_lines()}
         assert set(lines) == {"global", "per layer", "per channel", equivalence.NOISE_FLOOR}
         np.testing.assert_allclose(lines["global"].get_xdata(), WDS)
     np.testing.assert_allclose(fig.axes[1].get_lines()[0].get_ydata(), [0.10, 0.10], rtol=1e-5)
-    assert "| 0.0001 | global | 2 | 2.00 pts | 10.0% | 26.0% |" in (out / "equivalence.md").read_text()
+    # accuracy in percentage points: 2 points off in the fabricated global replay
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [2.0, 2.0], rtol=1e-5)
+    assert all(ax.get_ylim()[0] == 0 for ax in fig.axes)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1e-4", "5e-4"]
+    assert "| 1e-4 | global | 2 | 2.00 pts | 10.0% | 26.0% |" in (out / "equivalence.md").read_text()
 
 
 def test_no_grid_is_one_line_error(tmp_path, capsys):
@@ -106,4 +111,9 @@ def test_unfinished_runs_are_left_out_and_named(tmp_path, capsys):
             for r in equivalence.study_rows(equivalence.load_grid(str(root)))}
     assert rows[(1e-4, "per channel")]["pairs"] == 1       # seed 0 only
     assert rows[(5e-4, "per channel")]["pairs"] == 2
-    assert "| 0.0001 | per channel | 1 |" in (out / "equivalence.md").read_text()
+    assert "| 1e-4 | per channel | 1 |" in (out / "equivalence.md").read_text()
+
+
+def test_decay_labels_as_the_grid_writes_them():
+    assert [equivalence.decay_label(wd) for wd in (1e-4, 2e-4, 5e-4, 1e-3, 0.05, 2.5e-4)] == \
+        ["1e-4", "2e-4", "5e-4", "1e-3", "5e-2", "2.5e-4"]
