@@ -36,7 +36,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from analysis import figures, output, replay_match
+from analysis import figures, output, precise_bn, replay_match
 from resnet_cifar import events, tags
 
 GRID_FLAG = "weight_decay"
@@ -52,6 +52,7 @@ MEASURES = (("acc_gap", "final test accuracy"),
             ("step_dev", "relative step, mean over conv layers"),
             ("layer_dev", "relative step of each conv layer"))
 YLABELS = {"acc_gap": "|replay − baseline| (percentage points)",
+           "precise_gap": "|replay − baseline| (percentage points)",
            "step_dev": "max over epochs of |replay / baseline − 1|",
            "layer_dev": "median over layers of max |ratio − 1|"}
 COLORS = {"global": "tab:green", "per layer": "tab:purple", "per channel": "tab:orange",
@@ -84,9 +85,18 @@ def load_grid(results_dir: str) -> Dict[float, Dict[str, List[events.Run]]]:
     return grid
 
 
-def _final_accuracy(run: events.Run) -> float:
-    value = run.last(tags.EPOCH_ACCURACY, tags.VALIDATION_DIR)
+def _final_accuracy(run: events.Run, subdir: str = tags.VALIDATION_DIR) -> float:
+    value = run.last(tags.EPOCH_ACCURACY, subdir)
     return math.nan if value is None else value
+
+
+def _precise_accuracy(run: events.Run) -> float:
+    """Test accuracy with recomputed BN statistics (analysis.precise_bn), NaN if not evaluated
+    or not at the run's last epoch."""
+    result = precise_bn.read_result(run.run_dir)
+    if not result or result.get("epoch") != result.get("train_epochs"):
+        return math.nan
+    return float(result["precise_bn"])
 
 
 def pair_metrics(run: events.Run, base: events.Run) -> Optional[dict]:
@@ -95,7 +105,10 @@ def pair_metrics(run: events.Run, base: events.Run) -> Optional[dict]:
     if m is None:
         return None
     layer_devs = [float(np.max(np.abs(v - 1))) for v in m["layers"].values()]
-    return dict(acc_gap=abs(_final_accuracy(run) - _final_accuracy(base)),
+    diff = _final_accuracy(run) - _final_accuracy(base)
+    precise = _precise_accuracy(run) - _precise_accuracy(base)
+    return dict(acc_gap=abs(diff), acc_diff=diff, precise_gap=abs(precise), precise_diff=precise,
+                train_acc_diff=_final_accuracy(run, tags.TRAIN_DIR) - _final_accuracy(base, tags.TRAIN_DIR),
                 step_dev=float(np.max(np.abs(m["mean"] - 1))),
                 layer_dev=float(np.median(layer_devs)) if layer_devs else math.nan)
 
@@ -127,7 +140,8 @@ def study_rows(grid: Mapping[float, Mapping[str, List[events.Run]]]) -> List[dic
             if not found:
                 continue
             row = dict(weight_decay=wd, run=name, granularity=granularity, pairs=len(found))
-            for key, _ in MEASURES:
+            for key in [k for k, _ in MEASURES] + ["acc_diff", "precise_gap", "precise_diff",
+                                                   "train_acc_diff"]:
                 values = [p[key] for p in found if np.isfinite(p[key])]
                 row[key] = float(np.mean(values)) if values else math.nan
             out.append(row)
@@ -144,8 +158,14 @@ def equivalence_figure(rows: Sequence[dict], subtitle: str = "") -> Optional[Fig
     fig = Figure(figsize=(13, 4.4), dpi=figures.DPI)
     axes = fig.subplots(1, len(MEASURES))
     decays = sorted({r["weight_decay"] for r in rows})
+    precise = all(np.isfinite(r["precise_gap"]) for r in rows)
     for ax, (key, title) in zip(axes, MEASURES):
-        scale = 100.0 if key == "acc_gap" else 1.0       # accuracy in percentage points
+        if key == "acc_gap":
+            # Recomputed BN statistics where every run has them: the moving averages' lag
+            # on short runs differs between runs with and without conv L2 (see precise_bn).
+            key, title = ("precise_gap", f"{title} (BN statistics recomputed)") if precise else \
+                (key, f"{title} (BN moving averages)")
+        scale = 100.0 if key in ("acc_gap", "precise_gap") else 1.0   # accuracy in points
         for granularity in list(REPLAYS.values()) + [NOISE_FLOOR]:
             sel = sorted((r for r in rows if r["granularity"] == granularity and np.isfinite(r[key])),
                          key=lambda r: r["weight_decay"])
@@ -159,7 +179,7 @@ def equivalence_figure(rows: Sequence[dict], subtitle: str = "") -> Optional[Fig
         ax.minorticks_off()
         ax.set_xlabel("weight decay")
         ax.set_ylabel(YLABELS[key])
-        if key != "acc_gap":
+        if scale == 1.0:
             ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_ylim(bottom=0)
         ax.set_title(title, fontsize=10)
@@ -183,12 +203,23 @@ def figure_subtitle(grid: Mapping[float, Mapping[str, List[events.Run]]], rows: 
 
 
 def to_markdown(rows: Sequence[dict]) -> str:
-    lines = ["| weight decay | replay | seed pairs | test accuracy gap | mean step: max abs(ratio−1) "
-             "| layers: median of max abs(ratio−1) |", "|---:|---|---:|---:|---:|---:|"]
+    """The table. Test accuracy twice: with BN's moving averages (as logged) and with
+    recomputed BN statistics (`analysis.precise_bn`, n/a before it has run); the signed
+    columns say which way the accuracy moved, the train column (the last epoch's
+    running mean) whether the weights fit the data differently."""
+    lines = ["| weight decay | replay | seed pairs | test accuracy gap | test accuracy, replay − baseline "
+             "| same, BN statistics recomputed | train accuracy, replay − baseline "
+             "| mean step: max abs(ratio−1) | layers: median of max abs(ratio−1) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def points(x, signed=False):
+        return "n/a" if not np.isfinite(x) else f"{100 * x:{'+' if signed else ''}.2f} pts"
+
     for r in rows:
-        acc = "n/a" if not np.isfinite(r["acc_gap"]) else f"{100 * r['acc_gap']:.2f} pts"
         layer = "n/a" if not np.isfinite(r["layer_dev"]) else f"{r['layer_dev']:.1%}"
-        lines.append(f"| {decay_label(r['weight_decay'])} | {r['granularity']} | {r['pairs']} | {acc} | "
+        lines.append(f"| {decay_label(r['weight_decay'])} | {r['granularity']} | {r['pairs']} | "
+                     f"{points(r['acc_gap'])} | {points(r['acc_diff'], True)} | "
+                     f"{points(r['precise_diff'], True)} | {points(r['train_acc_diff'], True)} | "
                      f"{r['step_dev']:.1%} | {layer} |")
     return "\n".join(lines) + "\n"
 

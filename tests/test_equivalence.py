@@ -62,6 +62,7 @@ def test_rows_by_hand(tmp_path):
         pc = got[(wd, "per channel")]
         assert pc["step_dev"] == pytest.approx(0.01, rel=1e-4) and pc["layer_dev"] == pytest.approx(0.01, rel=1e-4)
         assert pc["acc_gap"] == pytest.approx(0.005, rel=1e-4)
+        assert pc["acc_diff"] == pytest.approx(-0.005, rel=1e-4) and g["acc_diff"] == pytest.approx(0.02, rel=1e-5)
         floor = got[(wd, equivalence.NOISE_FLOOR)]
         assert floor["pairs"] == 1
         assert floor["acc_gap"] == pytest.approx(0.01, rel=1e-4)
@@ -85,7 +86,12 @@ def test_figure_and_tables_written(tmp_path):
     np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [2.0, 2.0], rtol=1e-5)
     assert all(ax.get_ylim()[0] == 0 for ax in fig.axes)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1e-4", "5e-4"]
-    assert "| 1e-4 | global | 2 | 2.00 pts | 10.0% | 26.0% |" in (out / "equivalence.md").read_text()
+    table = (out / "equivalence.md").read_text()
+    # signed: the global replay 2 points above its baselines, the per-channel one 0.5 below;
+    # the fabricated runs log no train accuracy
+    assert "| 1e-4 | global | 2 | 2.00 pts | +2.00 pts | n/a | n/a | 10.0% | 26.0% |" in table
+    assert "| 5e-4 | per channel | 2 | 0.50 pts | -0.50 pts | n/a | n/a |" in table
+    assert fig.axes[0].get_title() == "final test accuracy (BN moving averages)"
 
 
 def test_no_grid_is_one_line_error(tmp_path, capsys):
@@ -117,3 +123,32 @@ def test_unfinished_runs_are_left_out_and_named(tmp_path, capsys):
 def test_decay_labels_as_the_grid_writes_them():
     assert [equivalence.decay_label(wd) for wd in (1e-4, 2e-4, 5e-4, 1e-3, 0.05, 2.5e-4)] == \
         ["1e-4", "2e-4", "5e-4", "1e-3", "5e-2", "2.5e-4"]
+
+
+def test_recomputed_bn_accuracy_is_used_where_every_run_has_it(tmp_path):
+    """precise_bn.json in every run folder: the table gets its signed column and the figure's
+    accuracy panel switches to it (here the replays are 0.3 points above, the moving
+    averages said 2)."""
+    import json
+
+    from analysis import precise_bn
+    from tests.test_analysis import EPOCHS
+
+    root = fabricate(tmp_path / "grid")
+    for config_path in root.rglob("run_config.json"):
+        run = config_path.parent
+        seed = int(run.name.split("_")[1])
+        accuracy = 0.70 + 0.01 * seed + (0.003 if run.parent.name != "baseline" else 0.0)
+        (run / precise_bn.RESULT_FILE).write_text(json.dumps(
+            dict(epoch=EPOCHS, train_epochs=EPOCHS, logged=None, stored_bn=0.6, precise_bn=accuracy)))
+    rows = {(r["weight_decay"], r["granularity"]): r
+            for r in equivalence.study_rows(equivalence.load_grid(str(root)))}
+    assert rows[(1e-4, "global")]["precise_diff"] == pytest.approx(0.003, rel=1e-6)
+    assert rows[(1e-4, equivalence.NOISE_FLOOR)]["precise_diff"] == pytest.approx(0.01, rel=1e-6)
+
+    out = tmp_path / "figs"
+    equivalence.write(str(root), str(out))
+    assert "| 1e-4 | global | 2 | 2.00 pts | +2.00 pts | +0.30 pts | n/a |" in (out / "equivalence.md").read_text()
+    fig = equivalence.equivalence_figure(list(rows.values()))
+    assert fig.axes[0].get_title() == "final test accuracy (BN statistics recomputed)"
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [0.3, 0.3], rtol=1e-5)

@@ -1,0 +1,87 @@
+"""analysis.precise_bn: the stored-statistics evaluation reproduces the run's logged test
+accuracy, and the recomputed statistics are the mean of the batches' statistics (NumPy)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from analysis import precise_bn
+from tests.cifar_files import write_binary_cifar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_TEST = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """3 epochs of 4 steps on tiny binary files, through the real CLI, whole test set evaluated."""
+    tmp = tmp_path_factory.mktemp("pbn")
+    write_binary_cifar(str(tmp / "data"), per_train_file=16, num_test=NUM_TEST)
+    run = tmp / "results" / "baseline" / "seed_0"
+    r = subprocess.run([sys.executable, "-m", "resnet_cifar.train", f"--model_dir={run}",
+                        "--data_source=binary", f"--data_dir={tmp / 'data'}", "--train_epochs=3",
+                        "--steps_per_epoch=4", "--batch_size=16", "--boundary_epochs=2",
+                        "--decay_rates=1,0.1", "--verbose=0"],
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, run
+
+
+def test_stored_statistics_reproduce_the_logged_accuracy(tiny_run, capsys):
+    tmp, run = tiny_run
+    out = tmp / "tables"
+    assert precise_bn.main([str(tmp / "results"), "--bn_batches=3", f"--out={out}"]) == 0
+
+    result = json.loads((run / precise_bn.RESULT_FILE).read_text())
+    assert result["epoch"] == result["train_epochs"] == 3 and result["bn_batches"] == 3
+    # The same weights, data and statistics as the run's last evaluation: the same accuracy,
+    # to one image (the training process may have used other CPU kernels than this one).
+    assert result["logged"] is not None
+    assert abs(result["stored_bn"] - result["logged"]) <= 1 / NUM_TEST + 1e-9, result
+    assert 0.0 <= result["precise_bn"] <= 1.0
+    assert precise_bn.read_result(str(run)) == result
+    table = (out / "precise_bn.md").read_text()
+    assert "| baseline/seed_0 | 3 |" in table and "recomputed − stored" in table
+    assert "baseline/seed_0: epoch 3, logged" in capsys.readouterr().out
+
+
+def test_recomputed_statistics_are_the_mean_of_the_batch_statistics():
+    """A conv and a BN layer; the BN's input is the conv's output (no BN before it), so the
+    batch statistics can be computed in NumPy from a sub-model's output."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(5, 3, padding="same", use_bias=False)(inputs)
+    bn_layer = keras.layers.BatchNormalization(momentum=0.997, epsilon=1e-5)
+    model = keras.Model(inputs, bn_layer(conv))
+    conv_model = keras.Model(inputs, conv)
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(1.0, 2.0, (16, 8, 8, 3)).astype(np.float32) for _ in range(4)]
+
+    used = precise_bn.recompute_bn_statistics(model, iter(batches))
+
+    assert used == 4
+    outputs = [conv_model(b, training=False).numpy().astype(np.float64) for b in batches]
+    want_mean = np.mean([o.mean(axis=(0, 1, 2)) for o in outputs], axis=0)
+    want_var = np.mean([o.var(axis=(0, 1, 2)) for o in outputs], axis=0)      # biased, as Keras'
+    # float32 means over 1,024 values per channel: errors ~1e-6 relative; the bound has 100x margin.
+    scale = np.abs(want_mean).max() + np.sqrt(want_var).max()
+    np.testing.assert_allclose(bn_layer.moving_mean.numpy(), want_mean, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(bn_layer.moving_variance.numpy(), want_var, rtol=1e-4)
+    assert bn_layer.momentum == 0.997                 # the layer's own decay is put back
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    assert precise_bn.main([str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.startswith("error: no such folder")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"config": {"data_source": "synthetic"}}))
+    assert precise_bn.main([str(run)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {run}: no checkpoint to evaluate"]
