@@ -92,8 +92,11 @@ def recompute_bn_statistics(model, batches) -> int:
 
 
 def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Optional[str] = None,
-             data_dir: Optional[str] = None, arrays_cache: Optional[Dict] = None) -> dict:
-    """{epoch, logged, stored_bn, precise_bn, bn_batches} of one run (accuracies in [0, 1])."""
+             data_dir: Optional[str] = None, arrays_cache: Optional[Dict] = None,
+             again: bool = False) -> dict:
+    """{epoch, logged, stored_bn, precise_bn, bn_batches, ...} of one run (accuracies in
+    [0, 1]). A `precise_bn.json` of the same checkpoint, batches and data source is
+    reused unless `again`."""
     import keras
     import tensorflow as tf
 
@@ -108,6 +111,10 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     if path is None:
         raise EvaluationError(f"{run_dir}: no checkpoint to evaluate")
     source = data_source or config.get("data_source", "tfds")
+    cached = read_result(run_dir)
+    if (not again and cached and cached.get("checkpoint") == os.path.basename(path)
+            and cached.get("bn_batches") == bn_batches and cached.get("data_source") == source):
+        return dict(cached, cached=True)
     folder = data_dir if data_dir is not None else config.get("data_dir")
     key = (source, folder)
     cache = arrays_cache if arrays_cache is not None else {}
@@ -146,7 +153,7 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     at = [float(v) for s, v in zip(steps, values) if int(s) == done]
     result = dict(epoch=done, train_epochs=int(config.get("train_epochs", done)),
                   logged=at[-1] if at else None, stored_bn=stored, precise_bn=precise, bn_batches=used,
-                  data_source=source, eval_steps=config.get("eval_steps"))
+                  data_source=source, eval_steps=config.get("eval_steps"), checkpoint=os.path.basename(path))
     with open(os.path.join(run_dir, RESULT_FILE), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -188,6 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data_source", choices=("tfds", "binary", "synthetic"), default=None,
                         help="default: each run's own")
     parser.add_argument("--data_dir", default=None, help="default: each run's own")
+    parser.add_argument("--again", action="store_true",
+                        help=f"evaluate runs whose {RESULT_FILE} already holds this checkpoint's result")
     parser.add_argument("--out", "--out_dir", dest="out_dir", metavar="DIR", default=None,
                         help="also write precise_bn.md and precise_bn.csv here")
     args = parser.parse_args(argv)
@@ -202,15 +211,17 @@ def main(argv=None) -> int:
         return 2
     for folder, name in folders:
         try:
-            result = evaluate(folder, args.bn_batches, args.data_source, args.data_dir, cache)
+            result = evaluate(folder, args.bn_batches, args.data_source, args.data_dir, cache, args.again)
         except EvaluationError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
+        cached = result.pop("cached", False)
         row = dict(run=name, **result)
         rows.append(row)
         print(f"{row['run']}: epoch {row['epoch']}, logged {_pct(row['logged'])}, stored BN "
-              f"{_pct(row['stored_bn'])}, recomputed BN {_pct(row['precise_bn'])}", flush=True)
+              f"{_pct(row['stored_bn'])}, recomputed BN {_pct(row['precise_bn'])}"
+              + (f" (from its {RESULT_FILE}; --again to redo)" if cached else ""), flush=True)
     if rows:
         print(to_markdown(rows), end="")
         if args.out_dir:

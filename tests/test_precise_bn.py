@@ -49,6 +49,17 @@ def test_stored_statistics_reproduce_the_logged_accuracy(tiny_run, capsys):
     assert "| baseline/seed_0 | 3 |" in table and "recomputed − stored" in table
     assert "baseline/seed_0: epoch 3, logged" in capsys.readouterr().out
 
+    # Evaluated already: reused; --again evaluates anew (same checkpoint, same numbers).
+    (run / precise_bn.RESULT_FILE).write_text(json.dumps(dict(result, precise_bn=0.5)))
+    assert precise_bn.main([str(run), "--bn_batches=3"]) == 0
+    assert f"recomputed BN 50.00% (from its {precise_bn.RESULT_FILE}; --again to redo)" in capsys.readouterr().out
+    assert precise_bn.main([str(run), "--bn_batches=3", "--again"]) == 0
+    assert "--again to redo" not in capsys.readouterr().out
+    again = precise_bn.read_result(str(run))
+    # the same statistics up to float32 summation order: the same accuracy, to one image
+    assert abs(again.pop("precise_bn") - result["precise_bn"]) <= 1 / NUM_TEST + 1e-9
+    assert again == {k: v for k, v in result.items() if k != "precise_bn"}
+
 
 def test_recomputed_statistics_are_the_mean_of_the_batch_statistics():
     """A conv and a BN layer; the BN's input is the conv's output (no BN before it), so the
