@@ -16,6 +16,7 @@ from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from analysis import precise_bn
 from analysis.figures import label_of, ordered_names
 from resnet_cifar import events, tags
 
@@ -34,6 +35,8 @@ class Row:
     train_loss: List[float]            # last train epoch_loss
     loss_gap: List[float]              # last validation epoch_loss - last train epoch_loss
     damaged_seeds: int = 0             # seeds with a damaged event file (never complete)
+    precise_accuracy: List[float] = dataclasses.field(default_factory=list)
+    # test accuracy with recomputed BN statistics (analysis.precise_bn), NaN where not evaluated
 
     @property
     def complete(self) -> bool:
@@ -57,8 +60,12 @@ def run_metrics(run: events.Run) -> dict:
         if len(steps):
             epochs = int(steps.max())
             break
+    precise = precise_bn.read_result(run.run_dir) or {}
     return {"test_accuracy": test_acc, "train_loss": train_loss,
-            "loss_gap": test_loss - train_loss, "epochs": epochs}
+            "loss_gap": test_loss - train_loss, "epochs": epochs,
+            # only a result for the epoch summarised here
+            "precise_accuracy": float(precise["precise_bn"]) if precise.get("epoch") == epochs
+            and epochs else math.nan}
 
 
 def mean_std(values: Sequence[float]):
@@ -90,6 +97,7 @@ def summarize(runs: Mapping[str, Sequence[events.Run]]) -> List[Row]:
             train_loss=[m["train_loss"] for m in metrics],
             loss_gap=[m["loss_gap"] for m in metrics],
             damaged_seeds=sum(bool(r.damaged) for r in seeds),
+            precise_accuracy=[m["precise_accuracy"] for m in metrics],
         ))
     return rows
 
@@ -117,13 +125,21 @@ def _fmt_complete(row: Row) -> str:
 
 def to_markdown(rows: Sequence[Row]) -> str:
     """A Markdown table; seeds averaged as mean ± std, accuracy in percent."""
+    precise = any(np.isfinite(v) for r in rows for v in r.precise_accuracy)
     lines = [
-        "| run | seeds | complete | epochs | test accuracy (%) | train loss | test − train loss |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| run | seeds | complete | epochs | test accuracy (%) | "
+        + ("test accuracy, BN statistics recomputed (%) | " if precise else "")
+        + "train loss | test − train loss |",
+        "|---|---:|---|---:|---:|" + ("---:|" if precise else "") + "---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r.label} | {r.seeds} | {_fmt_complete(r)} | {_fmt_epochs(r)} | "
-                     f"{_fmt(r.test_accuracy, 100, 2)} | {_fmt(r.train_loss)} | {_fmt(r.loss_gap)} |")
+                     f"{_fmt(r.test_accuracy, 100, 2)} | "
+                     + (f"{_fmt(r.precise_accuracy, 100, 2)} | " if precise else "")
+                     + f"{_fmt(r.train_loss)} | {_fmt(r.loss_gap)} |")
+    if precise:
+        lines += ["", "BN statistics recomputed: `python -m analysis.precise_bn` (the mean of training "
+                      "batches' statistics in place of the moving averages; n/a: not evaluated)."]
     if any(not r.complete for r in rows):
         lines += ["", "Incomplete runs (no done.json, or a damaged event file) are summarised "
                       "at their last logged epoch."]
@@ -132,7 +148,8 @@ def to_markdown(rows: Sequence[Row]) -> str:
 
 CSV_FIELDS = ("name", "label", "seeds", "complete_seeds", "complete", "damaged_seeds", "epochs_min",
               "epochs_max", "train_epochs", "test_accuracy_mean", "test_accuracy_std",
-              "train_loss_mean", "train_loss_std", "loss_gap_mean", "loss_gap_std")
+              "train_loss_mean", "train_loss_std", "loss_gap_mean", "loss_gap_std",
+              "precise_accuracy_mean", "precise_accuracy_std")
 
 
 def _csv_number(x: float) -> str:
@@ -148,7 +165,7 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
             cells = [r.name, r.label, r.seeds, r.complete_seeds, "yes" if r.complete else "no",
                      r.damaged_seeds,
                      min(r.epochs), max(r.epochs), "" if r.train_epochs is None else r.train_epochs]
-            for values in (r.test_accuracy, r.train_loss, r.loss_gap):
+            for values in (r.test_accuracy, r.train_loss, r.loss_gap, r.precise_accuracy):
                 cells += [_csv_number(x) for x in mean_std(values)]
             writer.writerow(cells)
 

@@ -396,6 +396,31 @@ def test_summary_values_match_hand_computation(results):
     assert f"{acc.mean() * 100:.2f} ± {acc.std(ddof=1) * 100:.2f}" in markdown
 
 
+def test_summary_adds_recomputed_bn_accuracy_where_evaluated(tmp_path):
+    """precise_bn.json of the summarised epoch: a column (mean ± std over seeds); one of
+    another epoch (an older checkpoint) is not used."""
+    import json
+
+    from analysis import precise_bn
+
+    rng = np.random.default_rng(5)
+    for name, values in ((figures.BASELINE, (0.70, 0.74)), (figures.NOCONV_L2, (0.66, None))):
+        for seed, value in enumerate(values):
+            run = write_run(str(tmp_path / name / f"seed_{seed}"), *fake_logs(rng), done=True)
+            if value is not None:
+                epoch = EPOCHS if name == figures.BASELINE else EPOCHS - 1   # NoConvL2: stale
+                with open(os.path.join(run, precise_bn.RESULT_FILE), "w") as f:
+                    json.dump(dict(epoch=epoch, train_epochs=EPOCHS, precise_bn=value), f)
+    rows = {r.name: r for r in summary.summarize(make_figures.load_results(events.find_runs(str(tmp_path))))}
+    assert rows[figures.BASELINE].precise_accuracy == [0.70, 0.74]
+    assert all(np.isnan(rows[figures.NOCONV_L2].precise_accuracy))
+    markdown = summary.to_markdown(rows.values())
+    assert "test accuracy, BN statistics recomputed (%)" in markdown
+    assert f"| {72.0:.2f} ± {np.std([70, 74], ddof=1):.2f} |" in markdown
+    line = next(l for l in markdown.splitlines() if l.startswith("| NoConvL2 |"))
+    assert line.count("| n/a |") == 1
+
+
 def test_summary_marks_incomplete_runs(results):
     root, _ = results
     rows = {r.name: r for r in summary.summarize(make_figures.load_results(events.find_runs(root)))}
