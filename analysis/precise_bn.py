@@ -125,6 +125,7 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
             raise EvaluationError(f"{run_dir}: data: {e}") from None
     arrays = cache[key]
 
+    keras.backend.clear_session()        # one model at a time: a results folder may hold hundreds
     keras.mixed_precision.set_dtype_policy(config.get("dtype", "float32"))
     model = models.build_resnet(int(config.get("resnet_size", 20)), bn_decay=float(config.get("bn_decay", 0.997)),
                                 model_cls=ReproductionModel)
