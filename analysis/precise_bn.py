@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from analysis import output
-from resnet_cifar import events, tags
+from resnet_cifar import events, fidelity, tags
 
 RESULT_FILE = "precise_bn.json"
 DEFAULT_BN_BATCHES = 100
@@ -127,7 +127,8 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
 
     keras.backend.clear_session()        # one model at a time: a results folder may hold hundreds
     keras.mixed_precision.set_dtype_policy(config.get("dtype", "float32"))
-    model = models.build_resnet(int(config.get("resnet_size", 20)), bn_decay=float(config.get("bn_decay", 0.997)),
+    model = models.build_resnet(int(config.get("resnet_size", fidelity.RESNET_SIZE)),
+                                bn_decay=float(config.get("bn_decay", fidelity.BATCH_NORM_DECAY)),
                                 model_cls=ReproductionModel)
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
     try:
@@ -137,7 +138,7 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
         raise EvaluationError(f"{run_dir}: cannot restore {os.path.basename(path)}: "
                               f"{str(e).strip().splitlines()[0]}") from None
 
-    batch = int(config.get("batch_size", 128))
+    batch = int(config.get("batch_size", fidelity.BATCH_SIZE))
     test = input_pipeline.test_dataset(arrays.test_images, arrays.test_labels, batch,
                                        config.get("eval_steps"))
     forward = tf.function(lambda images: model(images, training=False))
