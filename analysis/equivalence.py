@@ -91,12 +91,9 @@ def _final_accuracy(run: events.Run, subdir: str = tags.VALIDATION_DIR) -> float
 
 
 def _precise_accuracy(run: events.Run) -> float:
-    """Test accuracy with recomputed BN statistics (analysis.precise_bn), NaN if not evaluated
-    or not at the run's last epoch."""
-    result = precise_bn.read_result(run.run_dir)
-    if not result or result.get("epoch") != result.get("train_epochs"):
-        return math.nan
-    return float(result["precise_bn"])
+    """Test accuracy with recomputed BN statistics (analysis.precise_bn) at the run's last
+    epoch, NaN if not evaluated there."""
+    return precise_bn.accuracy_at(run.run_dir, int(run.config.get("train_epochs", 0)))
 
 
 def pair_metrics(run: events.Run, base: events.Run) -> Optional[dict]:

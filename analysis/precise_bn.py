@@ -170,6 +170,14 @@ def read_result(run_dir: str) -> Optional[dict]:
         return None
 
 
+def accuracy_at(run_dir: str, epoch: int) -> float:
+    """The run's recomputed-BN test accuracy if `precise_bn.json` holds that epoch's, else NaN."""
+    result = read_result(run_dir)
+    if not result or not epoch or result.get("epoch") != epoch:
+        return float("nan")
+    return float(result["precise_bn"])
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 

@@ -60,12 +60,10 @@ def run_metrics(run: events.Run) -> dict:
         if len(steps):
             epochs = int(steps.max())
             break
-    precise = precise_bn.read_result(run.run_dir) or {}
     return {"test_accuracy": test_acc, "train_loss": train_loss,
             "loss_gap": test_loss - train_loss, "epochs": epochs,
             # only a result for the epoch summarised here
-            "precise_accuracy": float(precise["precise_bn"]) if precise.get("epoch") == epochs
-            and epochs else math.nan}
+            "precise_accuracy": precise_bn.accuracy_at(run.run_dir, epochs)}
 
 
 def mean_std(values: Sequence[float]):
