@@ -207,11 +207,43 @@ def runtime():
             "cpu": cpu_model(), "cpu_count": os.cpu_count()}
 
 
+def source():
+    """The code a run was trained with: the git commit of this package's checkout, and whether
+    tracked files differed from it (None for an installed copy, which has no git checkout)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def write_run_config(config, model, steps_per_epoch, num_train_images):
     """run_config.json: every setting, versions, parameter count, seed: a figure's provenance."""
     import tensorflow as tf
 
-    write_json(os.path.join(config.model_dir, tags.RUN_CONFIG_FILE), {
+    path = os.path.join(config.model_dir, tags.RUN_CONFIG_FILE)
+    # Every code version that trained part of this run, oldest first: a resume from another
+    # commit adds one, so a run's figures can always be traced to the code behind each epoch.
+    try:
+        with open(path) as f:
+            sources = list(json.load(f).get("sources") or [])
+    except (OSError, ValueError, AttributeError, TypeError):
+        sources = []
+    current = source()
+    if not sources or sources[-1] != current:
+        sources.append(current)
+    write_json(path, {
         "config": config.to_dict(),
         "seed": config.seed,
         "trainable_parameters": int(sum(int(v.numpy().size) for v in model.trainable_variables)),
@@ -220,6 +252,8 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
         "versions": versions(),
         "devices": [d.name for d in tf.config.list_logical_devices()],
         "runtime": runtime(),
+        "source": current,
+        "sources": sources,
         "command": sys.argv,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
