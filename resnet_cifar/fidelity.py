@@ -61,3 +61,30 @@ PIECEWISE_FACTOR = (
     (100.0, 0.7, 0.001),
 )
 BN_DECAY_FAST = 0.98              # the fourth run's _BATCH_NORM_DECAY
+
+# --- What the post reports, as data: its claims about the four runs ---
+# Numbers are the post's own words; "~" marks values read off its plots or rounded by it.
+# analysis/claims.py measures each claim on a results folder and prints a verdict;
+# docs/fidelity.md ("The post's claims") lists the same rows for readers.
+POST_FINAL_TEST_ACCURACY = {"baseline": 91.0, "noconv_l2": 89.5}   # %, "~91%", "around 89.5%"
+POST_NOCONV_LOSS_GAP_EXCESS = 0.024     # NoConvL2 (test - train loss) minus the baseline's, logits
+POST_NOCONV_TRAIN_LOSS_EXCESS = 0.025   # NoConvL2 final train loss minus the baseline's, logits
+POST_PHASE1_END_EPOCH = 50              # "the first learning rate regime": epochs 1-50
+POST_CLAIMS = (
+    # (key, the post's claim in its own terms)
+    ("baseline_final", "baseline ends at ~91% test accuracy"),
+    ("noconv_final", "NoConvL2 ends at ~89.5% test accuracy"),
+    ("noconv_below_baseline", "NoConvL2 ends below the baseline (89.5% vs 91%)"),
+    ("noconv_train_loss", "NoConvL2's final train loss is ~0.025 worse than the baseline's"),
+    ("noconv_loss_gap", "NoConvL2's final test-train loss gap is ~0.024 larger than the baseline's"),
+    ("noconv_sqsum", "without conv L2 the conv weights grow much faster"),
+    ("noconv_relative_step", "without conv L2 the relative step decays below the baseline's"),
+    ("piecewise_fit", "piecewise(epoch) approximates 800 / the baseline's conv_sqsum"),
+    ("scale_final", "ConvLRScale ends at the baseline's final accuracy"),
+    ("scale_phase1", "ConvLRScale's test accuracy in epochs 1-50 is a lot worse on average"),
+    ("scale_relative_step", "ConvLRScale replicates the baseline's relative step"),
+    ("scale_sqsum", "ConvLRScale's conv weights grow far larger than the baseline's"),
+    ("bn098_training", "BN decay 0.98 has no effect on training (train loss as ConvLRScale's)"),
+    ("bn098_phase1_fix", "BN decay 0.98 improves test accuracy in epochs 1-50 over ConvLRScale"),
+    ("bn098_phase1_baseline", "BN decay 0.98's test accuracy in epochs 1-50 is a little above the baseline's"),
+)

@@ -1,0 +1,164 @@
+"""analysis.claims on fabricated 150-epoch runs whose verdicts are known by construction.
+
+Each run's curves are flat levels with a small epoch-to-epoch zigzag, so every
+difference the command measures is set by the test, and the noise it derives can be
+computed by hand from the zigzag's amplitude.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from analysis import claims, figures
+from resnet_cifar import fidelity, tags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = fidelity.TRAIN_EPOCHS
+ZIGZAG_ACC = 0.001       # ±0.1 points of test accuracy, epoch to epoch
+ZIGZAG_LOSS = 0.0005
+
+# name -> (phase-1 test accuracy, final test accuracy, train loss, test loss)
+LEVELS = {
+    "baseline": (0.80, 0.910, 0.100, 0.350),
+    "noconv_l2": (0.80, 0.895, 0.125, 0.399),     # -1.5 pts; train loss +0.025; gap +0.024
+    "conv_lr_scale": (0.70, 0.910, 0.110, 0.360),  # same final; phase 1 -10 pts
+    "conv_lr_scale_bn098": (0.81, 0.910, 0.110, 0.360),  # phase 1 above both
+}
+
+
+def zigzag(level, amplitude, n):
+    return level + amplitude * (-1.0) ** np.arange(n)
+
+
+def curves(name, levels, epochs=EPOCHS):
+    phase1, final, train_loss, test_loss = levels
+    e1 = np.arange(1, epochs + 1)
+    e0 = np.arange(0, epochs + 1)
+    accuracy = np.where(e1 <= 50, phase1, final) + ZIGZAG_ACC * (-1.0) ** e1
+    sqsum = {"baseline": fidelity.INITIAL_CONV_SQSUM / figures.piecewise_np(e0),
+             "noconv_l2": 800 * (1 + e0 / 10)}.get(name, 800 * np.exp(e0 / 30))
+    step = 0.01 / (1 + e1 / 10) if name == "noconv_l2" else 0.01 * (1.0 if name == "baseline" else 1.05)
+    train = {tags.EPOCH_LOSS: (e1, zigzag(train_loss, ZIGZAG_LOSS, epochs)),
+             tags.CONV_SQSUM: (e0, sqsum),
+             tags.CONV_RELATIVE_STEP: (e1, np.broadcast_to(step, e1.shape))}
+    test = {tags.EPOCH_ACCURACY: (e1, accuracy), tags.EPOCH_LOSS: (e1, zigzag(test_loss, ZIGZAG_LOSS, epochs))}
+    return train, test
+
+
+def write_run(run_dir, train, test, done):
+    os.makedirs(run_dir)
+    for subdir, scalars in ((tags.TRAIN_DIR, train), (tags.VALIDATION_DIR, test)):
+        writer = tf.summary.create_file_writer(os.path.join(run_dir, subdir))
+        with writer.as_default():
+            for tag, (steps, values) in scalars.items():
+                for s, v in zip(steps, values):
+                    tf.summary.scalar(tag, float(v), step=int(s))
+        writer.close()
+    with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
+        json.dump({"config": {"train_epochs": EPOCHS, "seed": 0}}, f)
+    if done:
+        with open(os.path.join(run_dir, tags.DONE_FILE), "w") as f:
+            json.dump({"epochs": EPOCHS}, f)
+
+
+def make_results(root, levels=None, epochs=None):
+    levels = dict(LEVELS, **(levels or {}))
+    for name, lv in levels.items():
+        n = (epochs or {}).get(name, EPOCHS)
+        write_run(os.path.join(root, name, "seed_0"), *curves(name, lv, n), done=n == EPOCHS)
+    return root
+
+
+def verdicts(root):
+    return {v.key: v for v in claims.measure(claims.load(root))}
+
+
+@pytest.fixture(scope="module")
+def post_like(tmp_path_factory):
+    return verdicts(make_results(str(tmp_path_factory.mktemp("post"))))
+
+
+def test_every_claim_holds_on_runs_built_to_match_the_post(post_like):
+    assert [k for k, _ in fidelity.POST_CLAIMS] == list(post_like)
+    assert {k: v.verdict for k, v in post_like.items() if v.verdict != claims.HOLDS} == {}
+
+
+def test_accuracy_noise_is_seed_std_and_the_zigzag_by_hand(post_like):
+    # last 10 epochs alternate ±0.1 pts: differences ±0.2, their std / sqrt(2)
+    diffs = np.diff(100 * ZIGZAG_ACC * (-1.0) ** np.arange(10))
+    s_run = math.hypot(claims.SEED_STD_ACCURACY, np.std(diffs, ddof=1) / math.sqrt(2))
+    band = 2 * math.sqrt(2) * s_run
+    text = post_like["noconv_below_baseline"].measured
+    assert text.startswith("-1.50 pts (89.60% vs 91.10%")   # epoch 150 is even: level + 0.1
+    assert f"noise ±{band:.2f}" in text
+
+
+def test_loss_differences_are_the_posts(post_like):
+    assert post_like["noconv_train_loss"].measured.startswith("+0.0250 ")
+    assert post_like["noconv_loss_gap"].measured.startswith("+0.0240 ")
+
+
+def test_ratios_by_hand(post_like):
+    sqsum = {n: curves(n, LEVELS[n])[0][tags.CONV_SQSUM][1][-1] for n in LEVELS}
+    assert f"{sqsum['noconv_l2'] / sqsum['baseline']:.3g}x" in post_like["noconv_sqsum"].measured
+    assert f"{sqsum['conv_lr_scale'] / sqsum['baseline']:.3g}x" in post_like["scale_sqsum"].measured
+    assert "median |ratio-1| 5.0%" in post_like["scale_relative_step"].measured
+    assert "median |ratio-1| 0.0%" in post_like["piecewise_fit"].measured
+
+
+@pytest.mark.parametrize("final, verdict", [(0.925, claims.FAILS), (0.911, claims.NOISE),
+                                            (0.880, claims.HOLDS)])
+def test_noconv_below_baseline_each_verdict(tmp_path, final, verdict):
+    got = verdicts(make_results(str(tmp_path), {"noconv_l2": (0.80, final, 0.125, 0.399)}))
+    assert got["noconv_below_baseline"].verdict == verdict
+
+
+def test_a_claimed_equality_fails_beyond_noise_and_absolute_numbers_are_checked(tmp_path):
+    # ConvLRScale 1 point above the baseline: beyond 2 sqrt(2) 0.22 = 0.63 points, "same" fails;
+    # a baseline at 88% is 3 points from the post's ~91%.
+    got = verdicts(make_results(str(tmp_path), {"conv_lr_scale": (0.70, 0.89, 0.11, 0.36),
+                                                "baseline": (0.80, 0.88, 0.10, 0.35)}))
+    assert got["scale_final"].verdict == claims.FAILS
+    assert got["baseline_final"].verdict == claims.FAILS
+    got = verdicts(make_results(str(tmp_path / "b"), {"conv_lr_scale": (0.70, 0.913, 0.11, 0.36)}))
+    assert got["scale_final"].verdict == claims.HOLDS          # 0.3 points: within the noise
+
+
+def test_nothing_is_claimed_before_it_is_measured(tmp_path):
+    got = verdicts(make_results(str(tmp_path), epochs={"noconv_l2": 120, "conv_lr_scale": 40,
+                                                       "conv_lr_scale_bn098": 0}))
+    missing = {k for k, v in got.items() if v.verdict == claims.MISSING}
+    assert missing == {"noconv_final", "noconv_below_baseline", "noconv_train_loss", "noconv_loss_gap",
+                       "noconv_sqsum", "noconv_relative_step", "scale_final", "scale_phase1",
+                       "scale_relative_step", "scale_sqsum", "bn098_training", "bn098_phase1_fix",
+                       "bn098_phase1_baseline"}
+    assert "needs noconv_l2 at epoch 150 (now 120)" == got["noconv_final"].measured
+    assert "needs conv_lr_scale at epoch 50 (now 40)" == got["scale_phase1"].measured
+    assert got["baseline_final"].verdict == claims.HOLDS and got["piecewise_fit"].verdict == claims.HOLDS
+
+
+def test_command_prints_one_line_per_claim_and_refuses_a_folder_without_runs(tmp_path):
+    root = make_results(str(tmp_path / "r"), epochs={"conv_lr_scale_bn098": 10})
+    out = subprocess.run([sys.executable, "-m", "analysis.claims", root], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len(fidelity.POST_CLAIMS)
+    assert all(re.match(r"^(holds|within noise|does not hold|not measured) +\S", line) for line in lines)
+    os.makedirs(tmp_path / "empty")
+    out = subprocess.run([sys.executable, "-m", "analysis.claims", str(tmp_path / "empty")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_fidelity_doc_lists_the_claims():
+    with open(os.path.join(REPO, "docs", "fidelity.md"), encoding="utf-8") as f:
+        rows = re.findall(r"^\| `([a-z0-9_]+)` \| ([^|]+?) \|", f.read(), flags=re.M)
+    assert rows == list(fidelity.POST_CLAIMS)
