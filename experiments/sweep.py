@@ -138,12 +138,15 @@ def start_local_ray(**kwargs):
     macOS and Windows): the environment variable reaches the processes Ray starts, and the
     constant it was read into at import is set for this process. tests/test_run_all.py
     checks that the nodes are on 127.0.0.1.
+
+    `address="local"` always starts a new instance: plain `ray.init()` would join whatever
+    cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster names (another user's, or a dead one).
     """
     from ray._private import ray_constants
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(**kwargs)
+    ray.init(address="local", **kwargs)
 
 
 # ----------------------------------------------------------------------------- results folder
