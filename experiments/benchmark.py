@@ -4,9 +4,12 @@
   `tf.matmul` under each setting below), the yardstick for everything else;
 - (a) the project's train step with what a training run has per step (the
   ReproductionModel, its TensorBoard callback and the NaN check) and (b) a
-  plain Keras `fit` of the same ResNet-20 and batch (stock SGD, no L2, no
-  scaling, no diagnostics, no callbacks): images/s, achieved GFLOP/s and their
+  bare loop of the same ResNet-20 and batch: one `tf.function` of GradientTape,
+  cross entropy and Keras SGD with momentum, called step after step (no L2, no
+  scaling, no diagnostics, no Keras `fit`): images/s, achieved GFLOP/s and their
   fraction of the ceiling, and the ratio (a)/(b);
+- the compute ops each step traces to, (a) and (b): on a GPU every op is a kernel
+  launch, so this is what the step costs where the model itself is cheap;
 - each of these with TensorFlow's oneDNN CPU kernels on and off, in float32 and
   under `--deterministic`; and (a) with other thread-pool sizes;
 - the per-step host reads: (a) without the NaN check, with Keras' progress bar
@@ -52,6 +55,8 @@ flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmuls that m
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_list("concurrency", ["1", "2", "4"], "GPU only: concurrent runs to time on one device.")
 flags.DEFINE_string("worker", None, "Internal: run as the worker of this JSON setting.")
+
+from experiments.reference_step import bare_loop, compute_ops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
@@ -115,18 +120,6 @@ def count_flops(model):
     return flops
 
 
-def plain_keras_model():
-    import keras
-
-    from resnet_cifar import fidelity, models
-
-    model = models.build_resnet20()
-    model.compile(optimizer=keras.optimizers.SGD(fidelity.BASE_LEARNING_RATE, momentum=fidelity.MOMENTUM),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=False)
-    return model
-
-
 def project_model(jit, steps_per_epoch):
     from resnet_cifar import config as config_lib
     from resnet_cifar import trainer
@@ -185,9 +178,11 @@ def worker(setting):
     per_step = lambda: [callbacks.EpochTensorBoard(logdir), callbacks.StopOnNonFinite()]  # noqa: E731
     # name -> (model, callbacks, verbose). The project's variants share one model.
     variants = {"custom": (custom, per_step(), 0)}
+    bare = None
     for name in setting["variants"]:
         if name == "plain":
-            variants[name] = (plain_keras_model(), [], 0)
+            bare, info["bare_compute_ops"] = bare_loop(FLAGS.batch_size)
+            bare_iterator = iter(ds.repeat())
         elif name == "custom_no_nan_check":
             variants[name] = (custom, [callbacks.EpochTensorBoard(logdir)], 0)
         elif name in ("custom_verbose1", "custom_verbose2"):
@@ -195,17 +190,22 @@ def worker(setting):
         elif name == "custom_xla":
             variants[name] = (project_model(True, FLAGS.steps), per_step(), 0)
     info["forward_flops_per_image"] = count_flops(custom)
+    spec = (tf.TensorSpec([FLAGS.batch_size, 32, 32, 3], tf.float32), tf.TensorSpec([FLAGS.batch_size], tf.int32))
+    info["project_compute_ops"] = compute_ops(tf.function(custom.train_step).get_concrete_function(spec))
 
     def time_fit(name, steps):
-        model, cbs, verbose = variants[name]
         start = time.perf_counter()
-        model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=verbose, callbacks=cbs, shuffle=False)
+        if name == "plain":
+            bare(bare_iterator, steps)
+        else:
+            model, cbs, verbose = variants[name]
+            model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=verbose, callbacks=cbs, shuffle=False)
         return FLAGS.batch_size * steps / (time.perf_counter() - start)
 
-    for name in variants:                 # warm-up: tracing, first-touch allocation
+    order = list(variants) + (["plain"] if bare else [])
+    for name in order:                    # warm-up: tracing, first-touch allocation
         time_fit(name, 3)
     print(json.dumps(info), file=results_out, flush=True)
-    order = list(variants)
     for line in sys.stdin:
         if line.strip() != "go":
             break
@@ -330,7 +330,11 @@ def report(r):
                       if "threads" not in s) + ")")
     print(f"Train step = 3 x forward = {r['train_mflop_per_image']:.0f} MFLOP per image. "
           f"Images/s: best of {r['repeats']} x {r['steps']} steps (median in brackets).\n")
-    print("| setting | oneDNN | threads | (a) project step | (b) plain Keras | (a)/(b) | (a) GFLOP/s (of ceiling) "
+    ops = r["workers"]["float32, oneDNN on"]
+    if "bare_compute_ops" in ops:
+        print(f"Compute ops per traced step: (a) {ops['project_compute_ops']:,}, (b) {ops['bare_compute_ops']:,}, "
+              f"(a)/(b) {ops['project_compute_ops'] / ops['bare_compute_ops']:.3f}\n")
+    print("| setting | oneDNN | threads | (a) project step | (b) bare tf.function loop | (a)/(b) | (a) GFLOP/s (of ceiling) "
           "| (b) GFLOP/s (of ceiling) |\n|---|---|---|---|---|---|---|---|")
     for s in best:
         threads = ":".join(str(t) for t in r["workers"][s]["threads"])

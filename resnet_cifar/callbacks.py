@@ -1,4 +1,8 @@
-"""Epoch-level callbacks: TensorBoard with the diagnostics, checkpoints, progress, NaN stop."""
+"""Epoch-level callbacks: event files with the diagnostics, checkpoints, progress, NaN stop.
+
+Each one stands alone: none reads what another put in `logs`, so their order in the
+list does not matter (except Keras' progress bar, which must end its line first).
+"""
 
 import math
 import os
@@ -13,97 +17,88 @@ from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 
 from resnet_cifar import interrupt, models, tags
 from resnet_cifar.console import hms
-from resnet_cifar.train_step import layer_sqsum
+from resnet_cifar.train_step import DIAGNOSTICS, layer_sqsum
 
 
-class EpochTensorBoard(keras.callbacks.TensorBoard):
-    """Keras' TensorBoard callback, with step = epoch number and the post's diagnostics.
+def epoch_diagnostics(model):
+    """The epoch's diagnostics, host side: tag -> per-layer values (L,) and learning_rate.
 
-    Keras logs epoch e (0-based) at step e; we log it at e + 1 so that step 0 can
-    hold the initial state (weights before any update), as the post's curves
-    start from it. Diagnostics go to the same `train/` writer as Keras' own
-    tags; the epoch means are added to `logs` for the callbacks that follow.
-    Two of Keras' own tags are left out, as they contradict these: its
-    `epoch_learning_rate` (the rate at the epoch's end; `learning_rate` is the
-    epoch mean) and `evaluation_*_vs_iterations` (step = optimizer iterations).
-    A new run also gets a custom-scalars layout (`scalars_layout`) once.
+    From the step's accumulators (`model.diagnostics`, epoch means) and the weights now
+    (conv_sqsum): any callback can call it at an epoch's end, in any order.
+    """
+    means = model.diagnostics.means()
+    out = {d.tag: np.asarray(means[d.key]) for d in DIAGNOSTICS}
+    out[tags.CONV_SQSUM] = np.asarray(layer_sqsum(model))
+    return out, means["learning_rate"]
+
+
+class EpochTensorBoard(keras.callbacks.Callback):
+    """TensorBoard event files with step = epoch number, written with `tf.summary`.
+
+    `train/` gets Keras' training metrics (epoch_loss, epoch_accuracy, epoch_l2_loss)
+    and the diagnostics (mean over conv layers as `<tag>`, each layer as
+    `per_layer/<tag>/<layer>`); `validation/` the test metrics. Epoch e (0-based) is
+    logged at step e + 1, so that step 0 holds the initial state (weights before any
+    update), as the post's curves start from it. A new run also gets a custom-scalars
+    layout (`scalars_layout`) once. The epoch means go into `logs` too.
     """
 
-    def __init__(self, model_dir, per_layer_factor=False):
-        super().__init__(log_dir=model_dir, histogram_freq=0, write_graph=False,
-                         update_freq="epoch", profile_batch=0)
-        self._per_layer_factor = per_layer_factor
+    def __init__(self, model_dir):
+        super().__init__()
+        self.model_dir = model_dir
+        self.writers = {}
+
+    def writer(self, subdir):
+        if subdir not in self.writers:
+            self.writers[subdir] = tf.summary.create_file_writer(os.path.join(self.model_dir, subdir))
+        return self.writers[subdir]
 
     def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
         if int(self.model.optimizer.iterations.numpy()) == 0:
-            self._write_layout()
-            self._write_initial_state()
-
-    def _collect_learning_rate(self, logs):
-        return logs        # no `epoch_learning_rate`: `learning_rate` is written below
-
-    def on_test_end(self, logs=None):
-        self._pop_writer()  # no `evaluation_*_vs_iterations`: steps here are epochs
-
-    def _write_layout(self):
-        with self._train_writer.as_default():
-            tf.summary.experimental.write_raw_pb(
-                custom_scalar_summary.pb(scalars_layout(self._per_layer_factor))
-                .SerializeToString(), step=0)
-
-    def _layer_names(self):
-        return [layer.name for layer in models.conv_layers(self.model)]
-
-    def _write_initial_state(self):
-        sq = np.asarray(layer_sqsum(self.model), np.float32)
-        factor = self.model.conv_factor(tf.constant(sq)).numpy()
-        lr = float(tf.cast(self.model.optimizer.learning_rate, tf.float32).numpy())
-        self._write(0, sq, None, factor, lr)
-
-    def _write(self, step, sqsum, rel_step, factor, lr):
-        s = self.summary
-        names = self._layer_names()
-        with self._train_writer.as_default():
-            s.scalar(tags.CONV_SQSUM, float(np.sum(sqsum)), step=step)
-            s.scalar(tags.CONV_LR_FACTOR, float(np.mean(factor)), step=step)
-            s.scalar(tags.LEARNING_RATE, lr, step=step)
-            if rel_step is not None:
-                s.scalar(tags.CONV_RELATIVE_STEP, float(np.mean(rel_step)), step=step)
-            for i, name in enumerate(names):
-                s.scalar(tags.per_layer(tags.CONV_SQSUM, name), float(sqsum[i]), step=step)
-                if rel_step is not None:
-                    s.scalar(tags.per_layer(tags.CONV_RELATIVE_STEP, name), float(rel_step[i]), step=step)
-                if self._per_layer_factor:
-                    s.scalar(tags.per_layer(tags.CONV_LR_FACTOR, name), float(factor[i]), step=step)
-        self._train_writer.flush()
+            with self.writer(tags.TRAIN_DIR).as_default():
+                tf.summary.experimental.write_raw_pb(
+                    custom_scalar_summary.pb(scalars_layout()).SerializeToString(), step=0)
+            sq = np.asarray(layer_sqsum(self.model), np.float32)
+            factor = self.model.conv_factor(tf.constant(sq)).numpy()
+            lr = float(tf.cast(self.model.optimizer.learning_rate, tf.float32).numpy())
+            self._write_diagnostics(0, {tags.CONV_SQSUM: sq, tags.CONV_LR_FACTOR: factor}, lr)
 
     def on_epoch_begin(self, epoch, logs=None):
-        super().on_epoch_begin(epoch, logs)
         self.model.diagnostics.reset()
 
     def on_epoch_end(self, epoch, logs=None):
-        means = self.model.diagnostics.means()
-        sq = np.asarray(layer_sqsum(self.model))
-        self._write(epoch + 1, sq, means["relative_step"], means["lr_factor"], means["learning_rate"])
-        self._write_angular_update(epoch + 1, means["angular_update"])
-        super().on_epoch_end(epoch + 1, logs)
-        if logs is not None:      # after Keras wrote `logs`: these are in the event files once
-            logs.update({tags.CONV_SQSUM: float(sq.sum()),
-                         tags.CONV_RELATIVE_STEP: float(np.mean(means["relative_step"])),
-                         tags.CONV_LR_FACTOR: float(np.mean(means["lr_factor"])),
-                         tags.LEARNING_RATE: means["learning_rate"],
-                         tags.CONV_ANGULAR_UPDATE: float(np.mean(means["angular_update"]))})
-        for writer in self._writers.values():
+        logs = logs if logs is not None else {}
+        own = {d.tag for d in DIAGNOSTICS} | {tags.CONV_SQSUM, tags.LEARNING_RATE}
+        for key, value in logs.items():
+            if key in own:
+                continue
+            subdir, name = (tags.VALIDATION_DIR, key[4:]) if key.startswith("val_") else (tags.TRAIN_DIR, key)
+            with self.writer(subdir).as_default():
+                tf.summary.scalar(f"epoch_{name}", float(value), step=epoch + 1)
+        per_layer, lr = epoch_diagnostics(self.model)
+        self._write_diagnostics(epoch + 1, per_layer, lr)
+        logs.update({tag: float(np.sum(v) if tag == tags.CONV_SQSUM else np.mean(v))
+                     for tag, v in per_layer.items()})
+        logs[tags.LEARNING_RATE] = lr
+        for writer in self.writers.values():
             writer.flush()
 
-    def _write_angular_update(self, step, angle):
-        """conv_angular_update (mean over layers) and per layer: the epoch-mean angle per step."""
-        with self._train_writer.as_default():
-            self.summary.scalar(tags.CONV_ANGULAR_UPDATE, float(np.mean(angle)), step=step)
-            for name, value in zip(self._layer_names(), angle):
-                self.summary.scalar(tags.per_layer(tags.CONV_ANGULAR_UPDATE, name), float(value), step=step)
+    def on_train_end(self, logs=None):
+        for writer in self.writers.values():
+            writer.close()
+        self.writers = {}
 
+    def _write_diagnostics(self, step, per_layer, lr):
+        """conv_sqsum (sum over layers), the other tags (mean over layers), each layer apart."""
+        names = [layer.name for layer in models.conv_layers(self.model)]
+        with self.writer(tags.TRAIN_DIR).as_default():
+            tf.summary.scalar(tags.LEARNING_RATE, lr, step=step)
+            for tag, values in per_layer.items():
+                total = np.sum(values) if tag == tags.CONV_SQSUM else np.mean(values)
+                tf.summary.scalar(tag, float(total), step=step)
+                for name, value in zip(names, values):
+                    tf.summary.scalar(tags.per_layer(tag, name), float(value), step=step)
+        self.writer(tags.TRAIN_DIR).flush()
 
 
 def _chart(title, *tag_names):
@@ -111,32 +106,31 @@ def _chart(title, *tag_names):
         tag=[f"^{name}$" for name in tag_names]))
 
 
-def scalars_layout(per_layer_factor=False):
+def scalars_layout():
     """TensorBoard's custom-scalars page: the post's curves side by side, layers apart.
 
     Charts select tags by regular expression; a run folder's `train/` and
     `validation/` are two runs to TensorBoard, so the accuracy chart shows the
-    test accuracy (`validation/`) next to the training accuracy.
+    test accuracy (`validation/`) next to the training accuracy. Every entry of
+    `train_step.DIAGNOSTICS` gets a chart and a per-layer chart.
     """
+    diagnostics = {d.tag: _chart(d.title, d.tag) for d in DIAGNOSTICS}
     main = [
         _chart("test accuracy (validation) and train accuracy", tags.EPOCH_ACCURACY),
         _chart("conv_sqsum: sum of squared conv weights", tags.CONV_SQSUM),
-        _chart("conv_relative_step: mean ||step|| / ||w||", tags.CONV_RELATIVE_STEP),
+        diagnostics.pop(tags.CONV_RELATIVE_STEP),
         _chart("loss: cross entropy (validation = test)", tags.EPOCH_LOSS),
-        _chart("conv_lr_factor: factor on conv gradients", tags.CONV_LR_FACTOR),
+        *diagnostics.values(),
         _chart("learning_rate (epoch mean)", tags.LEARNING_RATE),
-        _chart("conv_angular_update: angle (rad) between w before and after a step",
-               tags.CONV_ANGULAR_UPDATE),
         _chart("epoch_l2_loss: the L2 term of the objective", tags.EPOCH_L2_LOSS),
     ]
-    layer_tags = [tags.CONV_SQSUM, tags.CONV_RELATIVE_STEP, tags.CONV_ANGULAR_UPDATE] + (
-        [tags.CONV_LR_FACTOR] if per_layer_factor else [])
     layers = [layout_pb2.Chart(title=f"{tag} per conv layer", multiline=layout_pb2.MultilineChartContent(
-        tag=[f"^{tags.per_layer(tag, '')}"])) for tag in layer_tags]
+        tag=[f"^{tags.per_layer(tag, '')}"])) for tag in [tags.CONV_SQSUM] + [d.tag for d in DIAGNOSTICS]]
     return layout_pb2.Layout(category=[
         layout_pb2.Category(title="The post's curves (step = epoch)", chart=main),
         layout_pb2.Category(title="Per conv layer", chart=layers, closed=True),
     ])
+
 
 class ChannelSqsumLog(keras.callbacks.Callback):
     """Per-output-channel conv sums of squares at every epoch's end, in one .npz file.
@@ -192,11 +186,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.epoch_variable = epoch_variable
 
     def on_epoch_end(self, epoch, logs=None):
+        logs = with_conv_sqsum(self.model, logs)
         if any(_non_finite(logs, key) for key in _loss_keys(logs)) or _non_finite(logs, tags.CONV_SQSUM):
             # Never save diverged state over the last good checkpoint. The loss
             # is computed before each update, so the last step of an epoch can
-            # leave NaN weights behind a finite epoch loss: check the weights too
-            # (EpochTensorBoard, earlier in the list, put conv_sqsum in `logs`),
+            # leave NaN weights behind a finite epoch loss: check the weights too,
             # and the test loss (NaN batch-norm statistics leave the train loss finite).
             return
         with interrupt.deferred():
@@ -231,6 +225,7 @@ class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
         # loss can diverge alone (e.g. NaN batch-norm moving statistics).
         if self.where is not None:
             return
+        logs = with_conv_sqsum(self.model, logs)
         for key in _loss_keys(logs) + [tags.CONV_SQSUM]:
             if _non_finite(logs, key):
                 self.where = (epoch + 1, self._batch, float(logs[key]))
@@ -265,7 +260,12 @@ class EpochSummary(keras.callbacks.Callback):
         self._epochs_run = 0
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
+        logs = dict(logs or {})
+        if hasattr(self.model, "diagnostics"):
+            per_layer, lr = epoch_diagnostics(self.model)
+            logs.update({tags.CONV_SQSUM: float(np.sum(per_layer[tags.CONV_SQSUM])),
+                         tags.CONV_RELATIVE_STEP: float(np.mean(per_layer[tags.CONV_RELATIVE_STEP])),
+                         tags.LEARNING_RATE: lr})
         self._epochs_run += 1
         per_epoch = (time.time() - self._start) / self._epochs_run
         left = per_epoch * (self.total - epoch - 1)
@@ -280,6 +280,14 @@ class EpochSummary(keras.callbacks.Callback):
             parts.append(f"lr {logs[tags.LEARNING_RATE]:.3g}")
         parts.append(f"{per_epoch:.1f} s/epoch, ETA {hms(left)}")
         self.print_fn(" | ".join(parts), flush=True)
+
+
+def with_conv_sqsum(model, logs):
+    """`logs` with the weights' conv_sqsum, computed from the model if it is not there."""
+    logs = dict(logs or {})
+    if tags.CONV_SQSUM not in logs and hasattr(model, "layers"):
+        logs[tags.CONV_SQSUM] = float(np.sum(layer_sqsum(model)))
+    return logs
 
 
 def _non_finite(logs, key="loss"):

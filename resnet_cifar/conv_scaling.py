@@ -19,14 +19,16 @@ reproduces the baseline's own ||w||^2 trajectory. Three ways to get it:
   baseline's per-channel trajectory comes from its `conv_channel_sqsum.npz`.
 
 Every factor is computed inside the train step from the current weights and the
-fractional epoch (step / steps_per_epoch), and returned per conv layer (a global
-factor is broadcast), so the step multiplies conv gradient l by factor[l].
+fractional epoch (step / steps_per_epoch). `ConvLRFactor.multipliers` gives, for
+every mode, one multiplier per conv kernel (a scalar, or a (cout,) vector that
+broadcasts over the kernel's last axis), so the step multiplies conv gradient l by
+multipliers[l] whatever the mode; a new mode touches this file only.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import fidelity
+from resnet_cifar import fidelity, models
 
 
 def piecewise(epoch):
@@ -76,6 +78,22 @@ class ConvLRFactor:
         base = self.baseline.per_channel
         return [sq / interpolate(epoch, self.baseline.channel_epochs, b)
                 for sq, b in zip(channel_sqsums, base)]
+
+    def multipliers(self, epoch, layer_sqsum, kernels):
+        """(one multiplier per conv kernel, the per-layer factor (L,) to log), or None without scaling.
+
+        layer_sqsum: (L,) sums of squares of `kernels`, the conv kernels in layer order.
+        """
+        if self.mode is None:
+            return None
+        if self.mode == "per_channel":
+            factors = self.channel_factors(epoch, [models.channel_sum_of_squares(k) for k in kernels])
+            return factors, tf.stack([tf.reduce_mean(f) for f in factors])
+        factor = self(epoch, layer_sqsum)
+        if self.mode == "per_layer":
+            return tf.unstack(factor), factor
+        total = factor[0]                      # one factor for all layers
+        return [total] * len(kernels), factor
 
     def __call__(self, epoch, layer_sqsum):
         ones = tf.ones_like(layer_sqsum)

@@ -1,22 +1,77 @@
 """The custom Keras `train_step` that does what the post's TF1 code did.
 
 One step, traced once into a `tf.function` (XLA-compiled where that pays):
-1. objective = mean cross entropy + weight_decay * sum(l2_loss(v)) over the
-   L2 variables (all trainable variables, or all but the conv kernels);
-2. gradients of the objective;
+1. gradients of the mean cross entropy;
+2. plus the gradient of the L2 term, weight_decay * v for every variable in the L2
+   set (all trainable variables, or all but the conv kernels): the gradient of the
+   original's weight_decay * sum(tf.nn.l2_loss(v)), added directly instead of
+   differentiating 68 separate l2_loss ops;
 3. conv-kernel gradients (only those) multiplied by the conv LR factor, computed
-   here from the current weights and the fractional epoch;
-4. the TF1 momentum update;
-5. diagnostics of the actual update (||dw|| / ||w|| and the angle between w
-   before and after, per conv layer), added into
-   accumulators that a callback reads and resets once per epoch, so no value
-   crosses to the host during the epoch.
+   from the current weights and the fractional epoch (runs without scaling skip it);
+4. the optimizer's update (TF1 momentum for the post);
+5. the per-layer diagnostics of `DIAGNOSTICS`, from the conv kernels before and after
+   the update, added into one accumulator that a callback reads and resets once per
+   epoch, so no value crosses to the host during the epoch.
+
+The conv kernels are handled as one flat float32 vector with a layer id per element:
+every per-layer sum (of squares, of squared steps) is one `segment_sum` over all 22
+layers, not 22 separate chains of small ops.
 """
 
+import dataclasses
+from typing import Callable
+
 import keras
+import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import models
+from resnet_cifar import models, tags
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    """Per-layer quantities of one step, each (L,) float32, for the diagnostics."""
+
+    sqsum_before: tf.Tensor       # ||w_l||^2 before the update
+    step_sqsum: tf.Tensor         # ||w_l' - w_l||^2
+    unit_diff_sqsum: tf.Tensor    # ||w_l'/||w_l'|| - w_l/||w_l||||^2
+    factor: tf.Tensor             # the conv gradient factor (per-layer mean for per-channel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnostic:
+    """A per-conv-layer quantity of every step, logged as its epoch mean.
+
+    `tag` is its TensorBoard tag (the mean over layers; per layer under
+    `per_layer/<tag>/<layer>`), `title` its custom-scalars chart, `fn` computes it
+    from a step's `StepStats`. Adding one here is all it takes: the step accumulates
+    it, the callback writes, charts and puts it in `logs`.
+    """
+
+    key: str
+    tag: str
+    title: str
+    fn: Callable[[StepStats], tf.Tensor]
+
+
+def relative_step(s):
+    return tf.sqrt(s.step_sqsum) / tf.sqrt(s.sqsum_before)
+
+
+def angular_update(s):
+    """The angle between w and w' as 2 asin(||u - v|| / 2) of the unit vectors, accurate for
+    tiny angles (acos of the cosine loses everything below ~3e-4 rad in float32)."""
+    return 2.0 * tf.asin(tf.minimum(tf.sqrt(s.unit_diff_sqsum) / 2.0, 1.0))
+
+
+DIAGNOSTICS = (
+    Diagnostic("relative_step", tags.CONV_RELATIVE_STEP, "conv_relative_step: mean ||step|| / ||w||",
+               relative_step),
+    Diagnostic("lr_factor", tags.CONV_LR_FACTOR, "conv_lr_factor: factor on conv gradients",
+               lambda s: s.factor),
+    Diagnostic("angular_update", tags.CONV_ANGULAR_UPDATE,
+               "conv_angular_update: angle (rad) between w before and after a step", angular_update),
+)
 
 
 class Diagnostics:
@@ -28,26 +83,25 @@ class Diagnostics:
     """
 
     def __init__(self, num_conv):
-        zeros = lambda shape: tf.Variable(tf.zeros(shape), trainable=False)  # noqa: E731
-        self.relative_step = zeros([num_conv])   # sum over steps of ||dw_l|| / ||w_l||
-        self.lr_factor = zeros([num_conv])       # sum over steps of the factor per layer
-        self.learning_rate = zeros([])           # sum over steps of the learning rate
-        self.steps = zeros([])
-        self.angular_update = zeros([num_conv])  # sum over steps of angle(w_before, w_after)
+        self.sums = tf.Variable(tf.zeros([len(DIAGNOSTICS), num_conv]), trainable=False)
+        self.learning_rate = tf.Variable(0.0, trainable=False)   # sum over steps of the rate
+        self.steps = tf.Variable(0.0, trainable=False)
+
+    def add(self, stats, learning_rate):
+        self.sums.assign_add(tf.stack([d.fn(stats) for d in DIAGNOSTICS]))
+        self.learning_rate.assign_add(learning_rate)
+        self.steps.assign_add(1.0)
 
     def reset(self):
-        for v in (self.relative_step, self.lr_factor, self.learning_rate, self.steps,
-                  self.angular_update):
+        for v in (self.sums, self.learning_rate, self.steps):
             v.assign(tf.zeros_like(v))
 
     def means(self):
-        """Epoch means as NumPy (one host read per epoch)."""
+        """Epoch means as NumPy (one host read per epoch): key -> (L,), plus learning_rate, steps."""
         n = max(float(self.steps.numpy()), 1.0)
-        return dict(relative_step=self.relative_step.numpy() / n,
-                    lr_factor=self.lr_factor.numpy() / n,
-                    learning_rate=float(self.learning_rate.numpy()) / n,
-                    steps=int(self.steps.numpy()),
-                    angular_update=self.angular_update.numpy() / n)
+        sums = self.sums.numpy() / n
+        return dict({d.key: sums[i] for i, d in enumerate(DIAGNOSTICS)},
+                    learning_rate=float(self.learning_rate.numpy()) / n, steps=int(self.steps.numpy()))
 
 
 class ReproductionModel(keras.Model):
@@ -63,11 +117,14 @@ class ReproductionModel(keras.Model):
         conv_lr_factor: a `conv_scaling.ConvLRFactor` (mode None for no scaling).
         steps_per_epoch: steps in one epoch, for the fractional epoch.
         """
+        conv = models.conv_kernels(self)
+        sizes = [int(np.prod(k.shape)) for k in conv]
         # object.__setattr__: plain Python settings, nothing for Keras to track.
         object.__setattr__(self, "_settings", dict(
             weight_decay=float(weight_decay), conv_l2=bool(conv_l2),
-            conv_lr_factor=conv_lr_factor, steps_per_epoch=int(steps_per_epoch)))
-        object.__setattr__(self, "diagnostics", Diagnostics(len(models.conv_kernels(self))))
+            conv_lr_factor=conv_lr_factor, steps_per_epoch=int(steps_per_epoch),
+            layer_ids=np.repeat(np.arange(len(conv), dtype=np.int32), sizes)))
+        object.__setattr__(self, "diagnostics", Diagnostics(len(conv)))
         self.l2_tracker = keras.metrics.Mean(name="l2_loss")
 
     # -- pieces of the step, public so that tests can check each one -------------
@@ -83,69 +140,86 @@ class ReproductionModel(keras.Model):
         conv = {id(v) for v in models.conv_kernels(self)}
         return [v for v in self.trainable_variables if id(v) not in conv]
 
-    def l2_penalty(self):
-        """weight_decay * sum(tf.nn.l2_loss(v)): the original's term, half of Keras' L2."""
+    def l2_penalty(self, conv_sqsum=None):
+        """weight_decay * sum(tf.nn.l2_loss(v)): the original's term, half of Keras' L2.
+
+        conv_sqsum: the conv kernels' sum of squares, if the caller has it (the step does).
+        """
         wd = self._settings["weight_decay"]
         variables = self.l2_variables()
         if wd == 0 or not variables:
             return tf.constant(0.0)
-        return wd * tf.add_n([tf.nn.l2_loss(tf.cast(v, tf.float32)) for v in variables])
+        if conv_sqsum is not None and self._settings["conv_l2"]:
+            conv = {id(v) for v in models.conv_kernels(self)}
+            variables = [v for v in variables if id(v) not in conv]
+        else:
+            conv_sqsum = 0.0       # NoConvL2: none in `variables`; else: all summed below
+        flat = tf.concat([tf.reshape(tf.cast(v, tf.float32), [-1]) for v in variables], 0)
+        return wd * 0.5 * (tf.reduce_sum(tf.square(flat)) + conv_sqsum)
 
     def epoch_fraction(self):
         return tf.cast(self.optimizer.iterations, tf.float32) / self._settings["steps_per_epoch"]
 
     def conv_factor(self, layer_sqsum):
-        """The per-layer conv gradient factor at the current step."""
+        """The per-layer conv gradient factor (L,) at the current step (ones without scaling)."""
         return self._settings["conv_lr_factor"](self.epoch_fraction(), layer_sqsum)
 
-    def channel_factors(self, kernels):
-        """--conv_lr_factor=per_channel: one (cout,) factor per conv kernel, else None."""
-        factor = self._settings["conv_lr_factor"]
-        if getattr(factor, "mode", None) != "per_channel":
-            return None
-        return factor.channel_factors(self.epoch_fraction(),
-                                      [models.channel_sum_of_squares(w) for w in kernels])
+    def flat_conv(self):
+        """The conv kernels as one float32 vector, layer after layer (ids in `layer_ids`)."""
+        return tf.concat([tf.reshape(tf.cast(k, tf.float32), [-1]) for k in models.conv_kernels(self)], 0)
+
+    def layer_sums(self, flat_values):
+        """Per-layer sums (L,) of a flat per-element vector, in one op."""
+        return tf.math.segment_sum(flat_values, self._settings["layer_ids"])
 
     # -- the step -------------------------------------------------------------------
 
     def train_step(self, data):
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        conv = models.conv_kernels(self)
-        conv_index = {id(v): i for i, v in enumerate(conv)}
         variables = self.trainable_variables
+        conv = models.conv_kernels(self)
+        position = {id(v): i for i, v in enumerate(conv)}
 
         with tf.GradientTape() as tape:
             logits = self(x, training=True)
             data_loss = self.compute_loss(x=x, y=y, y_pred=logits)
-            l2 = self.l2_penalty()
-            loss = data_loss + l2
-            scaled_loss = self.optimizer.scale_loss(loss)   # identity unless mixed float16
+            scaled_loss = self.optimizer.scale_loss(data_loss)   # identity unless mixed float16
         grads = tape.gradient(scaled_loss, variables)
 
-        # Weights before the update: for the factor (conv_sqsum "now") and for dw.
-        before = [tf.identity(v) for v in conv]
-        layer_sqsum = tf.stack([tf.reduce_sum(tf.square(tf.cast(w, tf.float32))) for w in before])
-        factor = self.conv_factor(layer_sqsum)
-        multipliers = [factor[i] for i in range(len(conv))]   # per layer: scalar or (cout,)
-        channel = self.channel_factors(before)
-        if channel is not None:
-            multipliers = channel
-            factor = tf.stack([tf.reduce_mean(f) for f in channel])   # logged: per-layer mean
-        grads = [g * tf.cast(multipliers[conv_index[id(v)]], g.dtype) if id(v) in conv_index else g
-                 for g, v in zip(grads, variables)]
+        # The conv kernels before the update: for the factor (conv_sqsum "now") and for dw.
+        before = self.flat_conv()
+        sqsum_before = self.layer_sums(tf.square(before))
+        l2 = self.l2_penalty(tf.reduce_sum(sqsum_before))
+
+        # Gradient of the L2 term: weight_decay * v, scaled like the loss (mixed float16).
+        wd = self._settings["weight_decay"]
+        if wd:
+            wd_scaled = self.optimizer.scale_loss(tf.constant(wd))
+            in_l2 = {id(v) for v in self.l2_variables()}
+            grads = [g + tf.cast(wd_scaled, g.dtype) * tf.cast(v, g.dtype) if id(v) in in_l2 else g
+                     for g, v in zip(grads, variables)]
+
+        # Conv gradients x the factor: one multiplier per kernel, a scalar or a (cout,) vector.
+        factor = self._settings["conv_lr_factor"].multipliers(self.epoch_fraction(), sqsum_before, conv)
+        if factor is not None:
+            multipliers, factor = factor
+            grads = [g * tf.cast(multipliers[position[id(v)]], g.dtype) if id(v) in position else g
+                     for g, v in zip(grads, variables)]
+        else:
+            factor = tf.ones_like(sqsum_before)
 
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)  # rate of this step
         self.optimizer.apply(grads, variables)
 
-        rel = tf.stack([tf.norm(tf.cast(v, tf.float32) - w) / tf.norm(w)
-                        for v, w in zip(conv, before)])
-        d = self.diagnostics
-        d.relative_step.assign_add(rel)
-        d.lr_factor.assign_add(factor)
-        d.learning_rate.assign_add(learning_rate)
-        d.steps.assign_add(1.0)
-        d.angular_update.assign_add(tf.stack([angle_between(w, tf.cast(v, tf.float32))
-                                              for v, w in zip(conv, before)]))
+        after = self.flat_conv()
+        sqsum_after = self.layer_sums(tf.square(after))
+        ids = self._settings["layer_ids"]
+        unit_diff = (after * tf.gather(tf.math.rsqrt(sqsum_after), ids)
+                     - before * tf.gather(tf.math.rsqrt(sqsum_before), ids))
+        self.diagnostics.add(StepStats(sqsum_before=sqsum_before,
+                                       step_sqsum=self.layer_sums(tf.square(after - before)),
+                                       unit_diff_sqsum=self.layer_sums(tf.square(unit_diff)),
+                                       factor=factor), learning_rate)
 
         for metric in self.metrics:
             if metric.name == "loss":

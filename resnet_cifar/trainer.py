@@ -293,8 +293,7 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
             callbacks=[
                 # Keras' progress bar first: it ends its line before EpochSummary prints.
                 keras.callbacks.ProgbarLogger(),
-                callbacks.EpochTensorBoard(config.model_dir,
-                                           per_layer_factor=config.conv_lr_factor in ("per_layer", "per_channel")),
+                callbacks.EpochTensorBoard(config.model_dir),
                 callbacks.ChannelSqsumLog(config.model_dir),
                 callbacks.EpochCheckpoint(store, epoch_variable),
                 nan_stop,

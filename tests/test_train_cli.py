@@ -217,8 +217,9 @@ def test_custom_scalars_layout_shows_the_posts_curves_first(short_run):
     # The per-layer curves are apart, folded, and only there.
     per_layer = [t for c in layout.category[1:] for chart in c.chart for rx in chart.multiline.tag
                  for t in logged if re.search(rx, t)]
-    # conv_sqsum, conv_relative_step and conv_angular_update of every layer
-    assert len(per_layer) == 3 * len(LAYERS) and all(c.closed for c in layout.category[1:])
+    # conv_sqsum and every diagnostic of the step (relative step, factor, angular update), per layer
+    from resnet_cifar.train_step import DIAGNOSTICS
+    assert len(per_layer) == (1 + len(DIAGNOSTICS)) * len(LAYERS) and all(c.closed for c in layout.category[1:])
     assert not set(per_layer) & {t for ts in chart_tags for t in ts}
 
 

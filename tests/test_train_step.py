@@ -261,3 +261,20 @@ def test_steps_per_execution_gives_the_same_updates():
         results.append([v.numpy() for v in model.trainable_variables])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags", [{}, {"conv_l2": False},
+                                   {"conv_l2": False, "conv_grad_scale": True, "conv_lr_factor": "piecewise"}])
+def test_step_traces_to_at_most_1_25x_the_ops_of_a_bare_step(flags):
+    """The step's compute ops against a bare GradientTape + Keras SGD step of the same ResNet-20
+    (experiments.reference_step, the benchmark's reference loop): per-layer work is grouped, not 22 chains of ops."""
+    from experiments import reference_step
+    from resnet_cifar import config as config_lib
+    from resnet_cifar import trainer
+
+    model = trainer.build_model(config_lib.TrainConfig(model_dir="/unused", **flags), 390)
+    spec = (tf.TensorSpec([8, 32, 32, 3], tf.float32), tf.TensorSpec([8], tf.int32))
+    project = reference_step.compute_ops(tf.function(model.train_step).get_concrete_function(spec))
+    _, bare = reference_step.bare_loop(8)
+    assert bare > 1000                  # the reference itself is a whole ResNet-20 step
+    assert project <= 1.25 * bare, (project, bare)
