@@ -1,5 +1,6 @@
-"""The container's command line, run without Docker: README command -> entrypoint -> training."""
+"""The container's command line, run without Docker: README/docs command -> entrypoint -> training."""
 
+import glob
 import os
 import re
 import shlex
@@ -12,10 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = "resnet-cifar"
 
 
+def doc_files():
+    """README.md and the pages of docs/: where the commands users copy live."""
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
 def readme_docker_command(needle):
-    with open(os.path.join(ROOT, "README.md")) as f:
-        lines = [line.strip() for line in f if line.strip().startswith("docker run") and needle in line]
-    assert lines, f"no 'docker run ... {needle}' line in the README"
+    lines = []
+    for path in doc_files():
+        with open(path, encoding="utf-8") as f:
+            lines += [line.strip() for line in f if line.strip().startswith("docker run") and needle in line]
+    assert lines, f"no 'docker run ... {needle}' line in the README or docs/"
     return lines[0]
 
 

@@ -1,7 +1,8 @@
 """The cluster recipes in deploy/, checked as far as this machine can: the SLURM script's syntax
 and the commands of a dry run; the KubeRay manifest as YAML naming the image and entrypoint
-that exist; the README's cluster commands parse as runner command lines."""
+that exist; the runner command lines of the README and docs/ parse; their relative links resolve."""
 
+import glob
 import os
 import re
 import shlex
@@ -16,6 +17,16 @@ from experiments import plan, run_all
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "deploy", "slurm", "sweep.sbatch")
 RAYJOB = os.path.join(ROOT, "deploy", "kubernetes", "rayjob.yaml")
+DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def read_docs():
+    """README.md and every page of docs/, one text (the commands users copy live in them)."""
+    texts = []
+    for path in DOCS:
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    return "\n".join(texts)
 
 
 def runner_args(words):
@@ -59,9 +70,8 @@ def test_rayjob_manifest_names_the_image_and_entrypoint_that_exist():
     assert cluster["rayVersion"] == ray.__version__
     with open(os.path.join(ROOT, "requirements.txt")) as f:
         assert f"ray=={ray.__version__}" in f.read()
-    # The image is the one the README builds (docker build -t resnet-cifar .), in every pod.
-    with open(os.path.join(ROOT, "README.md")) as f:
-        built = re.search(r"docker build -t (\S+) \.", f.read()).group(1)
+    # The image is the one the README or docs/ build (docker build -t resnet-cifar .), in every pod.
+    built = re.search(r"docker build -t (\S+) \.", read_docs()).group(1)
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for pod in pods:
         for container in pod["spec"]["containers"]:
@@ -78,13 +88,27 @@ def test_rayjob_manifest_names_the_image_and_entrypoint_that_exist():
 
 
 def test_readme_runner_commands_parse():
-    """Every `python -m experiments.run_all ...` line of the README is a valid runner command."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read().replace("\\\n", " ")
+    """Every `python -m experiments.run_all ...` line of the README and docs/ is a valid runner command."""
+    text = read_docs().replace("\\\n", " ")
     commands = re.findall(r"^\s*((?:[A-Z_]+=\S+ )*python -m experiments\.run_all[^\n#]*)", text, re.M)
-    assert len(commands) >= 5, commands
+    assert len(commands) >= 14, commands
     for command in commands:
         words = shlex.split(command)
         while "=" in words[0]:                      # CUDA_VISIBLE_DEVICES=0,1 python -m ...
             words = words[1:]
         runner_args(words)
+
+
+def test_relative_links_resolve():
+    """Every relative link or image of the README and docs/ names a file or folder that exists."""
+    broken = []
+    for path in DOCS:
+        with open(path, encoding="utf-8") as f:
+            text = re.sub(r"```.*?```", "", f.read(), flags=re.S)      # no links inside code blocks
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue                                            # https:, mailto:, same-page anchors
+            file = target.split("#")[0]
+            if not os.path.exists(os.path.join(os.path.dirname(path), file)):
+                broken.append(f"{os.path.relpath(path, ROOT)}: {target}")
+    assert not broken, broken
