@@ -7,6 +7,7 @@ the runs that replay them. `experiments/sweep.py` runs the plan on Ray.
 """
 
 import dataclasses
+import decimal
 import itertools
 import os
 import re
@@ -30,6 +31,8 @@ BASELINE = "baseline"
 # Set by the runner for each run; not allowed in flagfiles' extras or grids.
 RUNNER_FLAGS = ("model_dir", "seed", "replay_from", "verbose", "flagfile", "overwrite")
 REPLAY_MODES = ("replay", "per_layer", "per_channel")
+# One switch, three spellings (docs/cli.md): a grid over any of them sets --conv_l2 / --noconv_l2.
+CONV_L2 = {"conv_l2": True, "noconv_l2": False, "flag_noconv_l2": False}   # spelling -> conv_l2 when true
 _CKPT = re.compile(r'^model_checkpoint_path:\s*"ckpt-(\d+)"', re.M)
 
 
@@ -65,23 +68,59 @@ def point_dir(point) -> str:
     return ",".join(f"{flag}={value}" for flag, value in point)
 
 
+def training_flags(known_flags) -> List[str]:
+    """The training program's own flags (not absl's --only_check_args, --verbosity, ...), and
+    --noconv_l2, the documented spelling of --conv_l2=false."""
+    return [f.name for f in known_flags.get_flags_for_module("resnet_cifar.train")] + ["noconv_l2"]
+
+
+def number_name(value: float) -> str:
+    """One spelling per number, for folder names: 2e-4 and 0.0002 -> 2e-4; 0.9 -> 0.9; 1 -> 1."""
+    d = decimal.Decimal(repr(value)).normalize()
+    if not d.is_finite():
+        return repr(value)
+    sign, digits, exp = d.as_tuple()
+    head = "".join(map(str, digits))
+    sci = f"{'-' if sign else ''}{head[0]}{'.' + head[1:] if len(head) > 1 else ''}e{exp + len(head) - 1}"
+    plain = format(d, "f")
+    return plain if (abs(value) >= 1 and len(plain) <= 12) or len(plain) <= len(sci) else sci
+
+
+def canonical(flag, text: str) -> str:
+    """A grid value as the flag reads it, spelled one way (true/false, 2e-4, 128); else as given."""
+    try:
+        value = flag.parser.parse(text)
+    except (ValueError, TypeError):
+        return text                      # refused later, naming the run and the flag
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return number_name(value)
+    if isinstance(value, int):
+        return str(value)
+    return text
+
+
 def parse_grid(specs: Sequence[str], known_flags) -> List[Tuple[str, List[str]]]:
-    """`FLAG=v1,v2,...` strings -> [(flag, [values])]; unknown or runner-owned flags refused."""
+    """`FLAG=v1,v2,...` strings -> [(flag, [values])]; unknown or runner-owned flags refused.
+
+    Values are spelled one way (2e-4 and 0.0002 are one grid point, in one folder)."""
     grid = []
+    own = training_flags(known_flags)
     for spec in specs:
         flag, sep, values = spec.lstrip("-").partition("=")
         vals = [v.strip() for v in values.split(",")]
         if not sep or not flag or not all(vals):
             raise PlanError(f"--grid={spec}: expected FLAG=VALUE1,VALUE2,... (e.g. --grid=weight_decay=1e-4,2e-4)")
-        if flag not in known_flags:
+        if flag not in own:
             raise PlanError(f"--grid={spec}: --{flag} is not a training flag (see python -m resnet_cifar.train --helpshort)")
-        if flag in RUNNER_FLAGS or flag == "flag_noconv_l2":
+        if flag in RUNNER_FLAGS:
             hint = " (use --seeds)" if flag == "seed" else ""
             raise PlanError(f"--grid={spec}: --{flag} is set by the runner{hint}")
-        if flag in (f for f, _ in grid):
+        if switch(flag) in (switch(f) for f, _ in grid):
             raise PlanError(f"--grid: --{flag} given twice; put all its values in one --grid={flag}=...")
-        if len(set(vals)) != len(vals):
-            raise PlanError(f"--grid={spec}: a value is repeated")
+        parser = known_flags["conv_l2" if flag in CONV_L2 else flag]
+        vals = list(dict.fromkeys(canonical(parser, v) for v in vals))     # a repeated value is one point
         bad = [v for v in vals if "/" in v or v in (".", "..")]
         if bad:
             raise PlanError(f"--grid={spec}: {bad[0]!r} cannot be a folder name")
@@ -89,14 +128,32 @@ def parse_grid(specs: Sequence[str], known_flags) -> List[Tuple[str, List[str]]]
     return grid
 
 
-def check_extra(extra: Sequence[str], grid) -> None:
+def switch(flag: str) -> str:
+    """The flag a spelling sets: conv_l2 for --noconv_l2 and --flag_noconv_l2, else itself."""
+    return "conv_l2" if flag in CONV_L2 else flag
+
+
+def grid_arg(flag: str, value: str) -> str:
+    """A grid value as a training flag; the conv_l2 switch in any spelling wins over the flagfile's."""
+    if flag in CONV_L2 and value in ("true", "false"):
+        return "--conv_l2" if (value == "true") == CONV_L2[flag] else "--noconv_l2"
+    return f"--{flag}={value}"
+
+
+def check_extra(extra: Sequence[str], grid, known_flags) -> None:
+    """The arguments after `--`: training flags only, none of the runner's, none a grid flag."""
+    own = training_flags(known_flags)
     for arg in extra:
         name = arg.lstrip("-").split("=", 1)[0]
-        if name in RUNNER_FLAGS:
+        flag = name[2:] if name not in own and name.startswith("no") else name    # --nodeterministic
+        if arg.startswith("-") and flag in RUNNER_FLAGS:
             hint = {"seed": "; use --seeds=N", "model_dir": "; use --results_dir",
-                    "replay_from": "; replaying runs get their baseline's folder"}.get(name, "")
-            raise PlanError(f"{arg} after --: the runner sets --{name} for each run{hint}")
-        if name in (f for f, _ in grid):
+                    "replay_from": "; replaying runs get their baseline's folder"}.get(flag, "")
+            raise PlanError(f"{arg} after --: the runner sets --{flag} for each run{hint}")
+        if not arg.startswith("-") or flag not in own:
+            raise PlanError(f"{arg} after --: not a training flag (flags are spelled --name=value; "
+                            "see python -m resnet_cifar.train --helpshort)")
+        if switch(flag) in (switch(f) for f, _ in grid):
             raise PlanError(f"{arg} after --: --{name} is already a --grid flag")
 
 
@@ -119,20 +176,22 @@ def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
     from resnet_cifar import train
 
     folder = PRESETS[preset]
+    known = sorted(n[:-len(".flags")] for n in os.listdir(folder) if n.endswith(".flags"))
+    runs = list(dict.fromkeys(runs))                  # a run named twice is one run
     files = {}
     for name in runs:
-        path = os.path.join(folder, f"{name}.flags")
-        if not os.path.isfile(path):
-            raise PlanError(f"no flagfile {path} for run {name!r}")
-        files[name] = flagfile_args(path)
-    check_extra(extra, grid)
+        if name not in known:                         # a plain name of the preset, never a path
+            raise PlanError(f"--runs: no flagfile {name}.flags in {folder} for run {name!r} "
+                            f"(preset {preset}: {', '.join(known)})")
+        files[name] = flagfile_args(os.path.join(folder, f"{name}.flags"))
+    check_extra(extra, grid, train.FLAGS)
     points = list(itertools.product(*[[(flag, v) for v in values] for flag, values in grid]))
     out = []
     for point in points:
         for seed in range(seeds):
             base = os.path.join(results_dir, point_dir(point)) if point else results_dir
             for name in runs:
-                args = tuple(files[name]) + tuple(f"--{f}={v}" for f, v in point) + tuple(extra)
+                args = tuple(files[name]) + tuple(grid_arg(f, v) for f, v in point) + tuple(extra)
                 run_dir = os.path.join(base, name, f"seed_{seed}")
                 probe = Run(name, seed, point, run_dir, args, 0)
                 where = f"run {probe.label}"
@@ -158,6 +217,45 @@ def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
                 out.append(dataclasses.replace(probe, needs=needs, train_epochs=config.train_epochs))
     out.sort(key=lambda r: r.needs is not None)        # stable: baselines and independent runs first
     return out
+
+
+def check_folders(results_dir: str, runs: Sequence[Run]) -> None:
+    """Before anything starts: the results folder can be written, and no run folder holds a run
+    with other flags (the trainer's own check, `run_dir.check`; a held folder is waited for)."""
+    import json
+
+    from resnet_cifar import config as config_lib
+    from resnet_cifar import run_dir
+    from resnet_cifar import train
+
+    todo = [r for r in runs if not is_done(r.run_dir)]
+    base = results_dir
+    while todo and not os.path.exists(base):
+        base = os.path.dirname(base)
+    if todo and (not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK)):
+        raise PlanError(f"--results_dir={results_dir}: {base} is "
+                        f"{'not a folder' if not os.path.isdir(base) else 'not writable'}")
+    for r in runs:
+        try:
+            train.FLAGS.unparse_flags()
+            train.FLAGS(["train", *r.command()[3:]])
+            config = train.config_from_flags()
+        finally:
+            train.FLAGS.unparse_flags()
+        try:
+            if r in todo:
+                run_dir.check(config, locked=True)
+                continue
+            with open(os.path.join(r.run_dir, tags.RUN_CONFIG_FILE)) as f:
+                old = json.load(f)["config"]
+            diffs = run_dir.differing_flags(old, config.to_dict())
+        except config_lib.ConfigError as e:
+            raise PlanError(f"run {r.label}: {e}") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue                     # a finished run without a readable config: as before, finished
+        if diffs:
+            raise PlanError(f"run {r.label}: {r.run_dir} holds a finished run with other flags "
+                            f"({'; '.join(diffs)}); use another --results_dir")
 
 
 def is_done(run_dir: str) -> bool:

@@ -14,8 +14,12 @@ resumes interrupted ones. See `--help` and the README ("Sweeps").
 """
 
 import argparse
+import contextlib
+import math
 import os
+import socket
 import sys
+import tempfile
 import time
 
 from experiments import plan as plan_lib
@@ -35,7 +39,8 @@ examples:
 
 Finished runs are skipped, interrupted ones resume from their checkpoint. Runs that
 replay the baseline (--conv_lr_factor=replay, per_layer or per_channel) start after their grid
-point's and seed's baseline. Arguments after -- go to every run.
+point's and seed's baseline. Arguments after -- go to every run. Ctrl-C stops the running
+trainers, which keep their checkpoints (exit code 130); the same command resumes them.
 """
 
 
@@ -66,6 +71,8 @@ def positive_float(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} must be positive")
     return value
@@ -126,18 +133,73 @@ def connect(address):
     if ray.is_initialized():                        # e.g. a notebook or a test that set Ray up
         return False
     kwargs = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
+    if not address:
+        try:
             sweep.start_local_ray(**kwargs)
-    except ray.exceptions.AuthenticationError:
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            fail(f"cannot start Ray: {first_line(e)}")
+        return True
+    error = None
+    with tempfile.TemporaryFile("w+") as log:
+        with stderr_to(log):            # Ray's client warns once a second while it retries
+            problem = unreachable(address)
+            if not problem:
+                try:
+                    ray.init(address=address, **kwargs)
+                except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as e:
+                    error = e
+        log.seek(0)
+        said = log.read()
+    if problem:
+        fail(f"cannot connect to Ray at {address}: {problem}")
+    if isinstance(error, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in said:
         fail(f"cannot connect to Ray at {address}: its token authentication refused this process; "
              "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token)")
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        fail(f"cannot {'connect to Ray at ' + address if address else 'start Ray'}: "
-             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+    if error is not None:
+        fail(f"cannot connect to Ray at {address}: {first_line(error)}")
+    sys.stderr.write(said)                  # whatever Ray said while it connected
     return True
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def unreachable(address, timeout=10.0):
+    """Why nothing answers at a Ray address (a TCP connect to its host:port), else None: a dead
+    address fails here in seconds, where Ray's client retries it for minutes."""
+    from ray._private import services
+
+    try:                                            # auto: RAY_ADDRESS or the last `ray start`
+        hostport = (address[len("ray://"):] if address.startswith("ray://")
+                    else services.canonicalize_bootstrap_address(address))
+    except (OSError, ValueError) as e:
+        return first_line(e)
+    host, _, port = (hostport or "").rpartition(":")
+    if not host or not port.isdigit():
+        return None                                 # left to Ray's own parsing
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except socket.timeout:
+        return f"no answer from {hostport} within {timeout:g} s"
+    except OSError as e:
+        return f"nothing answers at {hostport} ({e.strerror or first_line(e)}); is the cluster up (ray status)?"
+    return None
+
+
+@contextlib.contextmanager
+def stderr_to(file):
+    """File descriptor 2 (Python's and C++'s writes alike) into `file` for a while."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def resources(runs_per_gpu, cpus_per_run):
@@ -182,6 +244,7 @@ def main(argv=None):
     try:
         grid = plan_lib.parse_grid(args.grid, train.FLAGS)
         plan = plan_lib.plan(results_dir, args.preset, runs, args.seeds, grid, absolute_data_dir(extra))
+        plan_lib.check_folders(results_dir, plan)          # before Ray starts, as every refusal
     except plan_lib.PlanError as e:
         fail(str(e))
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)   # noqa: E731
@@ -218,5 +281,15 @@ def main(argv=None):
     return 1 if bad else 0
 
 
+def run(argv=None):
+    """main() as a command: Ctrl-C is one line and exit code 130, not a traceback."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C): running trainers stop and keep their last checkpoint; "
+              "the same command resumes them", file=sys.stderr, flush=True)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -28,6 +28,7 @@ from resnet_cifar import run_lock
 
 LOCK_POLL_SECONDS = 2.0
 WATCH_SECONDS = 2.0
+STOP_SECONDS = 60.0              # Ctrl-C: how long the runner waits for its trainers to stop
 
 
 class TrainerInterrupted(RuntimeError):
@@ -104,15 +105,20 @@ def train_run(run: Run, board, *baseline):
         epoch = checkpoint_epoch(run.run_dir)
         board.update.remote(run.label, state="running", node=node, pid=proc.pid,
                             epoch=epoch, since=time.time(), first_epoch=epoch, epoch_time=None)
-        while True:
-            try:
-                code = proc.wait(timeout=WATCH_SECONDS)
-                break
-            except subprocess.TimeoutExpired:
-                now = checkpoint_epoch(run.run_dir)
-                if now != epoch:
-                    epoch = now
-                    board.update.remote(run.label, epoch=epoch, epoch_time=time.time())
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=WATCH_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:
+                    now = checkpoint_epoch(run.run_dir)
+                    if now != epoch:
+                        epoch = now
+                        board.update.remote(run.label, epoch=epoch, epoch_time=time.time())
+        except KeyboardInterrupt:        # ray.cancel: the runner was stopped (Ctrl-C)
+            proc.terminate()             # the trainer stops between steps, its checkpoints kept
+            proc.wait()
+            raise
         with open(log_path, errors="replace") as f:
             f.seek(offset)
             out = f.read()
@@ -141,12 +147,24 @@ def start_local_ray(**kwargs):
 
     `address="local"` always starts a new instance: plain `ray.init()` would join whatever
     cluster RAY_ADDRESS or /tmp/ray/ray_current_cluster names (another user's, or a dead one).
+
+    Ray turns token authentication on for a new instance unless RAY_AUTH_MODE says otherwise,
+    and warns about it ("Set RAY_AUTH_MODE=disabled to opt out"): users who never asked for
+    tokens are not shown that warning (the instance is private, and keeps its token).
     """
+    import logging
+
     from ray._private import ray_constants
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", **kwargs)
+    warnings = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    quiet = lambda record: "to opt out" not in record.getMessage()   # noqa: E731
+    warnings.addFilter(quiet)
+    try:
+        ray.init(address="local", **kwargs)
+    finally:
+        warnings.removeFilter(quiet)
 
 
 # ----------------------------------------------------------------------------- results folder
@@ -215,17 +233,23 @@ def execute(runs: Sequence[Run], resources: dict, max_retries: int = 3, log=prin
         by_dir[run.run_dir] = ref
     progress.table(force=True)
     pending = dict(refs)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll)
-        for ref in sorted(ready, key=lambda r: pending[r].needs is not None):
-            run = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                result = _failure(run, e, progress)
-            progress.finish(run.label, result)
-        progress.update(ray.get(board.snapshot.remote()))
-        progress.table(force=bool(ready))
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll)
+            for ref in sorted(ready, key=lambda r: pending[r].needs is not None):
+                run = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    result = _failure(run, e, progress)
+                progress.finish(run.label, result)
+            progress.update(ray.get(board.snapshot.remote()))
+            progress.table(force=bool(ready))
+    except KeyboardInterrupt:            # Ctrl-C: each task stops its trainer, which keeps its checkpoints
+        for ref in pending:
+            ray.cancel(ref)
+        ray.wait(list(pending), num_returns=len(pending), timeout=STOP_SECONDS)
+        raise
     return progress
 
 

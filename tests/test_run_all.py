@@ -128,7 +128,6 @@ def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     ([], "the following arguments are required: --results_dir"),
     (["--grid=nosuch=1,2"], "--nosuch is not a training flag"),
     (["--grid=weight_decay"], "expected FLAG=VALUE1,VALUE2"),
-    (["--grid=weight_decay=1e-4,1e-4"], "a value is repeated"),
     (["--grid=weight_decay=1e-4", "--grid=weight_decay=2e-4"], "given twice"),
     (["--grid=seed=1,2"], "--seed is set by the runner (use --seeds)"),
     (["--grid=weight_decay=abc"], "run weight_decay=abc/baseline/seed_0: flag --weight_decay=abc"),
@@ -140,6 +139,20 @@ def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     (["--grid=bn_decay=0.9", "--", "--bn_decay=0.5"], "already a --grid flag"),
     (["--", "--train_epochs=0"], "run baseline/seed_0: --train_epochs=0 must be positive"),
     (["--cpus_per_run=-1"], "must be positive"),
+    # Every float option refuses nan and inf.
+    *[([f"--{option}={value}"], f"argument --{option}: {value} is not a finite number")
+      for option in ("cpus_per_run", "status_every") for value in ("nan", "inf", "-inf")],
+    # A run is a plain name of the preset, never a path.
+    (["--preset=quick", "--runs=../baseline"], "no flagfile ../baseline.flags"),
+    (["--runs=/tmp/baseline"], "no flagfile /tmp/baseline.flags"),
+    (["--preset=equivalence", "--runs=noconv_l2,baseline"], "no flagfile noconv_l2.flags"),
+    # Grid keys and arguments after -- are the training program's own flags, not absl's.
+    *[([f"--grid={flag}=true"], f"--{flag} is not a training flag")
+      for flag in ("only_check_args", "helpfull", "flagfile", "verbosity", "undefok")],
+    (["--", "--data_source=synthetic", "stray"], "stray after --: not a training flag"),
+    (["--", "--only_check_args"], "--only_check_args after --: not a training flag"),
+    (["--", "--helpfull"], "--helpfull after --: not a training flag"),
+    (["--grid=noconv_l2=true", "--", "--flag_noconv_l2"], "--flag_noconv_l2 is already a --grid flag"),
 ])
 def test_bad_arguments_one_error_line_exit_2_nothing_written(tmp_path, argv, message):
     results = tmp_path / "results"
@@ -366,10 +379,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(ray_token, tmp_path):
-    """A separate Ray head process on 127.0.0.1 (its own temp dir and ports); stopped afterwards
-    by signalling its own process group only."""
+@contextlib.contextmanager
+def separate_head(log_path, cpus=2, env=None):
+    """A separate Ray head process on 127.0.0.1 (its own temp dir and ports, token mode), yielding
+    its address; stopped afterwards by signalling its own process group only."""
     temp = tempfile.mkdtemp(prefix="rayh")
     port = _free_port()
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -377,12 +390,12 @@ def ray_head(ray_token, tmp_path):
         "node-manager", "object-manager", "ray-client-server", "dashboard-agent-listen",
         "dashboard-agent-grpc", "runtime-env-agent", "metrics-export", "min-worker")}
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
+           f"--num-cpus={cpus}", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
            "--disable-usage-stats", "--object-store-memory=80000000", "--max-worker-port=0",
            *(f"{k}={v}" for k, v in ports.items())]
-    with open(tmp_path / "head.log", "w") as log:
+    with open(log_path, "w") as log:
         head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, RAY_AUTH_MODE="token"))
+                                env=dict(os.environ, **(env or {}), RAY_AUTH_MODE="token"))
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -396,6 +409,26 @@ def ray_head(ray_token, tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head(ray_token, tmp_path):
+    with separate_head(tmp_path / "head.log") as address:
+        wait_for_head(address)          # the runner checks the address once, it does not wait for a head
+        yield address
+
+
+def wait_for_head(address, timeout=120):
+    """Until the head's GCS port accepts connections."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"no Ray head at {address}"
+            time.sleep(0.5)
 
 
 def test_same_sweep_on_a_separate_ray_head(ray_head, local_sweep, tmp_path):
@@ -474,3 +507,106 @@ def test_runner_killed_with_sigkill_takes_its_trainer_along_and_a_rerun_finishes
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert events.is_complete(str(run_dir)) and not events.load_run(str(run_dir)).damaged
 
+
+
+# ----------------------------------------------------------------------------- Ray at the edges
+
+
+def runner(results, *options, env=None, timeout=600):
+    """`python -m experiments.run_all` in its own process on one tiny run, RAY_AUTH_MODE unset as for a
+    user who never set it (a local instance in this process may have set it): (exit code, stdout,
+    stderr, seconds)."""
+    cmd = [sys.executable, "-m", "experiments.run_all", f"--results_dir={results}", "--preset=quick",
+           "--runs=baseline", "--status_every=5", *options, "--", *TINY]
+    start = time.monotonic()
+    base = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=dict(base, **(env or {})))
+    return r.returncode, r.stdout, r.stderr, time.monotonic() - start
+
+
+def test_without_address_a_private_instance_whatever_other_ray_or_address_file(ray_token, tmp_path):
+    """Another Ray head runs and Ray's address file names it (or names a dead address): the runner
+    without --address still starts its own instance, runs there and exits 0, without Ray's token warning."""
+    import ray._private.utils
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt")       # Ray's temp root for these processes, not the machine's
+    env = {"RAY_TMPDIR": ray_tmp}
+    address_file = os.path.join(ray_tmp, "ray", "ray_current_cluster")
+    with pytest.MonkeyPatch.context() as mp:       # the file plain ray.init() would follow
+        mp.setenv("RAY_TMPDIR", ray_tmp)
+        assert ray._private.utils.get_ray_address_file(None) == address_file
+    cpus = os.cpu_count()
+    try:
+        with separate_head(tmp_path / "head.log", cpus=cpus + 3, env=env) as head:
+            wait_for_head(head)
+            os.makedirs(os.path.dirname(address_file), exist_ok=True)
+            for case, named in (("live", head), ("dead", f"127.0.0.1:{_free_port()}")):
+                with open(address_file, "w") as f:
+                    f.write(named)
+                results = tmp_path / case
+                code, out, err, _ = runner(results, env=env)
+                assert code == 0, (case, out, err)
+                assert f"Ray: 1 node(s), {cpus} CPUs" in out, (case, out)     # not the head's {cpus + 3}
+                assert events.is_complete(str(results / "baseline" / "seed_0")), case
+                assert "Token authentication" not in out + err and "RAY_AUTH_MODE" not in out + err, err
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_dead_or_unreachable_address_is_one_line_within_seconds(ray_token, tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rt")
+    try:
+        dead = f"127.0.0.1:{_free_port()}"            # a loopback port nobody listens on
+        os.makedirs(os.path.join(ray_tmp, "ray"))
+        with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as f:
+            f.write(dead)                             # what --address=auto follows
+        for address in (dead, f"ray://{dead}", "auto"):
+            code, out, err, seconds = runner(tmp_path / "results", f"--address={address}",
+                                             env={"RAY_TMPDIR": ray_tmp})
+            assert code == 2, (address, out, err)
+            assert err.count("\n") == 1 and err.startswith(f"error: cannot connect to Ray at {address}: "), err
+            assert "Connection refused" in err and seconds < 30, (err, seconds)
+            assert out == "" and not (tmp_path / "results").exists()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_head_that_wants_a_token_is_one_line_naming_ray_auth_mode(ray_head, tmp_path):
+    code, out, err, seconds = runner(tmp_path / "results", f"--address={ray_head}")   # RAY_AUTH_MODE unset
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and "token authentication refused" in err and "RAY_AUTH_MODE=token" in err, err
+    assert "InvalidAuthToken" not in err and seconds < 60, (err, seconds)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes in /proc")
+def test_ctrl_c_on_the_runner_one_line_trainer_keeps_its_checkpoint_and_the_same_command_resumes(
+        ray_token, tmp_path):
+    results = tmp_path / "results"
+    run_dir = results / "baseline" / "seed_0"
+    longer = [a for a in TINY if not a.startswith("--train_epochs=")] + ["--train_epochs=20"]
+    cmd = [sys.executable, "-m", "experiments.run_all", f"--results_dir={results}", "--preset=quick",
+           "--runs=baseline", "--status_every=1", "--", *longer]
+    runner_ = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _wait_for(lambda: plan.checkpoint_epoch(str(run_dir)) >= 1 or runner_.poll() is not None, 300,
+                  "the first checkpoint")
+        assert runner_.poll() is None, runner_.communicate()
+        os.killpg(runner_.pid, signal.SIGINT)           # Ctrl-C in a terminal: the whole foreground group
+        out, err = runner_.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner_.pid, signal.SIGKILL)       # whatever of its Ray instance is left
+    assert runner_.returncode == 130, (out, err)
+    assert err.count("\n") == 1 and err.startswith("error: interrupted (Ctrl-C)") and "Traceback" not in err, err
+    _wait_for(lambda: run_lock.holder(str(run_dir)) is None, 60, "the trainer to stop")
+    log = (run_dir / "train.log").read_text()
+    assert "stopped by SIGTERM" in log and "is kept" in log, log[-2000:]     # the trainer's own clean stop
+    stopped_at = plan.checkpoint_epoch(str(run_dir))
+    assert stopped_at >= 1 and not events.is_complete(str(run_dir))
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    log = (run_dir / "train.log").read_text()
+    assert f"after epoch {stopped_at}" in log and "resuming" in log, log[-2000:]
+    assert events.is_complete(str(run_dir)) and not events.load_run(str(run_dir)).damaged
