@@ -19,15 +19,9 @@ from resnet_cifar import tags
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 POST_RUNS = ("baseline", "noconv_l2", "conv_lr_scale", "conv_lr_scale_bn098")
-# What `--runs` defaults to for each preset: its own flagfiles' runs.
-PRESET_RUNS = {"full": POST_RUNS, "quick": POST_RUNS,
-               "equivalence": ("baseline", "conv_lr_scale", "conv_lr_scale_per_layer",
-                               "conv_lr_scale_per_channel"),
-               "adam": ("baseline", "noconv_l2"), "adamw": ("baseline", "noconv_l2")}
-PRESETS = {"full": HERE, "quick": os.path.join(HERE, "quick"),
-           "equivalence": os.path.join(HERE, "equivalence"),
-           "adam": os.path.join(HERE, "adam"), "adamw": os.path.join(HERE, "adamw")}
 BASELINE = "baseline"
+# A flagfile with a line starting with this is run only when --runs names it.
+OPTIONAL_MARK = "# optional"
 # Set by the runner for each run; not allowed in flagfiles' extras or grids.
 RUNNER_FLAGS = ("model_dir", "seed", "replay_from", "verbose", "flagfile", "overwrite")
 REPLAY_MODES = ("replay", "per_layer", "per_channel")
@@ -61,6 +55,33 @@ class Run:
         if self.needs:
             cmd.append(f"--replay_from={self.needs}")
         return cmd
+
+
+def presets() -> dict:
+    """name -> folder: every folder of experiments/ holding `<run>.flags` files is a preset.
+
+    A copied folder beside the others is a new preset; nothing else needs to change.
+    """
+    out = {}
+    for name in sorted(os.listdir(HERE)):
+        folder = os.path.join(HERE, name)
+        if os.path.isdir(folder) and not name.startswith(("_", ".")) and run_names(folder):
+            out[name] = folder
+    return out
+
+
+def run_names(folder: str) -> List[str]:
+    """The runs of a preset folder: its flagfiles' names, the post's runs first in the post's order."""
+    names = [n[:-len(".flags")] for n in os.listdir(folder) if n.endswith(".flags")]
+    return sorted(names, key=lambda n: (POST_RUNS.index(n) if n in POST_RUNS else len(POST_RUNS), n))
+
+
+def default_runs(folder: str) -> List[str]:
+    """What `--runs` defaults to: the preset's runs less those marked optional (OPTIONAL_MARK)."""
+    def optional(name):
+        with open(os.path.join(folder, f"{name}.flags")) as f:
+            return any(line.startswith(OPTIONAL_MARK) for line in f)
+    return [n for n in run_names(folder) if not optional(n)]
 
 
 def point_dir(point) -> str:
@@ -175,8 +196,8 @@ def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
     from resnet_cifar import config as config_lib
     from resnet_cifar import train
 
-    folder = PRESETS[preset]
-    known = sorted(n[:-len(".flags")] for n in os.listdir(folder) if n.endswith(".flags"))
+    folder = presets()[preset]
+    known = run_names(folder)
     runs = list(dict.fromkeys(runs))                  # a run named twice is one run
     files = {}
     for name in runs:

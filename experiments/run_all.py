@@ -86,13 +86,15 @@ def make_parser():
         usage="%(prog)s --results_dir=DIR [options] [-- TRAINING_FLAGS...]")
     p.add_argument("--results_dir", required=True, metavar="DIR",
                    help="folder of all runs (created); on a cluster, shared by every node at this path")
-    p.add_argument("--preset", choices=sorted(plan_lib.PRESETS), default="full",
-                   help="full: the post's 150 epochs; quick: 6 compressed epochs for CPUs; equivalence: the "
-                        "weight-decay study (with --grid=weight_decay=...); adam, adamw: the post's "
-                        "runs with Adam / AdamW (default: full)")
+    presets = plan_lib.presets()
+    p.add_argument("--preset", choices=sorted(presets), default="full", metavar="NAME",
+                   help="a folder of experiments/ with <run>.flags files (a copied folder is a new preset): "
+                        + "; ".join(f"{name}: {', '.join(plan_lib.run_names(folder))}"
+                                    for name, folder in presets.items())
+                        + " (default: full, the post's 150 epochs; quick: 6 compressed epochs for CPUs)")
     p.add_argument("--runs", default=None, metavar="A,B,...",
-                   help="runs (flagfile names) to do, e.g. add conv_lr_scale_per_layer (default: the preset's "
-                        "runs; full and quick: " + ",".join(plan_lib.POST_RUNS) + ")")
+                   help="runs (flagfile names of the preset) to do (default: the preset's runs but those "
+                        "marked '# optional' in their flagfile, e.g. conv_lr_scale_per_layer)")
     p.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run (default: 1)")
     p.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2,...",
                    help="a training flag's values; repeat for a cartesian product; each point goes to "
@@ -223,7 +225,8 @@ def resources(runs_per_gpu, cpus_per_run):
 
 def run_names(args):
     """--runs as a list; by default the preset's own runs."""
-    return [r.strip() for r in (args.runs or ",".join(plan_lib.PRESET_RUNS[args.preset])).split(",") if r.strip()]
+    folder = plan_lib.presets()[args.preset]
+    return [r.strip() for r in (args.runs or ",".join(plan_lib.default_runs(folder))).split(",") if r.strip()]
 
 
 def main(argv=None):

@@ -62,11 +62,35 @@ def main(argv, out=None):
 # ----------------------------------------------------------------------------- plan (no Ray)
 
 
-def test_flagfiles_exist_for_every_run_of_every_preset():
-    for preset, folder in plan.PRESETS.items():
-        runs = ALL_RUNS if preset in ("full", "quick") else plan.PRESET_RUNS[preset]
-        for name in set(runs) | set(plan.PRESET_RUNS[preset]):
-            assert os.path.isfile(os.path.join(folder, f"{name}.flags")), (folder, name)
+def test_presets_are_the_folders_of_flagfiles_and_their_default_runs():
+    found = plan.presets()
+    assert set(found) == {"full", "quick", "equivalence", "adam", "adamw"}
+    for folder in found.values():
+        assert plan.run_names(folder)[0] == plan.BASELINE          # baselines first
+        assert set(plan.default_runs(folder)) <= set(plan.run_names(folder))
+    # the post's four; the per-layer run is marked optional in its flagfile
+    assert plan.default_runs(found["full"]) == plan.default_runs(found["quick"]) == list(plan.POST_RUNS)
+    assert "conv_lr_scale_per_layer" in plan.run_names(found["full"])
+    assert plan.default_runs(found["equivalence"]) == plan.run_names(found["equivalence"])
+
+
+def test_a_copied_preset_folder_runs_as_a_new_preset(tmp_path):
+    """experiments/ copied with one more folder (a copy of quick): --help lists it and a run of it
+    finishes, with no code change."""
+    shutil.copytree(os.path.join(ROOT, "experiments"), tmp_path / "experiments",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "experiments", "quick"), tmp_path / "experiments" / "mine")
+    env = dict({k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"},
+               PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    help_text = subprocess.run([sys.executable, "-m", "experiments.run_all", "--help"], cwd=tmp_path,
+                               capture_output=True, text=True, env=env, timeout=120).stdout
+    assert "mine: baseline, noconv_l2" in " ".join(help_text.split())
+    results = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "experiments.run_all", f"--results_dir={results}",
+                        "--preset=mine", "--runs=baseline", "--", *TINY], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert events.is_complete(str(results / "baseline" / "seed_0"))
 
 
 def test_plan_grid_folders_order_and_dependencies(tmp_path):
