@@ -184,7 +184,14 @@ def boundaries(names: Sequence[str], configs: Optional[Configs]) -> list:
     return sorted(found)
 
 
-def _draw_boundaries(ax, epochs: Sequence[float]) -> None:
+def _last_epoch(curves: Curves, names: Sequence[str]) -> int:
+    """The last epoch any of `names` has data for: figures span the runs' own epochs."""
+    return max([int(np.max(s)) for n in names for s, _ in curves.get(n) or () if len(s)] or [0])
+
+
+def _draw_boundaries(ax, epochs: Sequence[float], upto: Optional[float] = None) -> None:
+    """Rate boundaries as vertical lines, those up to epoch `upto` only (None: all)."""
+    epochs = [e for e in epochs if upto is None or e <= upto]
     for i, epoch in enumerate(epochs):
         ax.axvline(epoch, label=BOUNDARY_LABEL if i == 0 else "_nolegend_", **BOUNDARY_STYLE)
 
@@ -202,7 +209,7 @@ def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int
     ax.plot(steps, mean, label=label, color=color, linewidth=1.2)
 
 
-def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL) -> None:
+def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL, upto: Optional[float] = None) -> None:
     """Each phase's predicted level as a dashed segment over its epochs; one legend entry.
 
     An entry is (start, end, value), or any tuple with those first two and the value
@@ -211,7 +218,9 @@ def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL) -> None
     labelled = False
     for level in levels or ():
         start, end, value = level[0], level[1], level[-1]
-        if value is None:
+        if upto is not None:
+            end = min(end, upto)
+        if value is None or end <= start:
             continue
         ax.plot([start, end], [value, value], label="_nolegend_" if labelled else label,
                 **LEVEL_STYLE)
@@ -242,8 +251,9 @@ def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, 
     fig, ax = _new_figure(title, ylabel, subtitle(present, curves, configs))
     for name in present:
         _draw(ax, curves[name], label_of(name, labels), _color_of(name), start_epoch, scale)
-    _draw_levels(ax, levels, level_label)
-    _draw_boundaries(ax, boundaries(present, configs))
+    last = _last_epoch(curves, present)
+    _draw_levels(ax, levels, level_label, upto=last)
+    _draw_boundaries(ax, boundaries(present, configs), upto=last)
     if log_y:
         ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -303,9 +313,9 @@ def conv_lr_scale_accuracy(accuracy: Curves, labels=None, configs=None) -> Optio
 def piecewise_factor(sqsum: Curves, labels=None, configs=None) -> Figure:
     """The post's piecewise fit against what it fits: 800 / the baseline's conv_sqsum.
 
-    The fit is drawn over the post's 150 epochs (or as far as the data goes) even
-    without a baseline run, since the formula alone is what ConvLRScale uses; the
-    title then says the run is missing.
+    The fit is drawn over the baseline's epochs, or over the post's 150 without a
+    baseline run, since the formula alone is what ConvLRScale uses; the title then
+    says the run is missing.
     """
     baseline = sqsum.get(BASELINE) or []
     title = "Baseline conv weight-scale factor and its piecewise fit"
@@ -318,14 +328,14 @@ def piecewise_factor(sqsum: Curves, labels=None, configs=None) -> Figure:
         ratios = [(s, fidelity.INITIAL_CONV_SQSUM / v) for s, v in baseline]
         _draw(ax, ratios, f"{fidelity.INITIAL_CONV_SQSUM:g} / {label_of(BASELINE, labels)} conv_sqsum",
               _color_of(BASELINE))
-        last = max([last] + [int(s.max()) for s, _ in baseline if len(s)])
+        last = _last_epoch(sqsum, [BASELINE])
     else:
         note(f"piecewise_factor: no {label_of(BASELINE)} ({BASELINE}) data, drawing the fit alone")
     epochs = np.arange(0, last + 1)
     ax.plot(epochs, piecewise_np(epochs), label="piecewise(epoch), the post's fit", color="black",
             linestyle="--", linewidth=1.2)
     if baseline:
-        _draw_boundaries(ax, boundaries([BASELINE], configs))
+        _draw_boundaries(ax, boundaries([BASELINE], configs), upto=last)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -97,7 +97,7 @@ def replay_match_figure(loaded, labels=None) -> Optional[Figure]:
         ax.plot(epochs, mean, color=color, label=figures.label_of(name, labels), linewidth=1.2)
     for y in (1 - TOLERANCE, 1.0, 1 + TOLERANCE):
         ax.axhline(y, color="black", linewidth=0.8, linestyle="-" if y == 1.0 else ":")
-    figures._draw_boundaries(ax, figures.boundaries(names, configs))
+    figures._draw_boundaries(ax, figures.boundaries(names, configs), upto=ax.dataLim.x1)
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
