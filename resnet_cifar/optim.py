@@ -1,5 +1,7 @@
 """The original optimizer: TF1 momentum and a piecewise-constant rate by epoch."""
 
+import math
+
 import keras
 from keras import ops
 
@@ -41,36 +43,18 @@ class TF1Momentum(keras.optimizers.Optimizer):
         return config
 
 
-class PiecewiseByEpoch(keras.optimizers.schedules.LearningRateSchedule):
+def piecewise_by_epoch(base_rate, boundary_epochs, decay_rates, steps_per_epoch):
     """base_rate * decay_rates[i], where i counts the boundaries at or below the epoch.
 
-    The epoch is fractional, step / steps_per_epoch, so the rate drops exactly at
-    the first step of epoch `boundary` (0-based step boundary * steps_per_epoch).
-    The original (`learning_rate_with_decay`) did the same with
-    `tf.train.piecewise_constant` on the global step.
+    The epoch is fractional, step / steps_per_epoch, so the rate drops exactly at the
+    first step of epoch `boundary` (0-based step ceil(boundary * steps_per_epoch)). The
+    original (`learning_rate_with_decay`) did the same with `tf.train.piecewise_constant`
+    on the global step. Keras' PiecewiseConstantDecay keeps values[i] while
+    step <= boundaries[i], hence the - 1.
     """
-
-    def __init__(self, base_rate, boundary_epochs, decay_rates, steps_per_epoch):
-        self.base_rate = float(base_rate)
-        self.boundary_epochs = tuple(float(b) for b in boundary_epochs)
-        self.decay_rates = tuple(float(r) for r in decay_rates)
-        self.steps_per_epoch = int(steps_per_epoch)
-
-    def __call__(self, step):
-        epoch = ops.cast(step, "float32") / float(self.steps_per_epoch)
-        return rate_at_epoch(epoch, self.base_rate, self.boundary_epochs, self.decay_rates)
-
-    def get_config(self):
-        return dict(base_rate=self.base_rate, boundary_epochs=self.boundary_epochs,
-                    decay_rates=self.decay_rates, steps_per_epoch=self.steps_per_epoch)
-
-
-def rate_at_epoch(epoch, base_rate, boundary_epochs, decay_rates):
-    """Graph-friendly piecewise constant: a chain of `where`s, one per boundary."""
-    rate = ops.convert_to_tensor(base_rate * decay_rates[0], "float32")
-    for boundary, decay in zip(boundary_epochs, decay_rates[1:]):
-        rate = ops.where(epoch >= boundary, base_rate * decay, rate)
-    return rate
+    boundaries = [math.ceil(float(b) * steps_per_epoch) - 1 for b in boundary_epochs]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries, [float(base_rate) * float(r) for r in decay_rates])
 
 
 def make_optimizer(name, learning_rate, weight_decay=0.0, no_decay=()):

@@ -158,8 +158,8 @@ def build_model(config, steps_per_epoch, baseline=None):
                     conv_lr_factor=conv_scaling.ConvLRFactor(
                         mode, baseline, models.expected_initial_conv_sqsum(model)),
                     steps_per_epoch=steps_per_epoch)
-    schedule = optim.PiecewiseByEpoch(config.base_learning_rate, config.boundary_epochs,
-                                      config.decay_rates, steps_per_epoch)
+    schedule = optim.piecewise_by_epoch(config.base_learning_rate, config.boundary_epochs,
+                                        config.decay_rates, steps_per_epoch)
     decayed = {id(v) for v in model.l2_variables()}     # adamw: the L2 variable set
     model.compile(
         optimizer=optim.make_optimizer(

@@ -135,7 +135,7 @@ def test_optimizer_rule_against_numpy(name):
     grads = [[rng.standard_normal(s) * (1 + k) for s in shapes] for k in range(4)]
     variables = [keras.Variable(w.astype(np.float32)) for w in init]
     wd = 0.5
-    schedule = optim.PiecewiseByEpoch(0.01, (2,), (1.0, 0.1), steps_per_epoch=1)
+    schedule = optim.piecewise_by_epoch(0.01, (2,), (1.0, 0.1), steps_per_epoch=1)
     opt = optim.make_optimizer(name, schedule, weight_decay=wd, no_decay=[variables[1]])
     opt.build(variables)
     w = [x.astype(np.float64) for x in init]
@@ -166,3 +166,19 @@ def test_bad_optimizer_and_rate_are_refused():
         config_lib.TrainConfig(model_dir="/x", optimizer="sgd")
     with pytest.raises(config_lib.ConfigError, match="--learning_rate=0"):
         config_lib.TrainConfig(model_dir="/x", learning_rate=0.0)
+
+
+@pytest.mark.parametrize("boundaries,rates,steps_per_epoch", [
+    ((50, 100), (1, 0.1, 0.01), 390), ((2, 4), (1, 0.1, 0.01), 160), ((0.5, 1.25), (1, 0.5, 0.25), 3),
+    ((1,), (1, 0.1), 1)])
+def test_rate_schedule_drops_at_the_first_step_of_each_boundary_epoch(boundaries, rates, steps_per_epoch):
+    """The rate at optimizer step s (0-based) is base * rates[number of boundaries <= s / steps_per_epoch]."""
+    from resnet_cifar import optim
+
+    schedule = optim.piecewise_by_epoch(0.1, boundaries, rates, steps_per_epoch)
+    last = int(max(boundaries) * steps_per_epoch) + 3
+    for step in sorted({0, last} | {int(b * steps_per_epoch) + d for b in boundaries for d in (-1, 0, 1)}):
+        if step < 0:
+            continue
+        want = 0.1 * rates[sum(step / steps_per_epoch >= b for b in boundaries)]
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-6), step
