@@ -28,24 +28,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from resnet_cifar import fidelity, tags
-
-# The post's four runs (results folder names) and their legend labels, in its order.
-BASELINE = "baseline"
-NOCONV_L2 = "noconv_l2"
-CONV_LR_SCALE = "conv_lr_scale"
-CONV_LR_SCALE_BN098 = "conv_lr_scale_bn098"
-LABELS = {
-    BASELINE: "Baseline",
-    NOCONV_L2: "NoConvL2",
-    CONV_LR_SCALE: "ConvLRScale",
-    CONV_LR_SCALE_BN098: "ConvLRScale BN 0.98",
-}
-POST_RUNS = tuple(LABELS)
-# Runs beyond the post that have a preset of their own.
-EXTRA_LABELS = {"conv_lr_scale_per_layer": "ConvLRScale per layer"}
-# The post's plots show the baseline orange and the BN 0.98 run purple.
-_COLORS = {BASELINE: "tab:orange", NOCONV_L2: "tab:blue", CONV_LR_SCALE: "tab:green",
-           CONV_LR_SCALE_BN098: "tab:purple"}
+# The runs, their labels and colours live in resnet_cifar/runs.py.
+from resnet_cifar.runs import BASELINE, CONV_LR_SCALE, CONV_LR_SCALE_BN098, LABELS, NOCONV_L2, POST_RUNS  # noqa: F401
+from resnet_cifar.runs import COLORS as _COLORS
 _EXTRA_COLORS = ("tab:red", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
 FIGSIZE = (6, 4)   # inches; at DPI 100 a PNG stays well under 200 KB
@@ -84,7 +69,7 @@ def ordered_names(names) -> list:
 def label_of(name: str, labels: Optional[Mapping[str, str]] = None) -> str:
     if labels and name in labels:
         return labels[name]
-    return LABELS.get(name) or EXTRA_LABELS.get(name, name)
+    return LABELS.get(name, name)
 
 
 def _color_of(name: str) -> str:

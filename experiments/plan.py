@@ -15,16 +15,14 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from resnet_cifar import tags
+from resnet_cifar.runs import BASELINE, POST_RUNS, REPLAY_FACTORS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-POST_RUNS = ("baseline", "noconv_l2", "conv_lr_scale", "conv_lr_scale_bn098")
-BASELINE = "baseline"
 # A flagfile with a line starting with this is run only when --runs names it.
 OPTIONAL_MARK = "# optional"
 # Set by the runner for each run; not allowed in flagfiles' extras or grids.
 RUNNER_FLAGS = ("model_dir", "seed", "replay_from", "verbose", "flagfile", "overwrite")
-REPLAY_MODES = ("replay", "per_layer", "per_channel")
 # One switch, three spellings (docs/cli.md): a grid over any of them sets --conv_l2 / --noconv_l2.
 CONV_L2 = {"conv_l2": True, "noconv_l2": False, "flag_noconv_l2": False}   # spelling -> conv_l2 when true
 _CKPT = re.compile(r'^model_checkpoint_path:\s*"ckpt-(\d+)"', re.M)
@@ -219,7 +217,7 @@ def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
                 try:
                     train.FLAGS.unparse_flags()
                     train.FLAGS(["train", *probe.command()[3:]])
-                    replays = train.FLAGS.conv_grad_scale and train.FLAGS.conv_lr_factor in REPLAY_MODES
+                    replays = train.FLAGS.conv_grad_scale and train.FLAGS.conv_lr_factor in REPLAY_FACTORS
                     needs = None
                     if replays:
                         if name == BASELINE:

@@ -28,7 +28,7 @@ multipliers[l] whatever the mode; a new mode touches this file only.
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import fidelity, models
+from resnet_cifar import fidelity, models, runs
 
 
 def piecewise(epoch):
@@ -64,7 +64,7 @@ class ConvLRFactor:
         initial_conv_sqsum: the piecewise factor's normalizer, the model's expected
         initial conv sum of squares (`models.expected_initial_conv_sqsum`; 800 for ResNet-20).
         """
-        if mode in ("replay", "per_layer", "per_channel") and baseline is None:
+        if mode in runs.REPLAY_FACTORS and baseline is None:
             raise ValueError(f"conv_lr_factor={mode} needs a baseline trajectory")
         self.mode = mode
         self.baseline = baseline

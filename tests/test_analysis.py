@@ -177,6 +177,11 @@ def test_piecewise_figure_shows_the_fit_and_800_over_baseline_sqsum():
     np.testing.assert_array_equal(measured.get_xdata(), steps)
     np.testing.assert_allclose(measured.get_ydata(), fidelity.INITIAL_CONV_SQSUM / sqsum)
     x, y = np.asarray(fit.get_xdata()), np.asarray(fit.get_ydata())
+    assert x[0] == 0 and x[-1] == steps[-1]            # over the baseline's own epochs
+    np.testing.assert_allclose(y, 1 - 0.05 * x, atol=1e-12)
+    # Without a baseline: the fit alone, over the post's 150 epochs.
+    (fit,) = figures.piecewise_factor({}).axes[0].lines
+    x, y = np.asarray(fit.get_xdata()), np.asarray(fit.get_ydata())
     assert x[0] == 0 and x[-1] == fidelity.TRAIN_EPOCHS
     at = {e: y[np.flatnonzero(x == e)[0]] for e in (0, 10, 30, 50, 75, 100, 150)}
     np.testing.assert_allclose([at[e] for e in (0, 10, 30, 50, 75, 100, 150)],

@@ -1,0 +1,33 @@
+"""The runs by name, in one place: results-folder and flagfile names, legend labels and
+colours, and the modes of the conv-gradient factor. Training (config, conv scaling), the
+runner (plan) and analysis (figures, the equivalence study, the claims) read them here.
+"""
+
+# The post's four runs, in its order.
+BASELINE = "baseline"
+NOCONV_L2 = "noconv_l2"
+CONV_LR_SCALE = "conv_lr_scale"
+CONV_LR_SCALE_BN098 = "conv_lr_scale_bn098"
+POST_RUNS = (BASELINE, NOCONV_L2, CONV_LR_SCALE, CONV_LR_SCALE_BN098)
+# Runs beyond the post that have flagfiles of their own.
+CONV_LR_SCALE_PER_LAYER = "conv_lr_scale_per_layer"
+CONV_LR_SCALE_PER_CHANNEL = "conv_lr_scale_per_channel"
+
+LABELS = {
+    BASELINE: "Baseline",
+    NOCONV_L2: "NoConvL2",
+    CONV_LR_SCALE: "ConvLRScale",
+    CONV_LR_SCALE_BN098: "ConvLRScale BN 0.98",
+    CONV_LR_SCALE_PER_LAYER: "ConvLRScale per layer",
+    CONV_LR_SCALE_PER_CHANNEL: "ConvLRScale per channel",
+}
+# The post's plots show the baseline orange and the BN 0.98 run purple.
+COLORS = {BASELINE: "tab:orange", NOCONV_L2: "tab:blue", CONV_LR_SCALE: "tab:green",
+          CONV_LR_SCALE_BN098: "tab:purple"}
+
+# --conv_lr_factor: the post's hand fit, and the modes that replay a baseline run's logged
+# trajectory (they need --replay_from); the equivalence study names each replay run's granularity.
+CONV_LR_FACTORS = ("piecewise", "replay", "per_layer", "per_channel")
+REPLAY_FACTORS = ("replay", "per_layer", "per_channel")
+REPLAY_GRANULARITY = {CONV_LR_SCALE: "global", CONV_LR_SCALE_PER_LAYER: "per layer",
+                      CONV_LR_SCALE_PER_CHANNEL: "per channel"}
