@@ -292,8 +292,8 @@ def measure(runs: Dict[str, RunData]) -> List[Verdict]:
 
 def to_text(verdicts: List[Verdict]) -> str:
     width = max(len(v.verdict) for v in verdicts)
-    return "\n".join(f"{v.verdict:<{width}}  {v.claim}: post {v.post}; measured {v.measured}"
-                     for v in verdicts)
+    return "\n".join(f"{v.verdict:<{width}}  {v.claim}: post {v.post}; "
+                     f"{'' if v.verdict == MISSING else 'measured '}{v.measured}" for v in verdicts)
 
 
 def to_markdown(verdicts: List[Verdict]) -> str:
