@@ -79,7 +79,15 @@ def load_grid(results_dir: str) -> Dict[float, Dict[str, List[events.Run]]]:
         except ValueError:
             continue
         runs = events.find_runs(os.path.join(results_dir, entry))
-        grid[wd] = {name: [events.load_run(d) for d in dirs] for name, dirs in runs.items()}
+        grid[wd] = {}
+        for name, dirs in runs.items():
+            for d in dirs:
+                try:
+                    run = events.load_run(d)
+                except events.EventsError as e:     # one bad run does not stop the study
+                    figures.note(f"skipped {d}: {e}")
+                    continue
+                grid[wd].setdefault(name, []).append(run)
     if not grid:
         raise events.EventsError(f"{results_dir}: no {GRID_FLAG}=<value>/ folders (run the grid first)")
     return grid
@@ -223,10 +231,17 @@ def to_markdown(rows: Sequence[dict]) -> str:
 
 def write(results_dir: str, out_dir: str) -> List[str]:
     grid = load_grid(results_dir)
-    left_out = unfinished(grid)
+    runs = [run for by_name in grid.values() for seeds in by_name.values() for run in seeds]
+    damaged = {run.run_dir for run in runs if run.damaged}
+    left_out = [d for d in unfinished(grid) if d not in damaged]
     if left_out:
         figures.note(f"equivalence: {len(left_out)} run(s) not finished, left out of the comparison: "
-                     + ", ".join(os.path.relpath(d, results_dir) for d in left_out))
+                     + ", ".join(os.path.relpath(d, results_dir) for d in left_out)
+                     + f" (no {tags.DONE_FILE}, or event files that stop before the epoch it names)")
+    for run in runs:
+        if run.damaged:
+            figures.note(f"equivalence: {os.path.relpath(run.run_dir, results_dir)} left out of the "
+                         f"comparison: damaged event file {run.damaged[0]}")
     rows = study_rows(grid)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -248,11 +263,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", "--out_dir", dest="out_dir", metavar="DIR", default=None,
                         help="output folder (default: RESULTS_DIR/figures)")
     args = parser.parse_args(argv)
+    out_dir = args.out_dir or os.path.join(args.results_dir, "figures")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        print(f"error: --out={out_dir} is a file, not a folder", file=sys.stderr)
+        return 2
     try:
-        paths = write(args.results_dir, args.out_dir or os.path.join(args.results_dir, "figures"))
+        paths = write(args.results_dir, out_dir)
     except events.EventsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: cannot write to {out_dir}: {e.strerror or e}", file=sys.stderr)
+        return 1
     for path in paths:
         print(path)
     return 0

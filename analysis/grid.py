@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis import figures
+from analysis import figures, output
 from resnet_cifar import events, tags
 
 Point = Tuple[Tuple[str, str], ...]    # ((flag, value), ...) in folder-name order
@@ -133,11 +133,11 @@ def write(loaded: Mapping[Point, Mapping[str, Sequence[events.Run]]], out_dir: s
         name = "grid_test_accuracy" if len(flags) == 1 else f"grid_test_accuracy_{flag}"
         written += save(accuracy_figure(rows, flag), out_dir, name)
     path = os.path.join(out_dir, "grid.md")
-    with open(path, "w") as f:
+    with output.atomic(path) as f:
         f.write(to_markdown(rows))
     written.append(path)
     path = os.path.join(out_dir, "grid.csv")
-    with open(path, "w", newline="") as f:
+    with output.atomic(path) as f:
         w = csv.writer(f)
         w.writerow(flags + ["run", "seeds", "test_accuracy_mean", "test_accuracy_std", "min", "max", "complete"])
         for r in rows:
@@ -147,3 +147,54 @@ def write(loaded: Mapping[Point, Mapping[str, Sequence[events.Run]]], out_dir: s
                        + [r["complete"]])
     written.append(path)
     return written
+
+
+def main(argv=None) -> int:
+    """`python -m analysis.grid RESULTS [--out DIR]`: the grid figure and table alone
+    (`analysis.make_figures` draws them too, with every point's own figures)."""
+    import argparse
+    import sys
+
+    from analysis import make_figures
+
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.grid",
+        description="Final test accuracy against each grid flag's value, from a grid sweep's results "
+                    "(RESULTS_DIR/<flag>=<value>[,...]/<run>/seed_<k>/): grid.md, grid.csv and "
+                    "grid_test_accuracy figures.")
+    parser.add_argument("results_dir", metavar="RESULTS_DIR", help="the runner's --results_dir of a --grid sweep")
+    parser.add_argument("--out", "--out_dir", dest="out_dir", metavar="DIR", default=None,
+                        help="output folder (default: RESULTS_DIR/figures)")
+    args = parser.parse_args(argv)
+    out_dir = args.out_dir or os.path.join(args.results_dir, "figures")
+
+    def fail(message, code):
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
+    if not os.path.isdir(args.results_dir):
+        return fail(f"no such folder: {args.results_dir}", 2)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return fail(f"--out={out_dir} is a file, not a folder", 2)
+    try:
+        loaded = {point: make_figures.load_results(events.find_runs(os.path.join(args.results_dir, folder)))
+                  for folder, point in find_points(args.results_dir).items()}
+    except events.EventsError as e:
+        return fail(str(e), 2)
+    loaded = {point: runs for point, runs in loaded.items() if runs}
+    if not loaded:
+        return fail(f"no grid points with readable runs in {args.results_dir} "
+                    "(folders named <flag>=<value>, from experiments.run_all --grid)", 2)
+    try:
+        written = write(loaded, out_dir, output.save_figure)
+    except OSError as e:
+        return fail(f"cannot write to {out_dir}: {e.strerror or e}", 1)
+    if not written:
+        return fail(f"no run in the grid of {args.results_dir} has a test accuracy yet", 1)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

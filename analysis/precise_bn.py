@@ -33,6 +33,7 @@ import numpy as np
 
 from analysis import output
 from resnet_cifar import events, fidelity, tags
+from resnet_cifar import run_dir as run_dir_lib
 
 RESULT_FILE = "precise_bn.json"
 DEFAULT_BN_BATCHES = 100
@@ -100,17 +101,16 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     import keras
     import tensorflow as tf
 
-    from resnet_cifar import cifar_data, input_pipeline, models, run_dir as run_dir_lib
+    from resnet_cifar import cifar_data, input_pipeline, models
     from resnet_cifar.train_step import ReproductionModel
 
     try:
         config = events.read_config(run_dir)
     except events.EventsError as e:
         raise EvaluationError(str(e)) from None
-    path = tf.train.latest_checkpoint(os.path.join(run_dir, run_dir_lib.CHECKPOINTS))
-    if path is None:
-        raise EvaluationError(f"{run_dir}: no checkpoint to evaluate")
+    path = newest_checkpoint(run_dir)
     source = data_source or config.get("data_source", "tfds")
+    own_data = source == config.get("data_source", "tfds")
     cached = read_result(run_dir)
     if (not again and cached and cached.get("checkpoint") == os.path.basename(path)
             and cached.get("bn_batches") == bn_batches and cached.get("data_source") == source):
@@ -153,28 +153,57 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     except events.EventsError:
         steps, values = [], []
     at = [float(v) for s, v in zip(steps, values) if int(s) == done]
+    for damage in events.damaged_event_files(run_dir, (tags.VALIDATION_DIR,)):
+        print(f"note: damaged event file {damage}; the logged accuracy is read up to the damage",
+              file=sys.stderr, flush=True)
     result = dict(epoch=done, train_epochs=int(config.get("train_epochs", done)),
                   logged=at[-1] if at else None, stored_bn=stored, precise_bn=precise, bn_batches=used,
-                  data_source=source, eval_steps=config.get("eval_steps"), checkpoint=os.path.basename(path))
-    with open(os.path.join(run_dir, RESULT_FILE), "w") as f:
-        json.dump(result, f, indent=1)
+                  data_source=source, own_data=own_data, eval_steps=config.get("eval_steps"),
+                  checkpoint=os.path.basename(path))
+    try:
+        run_dir_lib.write_json(os.path.join(run_dir, RESULT_FILE), result)   # whole or absent
+    except OSError as e:
+        raise EvaluationError(f"{run_dir}: cannot write {RESULT_FILE}: {e.strerror or e}") from None
     return result
 
 
+def newest_checkpoint(run_dir: str) -> str:
+    """The newest checkpoint that reads back whole, found as the trainer finds it (the files,
+    not the index, which may name a deleted or damaged one)."""
+    from resnet_cifar import checkpoints
+
+    folder = os.path.join(run_dir, run_dir_lib.CHECKPOINTS)
+    try:
+        numbers = checkpoints.numbers_on_disk(folder)
+    except OSError as e:
+        raise EvaluationError(f"{run_dir}: cannot list {folder}: {e.strerror or e}") from None
+    skipped = []
+    for number in numbers:
+        prefix = os.path.join(folder, checkpoints.name(number))
+        reason = checkpoints.unreadable_reason(prefix)
+        if reason is None:
+            return prefix
+        skipped.append(f"{checkpoints.name(number)}: {reason}")
+    if skipped:
+        raise EvaluationError(f"{run_dir}: no checkpoint reads back whole ({'; '.join(skipped)})")
+    raise EvaluationError(f"{run_dir}: no checkpoint to evaluate")
+
+
 def read_result(run_dir: str) -> Optional[dict]:
-    """A run's `precise_bn.json`, or None if it has not been evaluated."""
+    """A run's `precise_bn.json`, or None if it has not been evaluated (or it is unreadable)."""
     try:
         with open(os.path.join(run_dir, RESULT_FILE)) as f:
-            return json.load(f)
+            result = json.load(f)
     except (OSError, ValueError):
         return None
+    return result if isinstance(result, dict) else None
 
 
 def accuracy_at(run_dir: str, epoch: int) -> float:
     """The run's recomputed-BN test accuracy if `precise_bn.json` holds that epoch's, else NaN."""
     result = read_result(run_dir)
-    if not result or not epoch or result.get("epoch") != epoch:
-        return float("nan")
+    if not result or not epoch or result.get("epoch") != epoch or not result.get("own_data", True):
+        return float("nan")     # another epoch, or evaluated on other data than the run's
     return float(result["precise_bn"])
 
 
@@ -182,12 +211,16 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _other_data(r: dict) -> str:
+    return "" if r.get("own_data", True) else f" (on {r['data_source']} data, not the run's)"
+
+
 def to_markdown(rows: List[dict]) -> str:
     lines = ["| run | epoch | logged test accuracy | stored BN statistics | recomputed BN statistics "
              "| recomputed − stored |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         epoch = f"{r['epoch']}" + ("" if r["epoch"] == r["train_epochs"] else f" of {r['train_epochs']}")
-        lines.append(f"| {r['run']} | {epoch} | {_pct(r['logged'])} | {_pct(r['stored_bn'])} | "
+        lines.append(f"| {r['run']}{_other_data(r)} | {epoch} | {_pct(r['logged'])} | {_pct(r['stored_bn'])} | "
                      f"{_pct(r['precise_bn'])} | {100 * (r['precise_bn'] - r['stored_bn']):+.2f} pts |")
     return "\n".join(lines) + "\n"
 
@@ -212,6 +245,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.bn_batches < 1:
         parser.error(f"argument --bn_batches: {args.bn_batches} must be positive")
+    if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        print(f"error: --out={args.out_dir} is a file, not a folder", file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rows, failed, cache = [], 0, {}
     try:
@@ -229,14 +265,19 @@ def main(argv=None) -> int:
         cached = result.pop("cached", False)
         row = dict(run=name, **result)
         rows.append(row)
-        print(f"{row['run']}: epoch {row['epoch']}, logged {_pct(row['logged'])}, stored BN "
+        print(f"{row['run']}{_other_data(row)}: epoch {row['epoch']}, logged {_pct(row['logged'])}, stored BN "
               f"{_pct(row['stored_bn'])}, recomputed BN {_pct(row['precise_bn'])}"
               + (f" (from its {RESULT_FILE}; --again to redo)" if cached else ""), flush=True)
     if rows:
         print(to_markdown(rows), end="")
         if args.out_dir:
-            os.makedirs(args.out_dir, exist_ok=True)
-            for path in output.write_table(args.out_dir, "precise_bn", to_markdown(rows), rows):
+            try:
+                os.makedirs(args.out_dir, exist_ok=True)
+                paths = output.write_table(args.out_dir, "precise_bn", to_markdown(rows), rows)
+            except OSError as e:
+                print(f"error: --out={args.out_dir}: cannot write there ({e.strerror or e})", file=sys.stderr)
+                return 1
+            for path in paths:
                 print(path)
     return 1 if failed else 0
 

@@ -151,6 +151,8 @@ class CheckpointStore:
         lines = [f'model_checkpoint_path: "{name(good[-1])}"']
         lines += [f'all_model_checkpoint_paths: "{name(n)}"' for n in good]
         path = os.path.join(self.directory, INDEX_FILE)
+        if os.path.isdir(path) and not os.path.islink(path):    # a damaged index like any other
+            shutil.rmtree(path)
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -47,6 +47,9 @@ def load_arrays(data_source, data_dir=None, seed=0):
 
 def _load_tfds(data_dir):
     """`tfds.load("cifar10")`; a failure becomes one line that says whose fault it is."""
+    if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir={data_dir} is a file: TFDS keeps CIFAR-10 in a folder (for the "
+                        f"{fidelity.ARCHIVE_NAME} archive itself use --data_source=binary)")
     try:
         import tensorflow_datasets as tfds  # here: binary and synthetic runs need not pay for it
 
@@ -189,8 +192,8 @@ def decode_records(raw, name):
     labels = records[:, 0].astype(np.int32)
     bad = np.flatnonzero(labels >= fidelity.NUM_CLASSES)
     if bad.size:
-        raise DataError(f"{name}: record {bad[0]} has label {labels[bad[0]]}, "
-                        f"outside 0..{fidelity.NUM_CLASSES - 1}")
+        raise DataError(f"{name} is damaged or not a CIFAR-10 binary file: record {bad[0]} has "
+                        f"label {labels[bad[0]]}, outside 0..{fidelity.NUM_CLASSES - 1}")
     planes = records[:, fidelity.LABEL_BYTES:].reshape(-1, fidelity.NUM_CHANNELS,
                                                        fidelity.HEIGHT, fidelity.WIDTH)
     return np.ascontiguousarray(planes.transpose(0, 2, 3, 1)), labels
@@ -217,8 +220,8 @@ def read_binary_archive(path):
                 if name and member.isfile():
                     found[name] = decode_records(tar.extractfile(member).read(), f"{path}:{member.name}")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DataError(f"{path} is not a readable {fidelity.ARCHIVE_NAME} archive "
-                        f"({type(e).__name__}: {e})") from None
+        raise DataError(f"{path} is not a readable {fidelity.ARCHIVE_NAME} archive, damaged or "
+                        f"cut short ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     missing = [m for m, n in wanted.items() if n not in found]
     if missing:
         raise DataError(f"{path}: the archive lacks {missing[0]} (expected the official "

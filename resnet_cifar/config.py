@@ -23,6 +23,20 @@ DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
 MAX_SEED = 2**31 - 1       # NumPy seeds stop at 2**32 - 1, TF's int32 seeds at 2**31 - 1
 
 
+FLOAT32_MAX = 3.4028234663852886e38   # training computes in float32: larger numbers overflow
+
+
+def float_problem(value):
+    """'' for a usable number (or None: unset), else why not: every float setting gets this check."""
+    if value is None:
+        return ""
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if abs(value) > FLOAT32_MAX:
+        return f"is too large (training computes in float32, at most {FLOAT32_MAX:.3g})"
+    return ""
+
+
 class ConfigError(ValueError):
     """A bad setting; its message is one line, meant for the user."""
 
@@ -84,12 +98,14 @@ class TrainConfig:
             fail(f"--conv_lr_factor={self.conv_lr_factor!r}: choose one of {', '.join(CONV_LR_FACTORS)}")
         if self.dtype not in DTYPES:
             fail(f"--dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        for name in ("weight_decay", "bn_decay"):
-            if not math.isfinite(getattr(self, name)):
-                fail(f"--{name}={getattr(self, name)} must be a finite number")
+        for name in ("weight_decay", "bn_decay", "learning_rate"):
+            problem = float_problem(getattr(self, name))
+            if problem:
+                fail(f"--{name}={getattr(self, name)} {problem}")
         for name in ("boundary_epochs", "decay_rates"):
-            if not all(math.isfinite(x) for x in getattr(self, name)):
-                fail(f"--{name}={_csv(getattr(self, name))} must be finite numbers")
+            if any(float_problem(x) for x in getattr(self, name)):
+                fail(f"--{name}={_csv(getattr(self, name))} must be finite numbers, "
+                     f"at most {FLOAT32_MAX:.3g} in size")
         if not 0 <= self.seed <= MAX_SEED:
             fail(f"--seed={self.seed} must be in [0, {MAX_SEED}]")
         for name in ("batch_size", "train_epochs", "epochs_between_evals", "steps_per_execution"):

@@ -20,7 +20,27 @@ def tensorboard_command(model_dir):
     return f"tensorboard --logdir {shlex.quote(os.path.abspath(model_dir))}"
 
 
-def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, resumed_after=0):
+BN_LAG_GAP = 0.05          # test accuracy this far below train accuracy ...
+BN_LAG_MEMORIES = 10       # ... after fewer steps than this many BN memories (1 / (1 - decay))
+
+
+def bn_lag_note(model_dir, logs, steps, bn_decay):
+    """A line when test accuracy trails train accuracy on a run too short for BN's moving
+    averages to have caught up with the weights, naming analysis.precise_bn; else ''."""
+    train, test = logs.get("accuracy"), logs.get("val_accuracy")
+    if None in (train, test, steps, bn_decay) or not train - test >= BN_LAG_GAP:
+        return ""
+    memory = 1.0 / (1.0 - bn_decay) if bn_decay < 1 else math.inf
+    if steps >= BN_LAG_MEMORIES * memory:
+        return ""
+    return (f"note: test accuracy trails train accuracy by {100 * (train - test):.1f} points: after only "
+            f"{steps} steps, BN's moving averages (decay {bn_decay:g}, a memory of ~{memory:.0f} steps) "
+            f"lag the weights; `python -m analysis.precise_bn {shlex.quote(model_dir)}` evaluates "
+            "with recomputed BN statistics")
+
+
+def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, resumed_after=0,
+                 steps=None, bn_decay=None):
     """The block printed when a run has finished, as one string of lines.
 
     logs: the last epoch's Keras logs (`loss`, `val_accuracy`, `conv_sqsum`, ...);
@@ -48,7 +68,8 @@ def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, re
         f"  then open {TENSORBOARD_PAGE} (the post's curves side by side)",
         rule,
     ]
-    return "\n".join(lines)
+    note = bn_lag_note(model_dir, logs, steps, bn_decay) if last_eval_epoch in (None, epochs) else ""
+    return "\n".join(lines + ([note] if note else []))
 
 
 def hms(seconds):

@@ -15,7 +15,9 @@ import dataclasses
 import glob
 import json
 import os
+import pickle
 import re
+import zipfile
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -118,9 +120,42 @@ def list_tags(run_dir: str, subdir: str = tags.TRAIN_DIR) -> List[str]:
     return sorted(_tensor_events(_event_dir(run_dir, subdir)))
 
 
-def is_complete(run_dir: str) -> bool:
-    """True when training wrote its done-marker, i.e. ran all its epochs."""
-    return os.path.isfile(os.path.join(run_dir, tags.DONE_FILE))
+def is_complete(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR),
+                scalars: Optional[Dict[str, Dict[str, Series]]] = None) -> bool:
+    """True when training wrote its done-marker and the event files of `subdirs` hold the
+    epochs it names: the train loss of its last epoch, the test accuracy of its last
+    evaluation. An event file emptied or cut short (at a record boundary, which reads
+    back without an error) thus makes a finished run incomplete.
+
+    scalars: subdir -> tag -> series, if already read (`load_run`).
+    """
+    try:
+        with open(os.path.join(run_dir, tags.DONE_FILE)) as f:
+            epochs = int(json.load(f)["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    try:
+        every = int(read_config(run_dir).get("epochs_between_evals") or 1)
+    except (EventsError, ValueError, TypeError):
+        every = 1
+    needed = {tags.TRAIN_DIR: (tags.EPOCH_LOSS, epochs),
+              tags.VALIDATION_DIR: (tags.EPOCH_ACCURACY, epochs // max(every, 1) * max(every, 1))}
+    for subdir in subdirs:
+        tag, epoch = needed[subdir]
+        if not epoch or (subdir != tags.TRAIN_DIR and not glob.glob(os.path.join(run_dir, subdir, "*tfevents*"))):
+            continue            # nothing to hold, or never logged there (no event file at all)
+        if scalars is not None and subdir in scalars:
+            found = scalars[subdir]
+        else:
+            try:
+                found = read_all_scalars(run_dir, subdir)
+            except EventsError:
+                found = {}
+        # Its key tag; else (runs made by other code) the last step of any tag.
+        last = [int(s.max()) for s, _ in ([found[tag]] if tag in found else found.values()) if len(s)]
+        if not last or max(last) < epoch:
+            return False
+    return True
 
 
 def read_config(run_dir: str) -> dict:
@@ -178,7 +213,7 @@ class Run:
 
     run_dir: str
     config: dict
-    complete: bool                          # done.json written and no event file damaged
+    complete: bool                          # done.json, its epochs in the events, no damaged file
     scalars: Dict[str, Dict[str, Series]]   # subdir -> tag -> series
     damaged: List[str] = dataclasses.field(default_factory=list)   # damaged_event_files()
 
@@ -209,8 +244,9 @@ def load_run(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR)) -> Run
                 raise   # files exist but are unreadable: say so
             scalars[subdir] = {}
     damaged = damaged_event_files(run_dir, subdirs)
-    return Run(run_dir=run_dir, config=read_config(run_dir),
-               complete=is_complete(run_dir) and not damaged, scalars=scalars, damaged=damaged)
+    config = read_config(run_dir)
+    complete = not damaged and is_complete(run_dir, subdirs, scalars)
+    return Run(run_dir=run_dir, config=config, complete=complete, scalars=scalars, damaged=damaged)
 
 
 
@@ -229,8 +265,8 @@ def read_channel_sqsum(run_dir: str) -> Tuple[np.ndarray, Dict[str, np.ndarray]]
         with np.load(path) as data:
             epochs = np.asarray(data["epochs"], np.int64)
             layers = {k: np.asarray(data[k], np.float64) for k in data.files if k != "epochs"}
-    except (OSError, KeyError, ValueError) as e:
-        raise EventsError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise EventsError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     bad = [k for k, v in layers.items() if v.ndim != 2 or v.shape[0] != len(epochs)]
     if bad:
         raise EventsError(f"{path}: layer {bad[0]} does not have one row per epoch")

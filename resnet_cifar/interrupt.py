@@ -30,14 +30,23 @@ class Interrupted(BaseException):
 
 _deferring = 0
 _pending = None
+_received = None        # the first signal of this process's handlers, even if something swallowed it
 
 
 def _handler(signum, frame):
-    global _pending
+    global _pending, _received
+    _received = _received or signum
     if _deferring:
         _pending = _pending or signum
         return
     raise Interrupted(signum)
+
+
+def check():
+    """Raises `Interrupted` if a signal arrived whose exception something on the way
+    swallowed (a library's bare `except:` during an import, say): the run still stops."""
+    if _received is not None:
+        raise Interrupted(_received)
 
 
 @contextlib.contextmanager
@@ -46,6 +55,9 @@ def handlers():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _received
+    if not any(signal.getsignal(s) is _handler for s in SIGNALS):
+        _received = None        # a new outermost scope (tests run several in one process)
     old = {s: signal.signal(s, _handler) for s in SIGNALS}
     try:
         yield

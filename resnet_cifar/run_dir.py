@@ -49,6 +49,9 @@ def check(config, locked=False):
     just works. `locked`: the caller holds the folder's lock (else a holder refuses).
     """
     d = config.model_dir
+    state = _stored_run(config)
+    if state.finished:            # nothing to write: a read-only mount is fine
+        return state
     base = _nearest_existing(d)
     if not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
         what = "not a folder" if not os.path.isdir(base) else "not writable"
@@ -62,10 +65,24 @@ def check(config, locked=False):
         holder = run_lock.holder(d)
         if holder is not None:
             raise config_lib.ConfigError(str(run_lock.RunLocked(d, holder)))
+    return state
 
+
+def _stored_run(config):
+    """What the folder holds: nothing, this run (finished or not), or another (replace)."""
+    d = config.model_dir
     path = os.path.join(d, tags.RUN_CONFIG_FILE)
     if not os.path.exists(path):
-        return RunDirState(finished=False)
+        sweep = _sweep_run(d)
+        if sweep:
+            raise config_lib.ConfigError(
+                f"--model_dir={d} holds the runs of a sweep ({sweep}); give one run's own folder")
+        leftovers = [n for n in (CHECKPOINTS, tags.TRAIN_DIR, tags.DONE_FILE) if os.path.lexists(os.path.join(d, n))]
+        if leftovers and not config.overwrite:
+            raise config_lib.ConfigError(
+                f"--model_dir={d} holds {', '.join(leftovers)} but no {tags.RUN_CONFIG_FILE}: which run "
+                "they belong to is unknown; use --overwrite to start this run afresh, or another --model_dir")
+        return RunDirState(finished=False, replace=bool(leftovers))
     try:
         with open(path) as f:
             old = json.load(f)["config"]
@@ -83,7 +100,51 @@ def check(config, locked=False):
             "use --overwrite to replace it, or another --model_dir")
     if diffs:
         return RunDirState(finished=False, replace=True)
-    return RunDirState(finished=os.path.exists(os.path.join(d, tags.DONE_FILE)))
+    if os.path.exists(os.path.join(d, tags.DONE_FILE)):
+        return RunDirState(finished=True)
+    damage = damaged(d)
+    if damage:
+        if not config.overwrite:
+            raise config_lib.ConfigError(f"--model_dir={d} is damaged: {damage}; repair it, or use "
+                                         "--overwrite to start this run afresh")
+        return RunDirState(finished=False, replace=True)
+    return RunDirState(finished=False)
+
+
+def damaged(d):
+    """'' if the run folder's parts have their kinds, else one line saying which does not."""
+    for name, folder in ((CHECKPOINTS, True), (tags.TRAIN_DIR, True), (tags.VALIDATION_DIR, True),
+                         (tags.CHANNEL_SQSUM_FILE, False)):
+        path = os.path.join(d, name)
+        if os.path.lexists(path) and os.path.isdir(path) != folder:
+            return f"{path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}"
+    path = os.path.join(d, tags.CHANNEL_SQSUM_FILE)
+    if os.path.exists(path):
+        from resnet_cifar import events
+        try:
+            events.read_channel_sqsum(d)
+        except events.EventsError as e:
+            return f"{e} (delete it to go on without the per-channel log of the epochs so far)"
+    return ""
+
+
+def _sweep_run(d, depth=3):
+    """The first run_config.json in a sub-folder of `d` (up to `depth` levels down), or ''."""
+    if depth == 0 or not os.path.isdir(d):
+        return ""
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return ""
+    for name in names:
+        sub = os.path.join(d, name)
+        if os.path.isdir(sub) and not os.path.islink(sub):
+            if os.path.isfile(os.path.join(sub, tags.RUN_CONFIG_FILE)):
+                return os.path.join(sub, tags.RUN_CONFIG_FILE)
+            found = _sweep_run(sub, depth - 1)
+            if found:
+                return found
+    return ""
 
 
 def open_run(config):
@@ -100,7 +161,8 @@ def open_run(config):
     except run_lock.RunLocked as e:
         raise config_lib.ConfigError(str(e)) from None
     except OSError as e:
-        raise config_lib.ConfigError(f"--model_dir={d} is not writable ({e.strerror or e})") from None
+        raise config_lib.ConfigError(f"--model_dir={d}: cannot take its lock {e.filename or run_lock.LOCK_FILE} "
+                                     f"({e.strerror or e})") from None
     try:
         state = check(config, locked=True)   # another process may have written it meanwhile
         if state.replace:
@@ -142,21 +204,29 @@ def _norm(value):
 
 
 def clear(d):
-    """Removes what a run wrote (and only that) from its folder."""
-    for name in (tags.TRAIN_DIR, tags.VALIDATION_DIR, CHECKPOINTS):
-        shutil.rmtree(os.path.join(d, name), ignore_errors=True)
-    for name in (tags.RUN_CONFIG_FILE, tags.DONE_FILE, tags.CHANNEL_SQSUM_FILE):
-        if os.path.exists(os.path.join(d, name)):
-            os.remove(os.path.join(d, name))
+    """Removes what a run wrote (and only that) from its folder, whatever kind each part is."""
+    for name in (tags.TRAIN_DIR, tags.VALIDATION_DIR, CHECKPOINTS, tags.RUN_CONFIG_FILE, tags.DONE_FILE,
+                 tags.CHANNEL_SQSUM_FILE):
+        path = os.path.join(d, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
 
 
 def write_json(path, payload):
+    """Atomically: the file is whole or absent, never empty, whatever fails (a full disk, say)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp) and not os.path.isdir(tmp):
+            os.remove(tmp)
+        raise
 
 
 def versions():

@@ -7,6 +7,7 @@ or diverged run ends with one line on stderr and a non-zero exit code.
 
 import dataclasses
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")   # TF's C++ INFO lines drown Keras' progress
@@ -73,6 +74,13 @@ flags.DEFINE_enum("optimizer", "momentum", list(config_lib.OPTIMIZERS),
 flags.DEFINE_float("learning_rate", None, "Base learning rate at batch 128 (scaled by batch/128); "
                    "default: 0.1 for momentum, 1e-3 for adam and adamw.")
 
+# Every number flag refuses nan, inf and what float32 cannot hold, at parsing: one line, exit 2.
+for _flag in FLAGS.get_flags_for_module(__name__):
+    if isinstance(_flag.parser, flags.FloatParser):
+        flags.register_validator(_flag.name, lambda v: not config_lib.float_problem(v),
+                                 f"must be a finite number, at most {config_lib.FLOAT32_MAX:.3g} in size")
+# (--boundary_epochs and --decay_rates, lists of numbers, get the same check in TrainConfig.)
+
 
 def config_from_flags(f=FLAGS):
     if f.conv_l2 and f["conv_l2"].present and f.flag_noconv_l2:
@@ -95,6 +103,7 @@ def config_from_flags(f=FLAGS):
 
 
 def fail(message, code=2):
+    message = " ".join(str(message).split())      # one line, whatever a library's text held
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -104,7 +113,8 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0].removeprefix("ERROR:: "))
+        # a validator's "flag --x=v: must ..." as TrainConfig says it: "--x=v must ..."
+        fail(re.sub(r"^flag (--\S+): must ", r"\1 must ", str(e).splitlines()[0].removeprefix("ERROR:: ")))
     except UnicodeDecodeError as e:          # a flagfile that is not text
         names = [a.split("=", 1)[1] for a in argv if a.startswith(("--flagfile=", "-flagfile="))]
         fail(f"--flagfile={','.join(names) or '?'}: not UTF-8 text ({e.reason} at byte {e.start})")
@@ -146,8 +156,9 @@ def _main(argv):
     except (config_lib.ConfigError, cifar_data.DataError) as e:
         fail(str(e))
 
-    from resnet_cifar import trainer
-
+    interrupt.check()
+    with interrupt.deferred():      # no signal lands inside TF's imports, where a bare except may eat it
+        from resnet_cifar import trainer
     try:
         trainer.run(config, arrays)
     except (config_lib.ConfigError, cifar_data.DataError) as e:
@@ -157,7 +168,12 @@ def _main(argv):
 
 
 def run():
-    app.run(main, flags_parser=parse_flags)
+    with interrupt.handlers():       # from the first moment: a signal during flag parsing stops too
+        try:
+            app.run(main, flags_parser=parse_flags)
+        except interrupt.Interrupted as e:
+            print(f"stopped by {e.name} before training started", file=sys.stderr, flush=True)
+            sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

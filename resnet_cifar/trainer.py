@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from resnet_cifar import (callbacks, checkpoints, cifar_data, config as config_lib, console, conv_scaling,
-                          events, input_pipeline, interrupt, models, optim, run_dir, tags)
+                          events, fidelity, input_pipeline, interrupt, models, optim, run_dir, tags)
 from resnet_cifar.train_step import ReproductionModel
 
 
@@ -62,7 +62,7 @@ def use_xla(config):
     return bool(tf.config.list_physical_devices("GPU"))
 
 
-def load_baseline(path, train_epochs, per_channel=False):
+def load_baseline(path, train_epochs, per_channel=False, resnet_size=fidelity.RESNET_SIZE):
     """The logged conv_sqsum trajectory (total and per layer) of a finished baseline run."""
     if not os.path.isdir(path):
         raise config_lib.ConfigError(f"--replay_from={path}: no such run folder")
@@ -74,9 +74,13 @@ def load_baseline(path, train_epochs, per_channel=False):
     if not_baseline:
         raise config_lib.ConfigError(f"--replay_from={path} is not a baseline run: it is {not_baseline}; "
                                      "replay needs a baseline (conv kernels in L2, no gradient scaling)")
-    if not events.is_complete(path):
-        raise config_lib.ConfigError(f"--replay_from={path}: that run has not finished "
-                                     f"(no {tags.DONE_FILE}); let the baseline finish first")
+    if not events.is_complete(path, (tags.TRAIN_DIR,)):
+        raise config_lib.ConfigError(f"--replay_from={path}: that run has not finished (no {tags.DONE_FILE}, "
+                                     "or its events stop before the epoch it names); let the baseline finish first")
+    depth = source.get("resnet_size", fidelity.RESNET_SIZE)
+    if depth != resnet_size:
+        raise config_lib.ConfigError(f"--replay_from={path} is a ResNet-{depth} run: this ResNet-{resnet_size} "
+                                     "can only replay a baseline of its own depth (--resnet_size)")
     try:
         scalars = events.read_all_scalars(path)
         damaged = events.damaged_event_files(path, (tags.TRAIN_DIR,))
@@ -202,13 +206,18 @@ class _Progress:
     def stopped_message(self, signal_name):
         if self.model is None:
             return f"stopped by {signal_name} before training started"
-        step = int(self.model.optimizer.iterations.numpy())
-        epoch, done = step // self.steps_per_epoch + 1, step % self.steps_per_epoch
-        where = f"stopped at epoch {epoch}, step {done}/{self.steps_per_epoch} by {signal_name}"
-        if self.store is not None and self.store.good:
-            last = self.store.good[-1]
+        # Where it stopped, counted from the last checkpoint: that is where a resume starts.
+        last = self.store.good[-1] if self.store is not None and self.store.good else 0
+        into = int(self.model.optimizer.iterations.numpy()) - last * self.steps_per_epoch
+        if into <= 0 or into > self.steps_per_epoch:
+            where = f"stopped by {signal_name} after epoch {last}" if last else f"stopped by {signal_name}"
+        elif into == self.steps_per_epoch:
+            where = f"stopped by {signal_name} at the end of epoch {last + 1}, before its checkpoint"
+        else:
+            where = f"stopped by {signal_name} in epoch {last + 1}, after step {into}/{self.steps_per_epoch}"
+        if last:
             return (f"{where}; checkpoint {checkpoints.name(last)} (after epoch {last}) is kept: "
-                    "the same command resumes it")
+                    "the same command resumes from it")
         return f"{where}; no epoch had finished: the same command starts it again"
 
 
@@ -230,7 +239,7 @@ def _run(config, arrays, print_fn, progress):
     baseline = None
     if config.conv_grad_scale and config.conv_lr_factor in config_lib.REPLAY_FACTORS:
         baseline = load_baseline(config.replay_from, config.train_epochs,
-                                 per_channel=config.conv_lr_factor == "per_channel")
+                                 per_channel=config.conv_lr_factor == "per_channel", resnet_size=config.resnet_size)
     model = build_model(config, steps_per_epoch, baseline)
     progress.model, progress.steps_per_epoch = model, steps_per_epoch
 
@@ -264,8 +273,8 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
     store = checkpoints.CheckpointStore(checkpoint, os.path.join(config.model_dir, run_dir.CHECKPOINTS))
-    restored, skipped = store.restore()
     progress.store = store
+    restored, skipped = store.restore()
     initial_epoch = int(epoch_variable.numpy())
     skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
     if initial_epoch:
@@ -317,9 +326,11 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
         raise TrainingError(f"{nan_stop.what} became {loss} at epoch {epoch}, step {step}: training stopped; "
                             f"logs up to there are in {config.model_dir}")
     logs = {k: float(v[-1]) for k, v in history.history.items() if v}
+    interrupt.check()           # a signal that something swallowed: not finished
     run_dir.mark_done(config, logs)
     freq = config.epochs_between_evals
     print_fn(console.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
                                   last_eval_epoch=config.train_epochs // freq * freq,
-                                  resumed_after=initial_epoch), flush=True)
+                                  resumed_after=initial_epoch, steps=config.train_epochs * steps_per_epoch,
+                                  bn_decay=config.bn_decay), flush=True)
     return RunResult("finished", config.train_epochs, logs, model)

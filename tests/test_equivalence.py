@@ -6,9 +6,18 @@ import pytest
 
 from analysis import equivalence
 from resnet_cifar import tags
-from tests.test_analysis import write_run
+from tests import test_analysis
 
 E1 = np.arange(1, 5)
+
+
+def write_run(run_dir, train, validation, config, done=False):
+    """test_analysis.write_run, with a done.json naming the 4 epochs these runs log."""
+    test_analysis.write_run(run_dir, train, validation, config, done=done)
+    if done:
+        with open(f"{run_dir}/{tags.DONE_FILE}", "w") as f:
+            f.write(f'{{"epochs": {len(E1)}}}')
+    return run_dir
 LAYERS = ["conv2d", "conv2d_1"]
 WDS = (1e-4, 5e-4)
 

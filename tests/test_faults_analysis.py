@@ -1,0 +1,194 @@
+"""Hostile inputs and faults of the analysis commands (issue 22), through real processes and files.
+
+A damaged event file must not pass for a finished run; precise_bn and equivalence end
+a failed write in one line and leave no half-written file; every module the README
+and docs name as a command runs as one.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from analysis import precise_bn
+from resnet_cifar import events, run_dir, tags
+from tests.cifar_files import write_binary_cifar
+from tests.test_faults_train import finished  # noqa: F401 (the fixture: a finished ResNet-8 run)
+from tests.test_reliability import meaningful
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env():
+    return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def command(module, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(r, code, *needles):
+    lines = [line for line in meaningful(r.stderr) if not line.startswith("note: ")]
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def run(finished, tmp_path):  # noqa: F811
+    path = str(tmp_path / "results" / "baseline")
+    shutil.copytree(finished, path)
+    return path
+
+
+# ------------------------------------------------------------------ 5. damaged event files
+
+
+def _records(path):
+    """Byte offsets where each TFRecord of an event file ends."""
+    with open(path, "rb") as f:
+        data = f.read()
+    ends, pos = [], 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 8], "little")
+        pos += 8 + 4 + length + 4
+        ends.append(pos)
+    return ends
+
+
+@pytest.mark.parametrize("subdir", [tags.TRAIN_DIR, tags.VALIDATION_DIR])
+@pytest.mark.parametrize("damage", ["empty", "cut at a record boundary"])
+def test_a_finished_run_with_short_event_files_is_not_complete(run, subdir, damage):
+    assert events.load_run(run).complete and events.is_complete(run)
+    path, = glob.glob(os.path.join(run, subdir, "*tfevents*"))
+    ends = _records(path)
+    with open(path, "r+b") as f:
+        f.truncate(0 if damage == "empty" else ends[len(ends) // 2])
+    loaded = events.load_run(run)
+    assert loaded.damaged == []                 # reads back without an error ...
+    assert not loaded.complete and not events.is_complete(run)   # ... but holds fewer epochs
+    r = command("analysis.make_figures", os.path.dirname(run), "--out", os.path.join(run, "..", "figures"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(run, "..", "figures", "summary.csv")) as f:
+        assert ",no," in f.read().splitlines()[1]
+
+
+# ------------------------------------------------------------------ 6. analysis outputs
+
+
+def test_precise_bn_does_not_trust_a_dangling_index(run):
+    for name in os.listdir(os.path.join(run, run_dir.CHECKPOINTS)):
+        if name.startswith("ckpt-2."):          # the index still names ckpt-2
+            os.remove(os.path.join(run, run_dir.CHECKPOINTS, name))
+    r = command("analysis.precise_bn", run, "--bn_batches=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert precise_bn.read_result(run)["checkpoint"] == "ckpt-1"
+
+
+def test_precise_bn_and_equivalence_refuse_an_out_that_is_a_file(run, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file\n")
+    one_error_line(command("analysis.precise_bn", run, "--bn_batches=2", f"--out={out}"), 2, str(out))
+    one_error_line(command("analysis.equivalence", tmp_path, f"--out={out}"), 2, str(out))
+    assert out.read_text() == "a file\n"
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A small tmpfs; skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_precise_bn_on_a_full_or_read_only_disk_is_one_line_and_writes_nothing(run, disk, fault):
+    target = disk / "baseline"
+    shutil.copytree(run, target)
+    if fault == "full":
+        with open(disk / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 2**20)
+                    f.flush()
+            except OSError:
+                pass
+    else:
+        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode == 0
+    r = command("analysis.precise_bn", target, "--bn_batches=2")
+    one_error_line(r, 1, precise_bn.RESULT_FILE)
+    assert not os.path.exists(target / precise_bn.RESULT_FILE)
+    assert not glob.glob(str(target / "*.tmp*"))
+    if fault == "full":
+        os.remove(disk / "filler")
+        r = command("analysis.precise_bn", target, "--bn_batches=2")      # the retry just works
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert precise_bn.read_result(str(target))["epoch"] == 2
+
+
+def test_precise_bn_labels_evaluation_on_other_data(run, tmp_path):
+    data = write_binary_cifar(str(tmp_path / "data"), per_train_file=16, num_test=16)
+    r = command("analysis.precise_bn", run, "--bn_batches=2", "--data_source=binary", f"--data_dir={data}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(on binary data, not the run's)" in r.stdout, r.stdout
+    result = precise_bn.read_result(run)
+    assert result["own_data"] is False
+    assert np.isnan(precise_bn.accuracy_at(run, 2))      # never tabled as the run's own number
+
+
+def test_equivalence_skips_a_run_with_garbage_run_config(finished, tmp_path):  # noqa: F811
+    results = tmp_path / "results"
+    for seed in (0, 1):
+        shutil.copytree(finished, results / "weight_decay=2e-4" / "baseline" / f"seed_{seed}")
+    bad = results / "weight_decay=2e-4" / "conv_lr_scale" / "seed_0"
+    shutil.copytree(finished, bad)
+    (bad / tags.RUN_CONFIG_FILE).write_text("{garbage")
+    r = command("analysis.equivalence", results)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipped {bad}" in r.stderr
+    assert os.path.exists(results / "figures" / "equivalence.md")
+
+
+# ------------------------------------------------------------------ 8. every named command runs
+
+
+def named_commands():
+    names = set()
+    for path in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md")):
+        with open(path) as f:
+            names |= set(re.findall(r"python -m ((?:analysis|experiments|resnet_cifar)\.[a-z_]+)", f.read()))
+    return sorted(names | {"analysis.grid"})
+
+
+@pytest.mark.parametrize("module", named_commands())
+def test_every_named_command_runs_as_one(module):
+    r = command(module, "--help", timeout=120)
+    assert "Traceback" not in r.stderr
+    assert r.returncode in (0, 1), r.stderr[-2000:]      # absl's --help exits 1, argparse's 0
+    assert "--" in r.stdout and len(r.stdout) > 200, (module, r.stdout, r.stderr[-2000:])
+
+
+def test_analysis_grid_draws_the_grid(finished, tmp_path):  # noqa: F811
+    results = tmp_path / "results"
+    for wd in ("1e-4", "2e-4"):
+        shutil.copytree(finished, results / f"weight_decay={wd}" / "baseline" / "seed_0")
+    r = command("analysis.grid", results)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(results / "figures" / "grid.csv")
+    one_error_line(command("analysis.grid", tmp_path / "nothing"), 2, "no such folder")
+    with open(results / "figures" / "grid.csv") as f:
+        assert len(f.read().splitlines()) == 3
