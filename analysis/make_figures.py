@@ -23,6 +23,7 @@ from typing import Dict, List
 
 from analysis import angular, figures, grid, output, replay_match, summary, theory
 from resnet_cifar import events, tags
+from resnet_cifar import runs as run_registry
 
 EXIT_NO_RUNS = 2
 
@@ -40,7 +41,20 @@ def load_results(runs: Dict[str, List[str]]) -> Dict[str, List[events.Run]]:
             for damage in run.damaged:
                 figures.note(f"damaged event file {damage}; read up to the damage, run marked incomplete")
             loaded.setdefault(name, []).append(run)
-    return {name: seeds for name, seeds in loaded.items() if seeds}
+    return recognise(loaded)
+
+
+def recognise(loaded: Dict[str, List[events.Run]]) -> Dict[str, List[events.Run]]:
+    """Folders not named after a run (runs/a, runs/b) take the name of the run their
+    run_config.json describes (`runs.name_of`), when no other folder has that name."""
+    out = {}
+    for name, seeds in loaded.items():
+        guess = None if name in run_registry.LABELS else run_registry.name_of(seeds[0].config)
+        if guess and guess not in loaded and guess not in out:
+            figures.note(f"{name}: recognised as {figures.label_of(guess)} ({guess}) by its run_config.json")
+            name = guess
+        out[name] = seeds
+    return out
 
 
 def curves(loaded: Dict[str, List[events.Run]], tag: str, subdir: str) -> figures.Curves:

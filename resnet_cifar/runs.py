@@ -31,3 +31,23 @@ CONV_LR_FACTORS = ("piecewise", "replay", "per_layer", "per_channel")
 REPLAY_FACTORS = ("replay", "per_layer", "per_channel")
 REPLAY_GRANULARITY = {CONV_LR_SCALE: "global", CONV_LR_SCALE_PER_LAYER: "per layer",
                       CONV_LR_SCALE_PER_CHANNEL: "per channel"}
+
+
+def name_of(config):
+    """The run of this registry that a run's flags (run_config.json "config") describe, or None.
+
+    Lets analysis recognise the post's runs in folders named otherwise (runs/a, runs/b).
+    """
+    if not isinstance(config, dict) or config.get("optimizer", "momentum") != "momentum":
+        return None
+    conv_l2, scaled = config.get("conv_l2", True), config.get("conv_grad_scale", False)
+    bn_fast = abs(float(config.get("bn_decay", 0.997)) - 0.98) < 1e-9
+    if not scaled:
+        return None if bn_fast else (BASELINE if conv_l2 else NOCONV_L2)
+    if conv_l2:
+        return None
+    factor = config.get("conv_lr_factor", "piecewise")
+    if factor in ("piecewise", "replay"):
+        return CONV_LR_SCALE_BN098 if bn_fast else CONV_LR_SCALE
+    return None if bn_fast else {"per_layer": CONV_LR_SCALE_PER_LAYER,
+                                 "per_channel": CONV_LR_SCALE_PER_CHANNEL}.get(factor)
