@@ -64,7 +64,9 @@ flags.DEFINE_integer("steps_per_execution", 1, "Train steps per tf.function call
 flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
                   "float32 (faithful) or a mixed-precision policy; the conv factor stays float32.")
 flags.DEFINE_boolean("overwrite", False, "Replace a run with other flags in --model_dir.")
-flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch. "
+                     "Not given, and the output is not a terminal (a file, a pipe): 2, so logs hold no "
+                     "progress-bar escape codes.")
 # Beyond the post: depth and optimizer.
 flags.DEFINE_integer("resnet_size", fidelity.RESNET_SIZE,
                      "ResNet depth 6n+2 (20: the post; 32, 44, 56, 110), n blocks per stage.")
@@ -96,6 +98,8 @@ def config_from_flags(f=FLAGS):
         decay_rates=rates,
         conv_l2=f.conv_l2 and not f.flag_noconv_l2,
         jit_compile={"auto": None, "true": True, "false": False}[f.jit_compile],
+        # Keras' progress bar writes ANSI codes even into files: a log gets one line per epoch.
+        verbose=f.verbose if f["verbose"].present or sys.stdout.isatty() else 2,
     )
     same = {field.name: f[field.name].value for field in dataclasses.fields(config_lib.TrainConfig)
             if field.name not in special}

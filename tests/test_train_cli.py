@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import platform
 import subprocess
 import sys
@@ -135,9 +136,16 @@ def short_run(tmp_path_factory):
     model_dir = tmp / "run"
     r = run_cli(f"--model_dir={model_dir}", "--data_source=binary", f"--data_dir={tmp / 'data'}",
                 "--train_epochs=4", "--steps_per_epoch=8", "--batch_size=32", "--boundary_epochs=3",
-                "--decay_rates=1,0.1", "--verbose=2", "--seed=3", timeout=400)
+                "--decay_rates=1,0.1", "--seed=3", timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     return model_dir, r
+
+
+def test_output_to_a_pipe_has_no_progress_bar_escape_codes(short_run):
+    """--verbose not given and stdout a pipe: one Keras line per epoch, no ANSI codes."""
+    _, r = short_run
+    assert "\x1b" not in r.stdout
+    assert len(re.findall(r"^8/8 - ", r.stdout, flags=re.M)) == 4, r.stdout
 
 
 def test_loss_falls(short_run):
