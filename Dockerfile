@@ -22,7 +22,8 @@ RUN python -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
 # matplotlib and Ray still find a writable home. TF_CPP_MIN_LOG_LEVEL=3: TensorFlow's C++
 # start-up lines (oneDNN notice, cuInit error without --gpus, CUDA stub and plugin lines)
 # stay out of every process's console; -e TF_CPP_MIN_LOG_LEVEL=0 brings them back. TF 2.21
-# logs some of them before it reads the variable: docker/quiet_tf.py (below) drops those.
+# logs some of them before it reads the variable: resnet_cifar/quiet_tf.py, loaded in every
+# Python process by a .pth line (below), drops those.
 ENV TFDS_DATA_DIR=/data/tfds \
     HOME=/tmp \
     TF_CPP_MIN_LOG_LEVEL=3 \
@@ -46,7 +47,6 @@ COPY experiments/ experiments/
 COPY analysis/ analysis/
 COPY docker/entrypoint.sh /usr/local/bin/resnet-cifar-entrypoint
 COPY docker/prepare_cifar10.py /usr/local/bin/prepare-cifar10
-COPY docker/quiet_tf.py /tmp/quiet_tf.py
 # /runs and /data/tfds are writable by any --user, so a run works even without a mount
 # (its outputs then go with the container). No VOLUME: with `docker run --rm` an
 # anonymous volume would be left behind by every run that mounts nothing there.
@@ -54,8 +54,7 @@ RUN python -m pip install --no-deps . \
     && rm -rf build ./*.egg-info \
     && chmod 755 /usr/local/bin/resnet-cifar-entrypoint /usr/local/bin/prepare-cifar10 \
     && site_dir=$(python -c "import site; print(site.getsitepackages()[0])") \
-    && mv /tmp/quiet_tf.py "$site_dir/resnet_cifar_quiet_tf.py" \
-    && echo "import resnet_cifar_quiet_tf" > "$site_dir/resnet_cifar_quiet_tf.pth" \
+    && echo "import resnet_cifar" > "$site_dir/resnet_cifar_quiet_tf.pth" \
     && mkdir -p /data/tfds /runs \
     && chmod 1777 /data/tfds /runs
 

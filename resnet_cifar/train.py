@@ -10,7 +10,6 @@ import os
 import re
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")   # TF's C++ INFO lines drown Keras' progress
 # oneDNN, TensorFlow's optimized CPU kernels, is decided when TensorFlow is imported,
 # and TF turns it on by default only on CPUs with AVX512_VNNI, AVX512_BF16 or AMX. This
 # model trained 2-3.5x faster with it than without (README, Speed), and bit-reproducibly

@@ -301,13 +301,9 @@ def test_prepare_cifar10_without_a_network_fails_fast_in_one_line(tmp_path):
 
 # ------------------------------------------------------------------------- a quiet console
 
-QUIET_TF = os.path.join(ROOT, "docker", "quiet_tf.py")
-
-
 def python_with_quiet_tf(code, level):
-    """A Python process that loads docker/quiet_tf.py first, as the image's .pth line does."""
-    boot = (f"import importlib.util as u; s = u.spec_from_file_location('resnet_cifar_quiet_tf', {QUIET_TF!r}); "
-            "m = u.module_from_spec(s); s.loader.exec_module(m)\n")
+    """A Python process that imports resnet_cifar first, as the image's .pth line does (m: quiet_tf)."""
+    boot = "from resnet_cifar import quiet_tf as m\n"
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL=str(level))
     return subprocess.run([sys.executable, "-c", boot + code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -347,9 +343,7 @@ def test_quiet_tf_silences_tensorflows_import_in_any_process():
 def test_dockerfile_installs_quiet_tf_for_every_process():
     with open(DOCKERFILE) as f:
         text = f.read()
-    assert "COPY docker/quiet_tf.py /tmp/quiet_tf.py" in text
-    assert 'mv /tmp/quiet_tf.py "$site_dir/resnet_cifar_quiet_tf.py"' in text
-    assert 'echo "import resnet_cifar_quiet_tf" > "$site_dir/resnet_cifar_quiet_tf.pth"' in text
+    assert 'echo "import resnet_cifar" > "$site_dir/resnet_cifar_quiet_tf.pth"' in text
 
 
 def test_check_image_script_explains_itself_and_refuses_unknown_arguments():

@@ -39,7 +39,8 @@ def run_cli(*args, timeout=120):
 
 def test_defaults_reproduce_the_baseline():
     cfg = parse(["--model_dir=/tmp/x"])
-    assert cfg == config_lib.TrainConfig(model_dir="/tmp/x")
+    # --verbose not given: a progress bar on a terminal, one line per epoch into a pipe or file
+    assert cfg == config_lib.TrainConfig(model_dir="/tmp/x", verbose=1 if sys.stdout.isatty() else 2)
     assert (cfg.train_epochs, cfg.boundary_epochs, cfg.decay_rates) == (150, (50.0, 100.0), (1.0, 0.1, 0.01))
     assert (cfg.weight_decay, cfg.bn_decay, cfg.batch_size, cfg.conv_l2) == (2e-4, 0.997, 128, True)
     assert not cfg.conv_grad_scale
@@ -146,6 +147,13 @@ def test_output_to_a_pipe_has_no_progress_bar_escape_codes(short_run):
     _, r = short_run
     assert "\x1b" not in r.stdout
     assert len(re.findall(r"^8/8 - ", r.stdout, flags=re.M)) == 4, r.stdout
+
+
+def test_no_tensorflow_start_up_lines_on_the_console(short_run):
+    """The oneDNN notice, CUDA probing (cuInit) and absl's pre-init warning stay off stderr."""
+    _, r = short_run
+    for noise in ("oneDNN custom operations", "cuInit", "cuda drivers", "absl::InitializeLog", "I0000"):
+        assert noise not in r.stderr, r.stderr[:2000]
 
 
 def test_loss_falls(short_run):

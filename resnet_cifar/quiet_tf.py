@@ -1,15 +1,15 @@
-"""TF_CPP_MIN_LOG_LEVEL for TensorFlow's C++ start-up lines, in every Python process of the image.
+"""TensorFlow's C++ start-up lines kept off the console, in every process of this project.
 
 TensorFlow 2.21 writes its start-up lines (the oneDNN notice, "Could not find cuda
 drivers", CUDA plugin lines) through absl logging while `import tensorflow` runs, before
 it applies TF_CPP_MIN_LOG_LEVEL, each behind "WARNING: All log messages before
-absl::InitializeLog() is called are written to STDERR". The Dockerfile installs this
-module into site-packages with a .pth line that imports it, so in any process (trainer,
-runner, Ray workers, `python -c`) the first `import tensorflow` runs with stderr going to a
-temporary file; afterwards the file's lines go to stderr, less the absl-formatted ones
-below TF_CPP_MIN_LOG_LEVEL (I=0, W=1, E=2; F always stays) and absl's pre-init warning.
-Every other line written meanwhile is kept, in order. TF_CPP_MIN_LOG_LEVEL unset or 0:
-nothing is filtered.
+absl::InitializeLog() is called are written to STDERR". `install()` (called when the
+`resnet_cifar` package is imported, and by the image's .pth line for every Python process
+there) makes the first `import tensorflow` run with stderr going to a temporary file;
+afterwards the file's lines go to stderr, less the absl-formatted ones below
+TF_CPP_MIN_LOG_LEVEL (I=0, W=1, E=2; F always stays) and absl's pre-init warning. Every
+other line written meanwhile is kept, in order. TF_CPP_MIN_LOG_LEVEL unset or 0: nothing
+is filtered.
 """
 
 import contextlib
@@ -96,6 +96,3 @@ def install():
     if "tensorflow" not in sys.modules and min_level() > 0 and \
             not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowImport())
-
-
-install()
