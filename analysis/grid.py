@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from analysis import figures, output
 from resnet_cifar import events, tags
+from resnet_cifar.atomic import atomic_open
 
 Point = Tuple[Tuple[str, str], ...]    # ((flag, value), ...) in folder-name order
 
@@ -133,11 +134,11 @@ def write(loaded: Mapping[Point, Mapping[str, Sequence[events.Run]]], out_dir: s
         name = "grid_test_accuracy" if len(flags) == 1 else f"grid_test_accuracy_{flag}"
         written += save(accuracy_figure(rows, flag), out_dir, name)
     path = os.path.join(out_dir, "grid.md")
-    with output.atomic(path) as f:
+    with atomic_open(path) as f:
         f.write(to_markdown(rows))
     written.append(path)
     path = os.path.join(out_dir, "grid.csv")
-    with output.atomic(path) as f:
+    with atomic_open(path) as f:
         w = csv.writer(f)
         w.writerow(flags + ["run", "seeds", "test_accuracy_mean", "test_accuracy_std", "min", "max", "complete"])
         for r in rows:

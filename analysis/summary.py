@@ -16,9 +16,10 @@ from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from analysis import output, precise_bn
+from analysis import precise_bn
 from analysis.figures import label_of, ordered_names
 from resnet_cifar import events, tags
+from resnet_cifar.atomic import atomic_open
 
 
 @dataclasses.dataclass
@@ -156,7 +157,7 @@ def _csv_number(x: float) -> str:
 
 def write_csv(rows: Sequence[Row], path: str) -> None:
     """Unrounded numbers, one row per run name; empty cells where there is no value."""
-    with output.atomic(path) as f:
+    with atomic_open(path) as f:
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
         for r in rows:
@@ -172,7 +173,7 @@ def write_summary(rows: Sequence[Row], out_dir: str) -> List[str]:
     """summary.md and summary.csv in `out_dir`; returns their paths."""
     md_path = os.path.join(out_dir, "summary.md")
     csv_path = os.path.join(out_dir, "summary.csv")
-    with output.atomic(md_path) as f:
+    with atomic_open(md_path) as f:
         f.write(to_markdown(rows))
     write_csv(rows, csv_path)
     return [md_path, csv_path]

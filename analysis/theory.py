@@ -187,8 +187,12 @@ def base_learning_rate(config: Mapping) -> float:
     return rate * float(batch) / fidelity.BATCH_DENOM
 
 
-def steps_per_epoch(config: Mapping) -> int:
-    """The run's steps per epoch: its --steps_per_epoch, else the full CIFAR-10 epoch."""
+def steps_per_epoch(config: Mapping, run_dir: Optional[str] = None) -> int:
+    """The run's steps per epoch: what its run_config.json says it ran (right for any data),
+    else its --steps_per_epoch, else a full CIFAR-10 epoch at its batch size."""
+    ran = events.steps_per_epoch(run_dir) if run_dir else None
+    if ran:
+        return ran
     steps = config.get("steps_per_epoch")
     if steps:
         return int(steps)
@@ -443,7 +447,7 @@ def theory_rows(loaded: Mapping[str, Sequence[events.Run]], fraction: float = LA
                 basis=prediction_basis(config), predicted=level.predicted,
                 measured=[m.mean for m in found],
                 layer_values=[v for m in found for v in m.layers.values()],
-                first_epoch=first, last_epoch=last, steps_per_epoch=steps_per_epoch(config),
+                first_epoch=first, last_epoch=last, steps_per_epoch=steps_per_epoch(config, seeds[0].run_dir),
                 optimizer=config.get("optimizer") or "momentum"))
     return rows
 

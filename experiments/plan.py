@@ -14,7 +14,7 @@ import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from resnet_cifar import tags
+from resnet_cifar import checkpoints, tags
 from resnet_cifar.runs import BASELINE, POST_RUNS, REPLAY_FACTORS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,7 +25,6 @@ OPTIONAL_MARK = "# optional"
 RUNNER_FLAGS = ("model_dir", "seed", "replay_from", "verbose", "flagfile", "overwrite")
 # One switch, three spellings (docs/cli.md): a grid over any of them sets --conv_l2 / --noconv_l2.
 CONV_L2 = {"conv_l2": True, "noconv_l2": False, "flag_noconv_l2": False}   # spelling -> conv_l2 when true
-_CKPT = re.compile(r'^model_checkpoint_path:\s*"ckpt-(\d+)"', re.M)
 
 
 class PlanError(ValueError):
@@ -283,10 +282,7 @@ def is_done(run_dir: str) -> bool:
 
 def checkpoint_epoch(run_dir: str) -> int:
     """The last completed epoch of a run: its latest checkpoint's number (0 if none)."""
-    try:
-        with open(os.path.join(run_dir, "checkpoints", "checkpoint")) as f:
-            match = _CKPT.search(f.read())
-    except OSError:
-        return 0
+    indexed = checkpoints.indexed(os.path.join(run_dir, "checkpoints")) or ""
+    match = re.fullmatch(rf"{checkpoints.PREFIX}-(\d+)", indexed)
     return int(match.group(1)) if match else 0
 

@@ -5,11 +5,7 @@ import time
 from typing import Dict, Optional, Sequence
 
 from experiments.plan import Run
-
-
-def hms(seconds: float) -> str:
-    seconds = int(round(max(seconds, 0)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+from resnet_cifar.console import hms
 
 
 class Progress:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 
-from resnet_cifar import interrupt, models, tags
+from resnet_cifar import atomic, interrupt, models, tags
 from resnet_cifar.console import hms
 from resnet_cifar.train_step import DIAGNOSTICS, layer_sqsum
 
@@ -161,12 +161,8 @@ class ChannelSqsumLog(keras.callbacks.Callback):
                 keep = old["epochs"] < epoch
                 epochs = np.concatenate([old["epochs"][keep], epochs])
                 row = {k: np.concatenate([old[k][keep], v]) for k, v in row.items()}
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with atomic.atomic_open(self.path, "wb") as f:
             np.savez(f, epochs=epochs, **row)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

@@ -21,7 +21,7 @@ import re
 import shutil
 from typing import List, Optional, Tuple
 
-import tensorflow as tf
+from resnet_cifar import atomic
 
 INDEX_FILE = "checkpoint"            # tf.train.latest_checkpoint's index, kept for other tools
 PREFIX = "ckpt"
@@ -39,6 +39,16 @@ class SaveError(RuntimeError):
 
 def name(number: int) -> str:
     return f"{PREFIX}-{number}"
+
+
+def indexed(directory: str) -> Optional[str]:
+    """The checkpoint the index of `directory` names (e.g. ckpt-7), if it can be read."""
+    try:
+        with open(os.path.join(directory, INDEX_FILE)) as f:
+            found = re.search(r'^model_checkpoint_path: "([^"]*)"', f.read(), re.M)
+    except (OSError, UnicodeDecodeError):
+        return None
+    return os.path.basename(found.group(1)) if found else None
 
 
 def numbers_on_disk(directory: str) -> List[int]:
@@ -61,6 +71,8 @@ def unreadable_reason(prefix: str) -> Optional[str]:
     if not os.path.exists(prefix + ".index"):
         return "its .index file is missing"
     try:
+        import tensorflow as tf     # here, not at the top: the runner reads the index without TF
+
         reader = tf.train.load_checkpoint(prefix)
         for variable in reader.get_variable_to_shape_map():
             reader.get_tensor(variable)
@@ -72,7 +84,7 @@ def unreadable_reason(prefix: str) -> Optional[str]:
 class CheckpointStore:
     """Saves and restores `checkpoint` (a tf.train.Checkpoint) as DIR/ckpt-N."""
 
-    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, keep: int = KEEP):
+    def __init__(self, checkpoint, directory: str, keep: int = KEEP):
         self.checkpoint = checkpoint
         self.directory = directory
         self.keep = keep
@@ -113,6 +125,8 @@ class CheckpointStore:
 
     def save(self, checkpoint_number: int) -> str:
         """Writes, verifies, indexes ckpt-N; then deletes all but it and the previous good one."""
+        import tensorflow as tf
+
         number = checkpoint_number
         prefix = self.prefix(number)
         last = f"the last good checkpoint {name(self.good[-1])} is kept" if self.good \
@@ -138,13 +152,7 @@ class CheckpointStore:
         return prefix
 
     def _indexed(self) -> Optional[str]:
-        """The checkpoint the index names, if it can be read."""
-        try:
-            with open(os.path.join(self.directory, INDEX_FILE)) as f:
-                found = re.search(r'^model_checkpoint_path: "([^"]*)"', f.read(), re.M)
-        except (OSError, UnicodeDecodeError):
-            return None
-        return os.path.basename(found.group(1)) if found else None
+        return indexed(self.directory)
 
     def _write_index(self, good: List[int]) -> None:
         """The CheckpointState text proto that tf.train.latest_checkpoint reads, atomically."""
@@ -153,12 +161,8 @@ class CheckpointStore:
         path = os.path.join(self.directory, INDEX_FILE)
         if os.path.isdir(path) and not os.path.islink(path):    # a damaged index like any other
             shutil.rmtree(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic.atomic_open(path) as f:
             f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     def _remove(self, number: int) -> None:
         base = name(number)

@@ -1,5 +1,6 @@
 """What a finished run prints last: its result, where its files are, how to look at them."""
 
+import datetime
 import math
 import os
 import shlex
@@ -73,6 +74,5 @@ def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, re
 
 
 def hms(seconds):
-    """0:01:05 for 65 seconds."""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    """0:01:05 for 65 seconds (a negative time is 0:00:00)."""
+    return str(datetime.timedelta(seconds=round(max(seconds, 0))))

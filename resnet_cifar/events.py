@@ -172,6 +172,16 @@ def read_config(run_dir: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def steps_per_epoch(run_dir: str) -> Optional[int]:
+    """The steps per epoch a run trained with (run_config.json), None if not recorded."""
+    try:
+        with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE)) as f:
+            steps = json.load(f).get("steps_per_epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) and steps > 0 else None
+
+
 def _is_run_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, tags.RUN_CONFIG_FILE))
 

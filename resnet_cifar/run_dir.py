@@ -18,7 +18,7 @@ import sys
 import time
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import run_lock, tags
+from resnet_cifar import atomic, run_lock, tags
 
 CHECKPOINTS = "checkpoints"
 MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 x ~3.3 MB) and event files, with margin
@@ -214,19 +214,7 @@ def clear(d):
             os.remove(path)
 
 
-def write_json(path, payload):
-    """Atomically: the file is whole or absent, never empty, whatever fails (a full disk, say)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp) and not os.path.isdir(tmp):
-            os.remove(tmp)
-        raise
+write_json = atomic.write_json      # run_config.json, done.json
 
 
 def versions():

@@ -326,3 +326,12 @@ def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
             continue   # the fabricated run logs no angular update
         svg = svg_path.read_text()
         assert "AdamW equilibrium" in svg and figures.LEVEL_LABEL not in svg
+
+
+def test_steps_per_epoch_is_what_the_run_recorded_not_50000_over_the_batch(tmp_path):
+    """A run on other data (run_config.json: 7 steps per epoch) is not assumed to have 390."""
+    config = {"batch_size": 128, "steps_per_epoch": None}
+    (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "steps_per_epoch": 7}))
+    assert theory.steps_per_epoch(config, str(tmp_path)) == 7
+    assert theory.steps_per_epoch(config) == 50000 // 128          # nothing recorded: a CIFAR-10 epoch
+    assert theory.steps_per_epoch(dict(config, steps_per_epoch=160)) == 160
