@@ -38,15 +38,12 @@ from matplotlib.ticker import PercentFormatter
 
 from analysis import figures, output, precise_bn, replay_match
 from resnet_cifar import events, tags
+from resnet_cifar.runs import REPLAY_GRANULARITY
 
 GRID_FLAG = "weight_decay"
 GRID_DIR = re.compile(rf"^{GRID_FLAG}=(.+)$")
 BASELINE = figures.BASELINE
-REPLAYS = {                      # run name (flagfile) -> granularity
-    "conv_lr_scale": "global",
-    "conv_lr_scale_per_layer": "per layer",
-    "conv_lr_scale_per_channel": "per channel",
-}
+REPLAYS = REPLAY_GRANULARITY     # run name (flagfile) -> granularity
 NOISE_FLOOR = "noise floor"
 MEASURES = (("acc_gap", "final test accuracy"),
             ("step_dev", "relative step, mean over conv layers"),

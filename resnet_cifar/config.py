@@ -10,10 +10,9 @@ import math
 from typing import Optional, Tuple
 
 from resnet_cifar import fidelity
+from resnet_cifar.runs import CONV_LR_FACTORS, REPLAY_FACTORS  # noqa: F401  (the factor modes, with the runs)
 
 DATA_SOURCES = ("tfds", "binary", "synthetic")
-CONV_LR_FACTORS = ("piecewise", "replay", "per_layer", "per_channel")
-REPLAY_FACTORS = ("replay", "per_layer", "per_channel")     # the modes that need --replay_from
 OPTIMIZERS = ("momentum", "adam", "adamw")
 RESNET_SIZES = (20, 32, 44, 56, 110)   # 6n+2; any 6n+2 builds, these are the documented ones
 # Base learning rate per optimizer at batch 128 (scaled by batch/128 like the original's 0.1).
