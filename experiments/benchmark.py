@@ -141,7 +141,7 @@ def worker(setting):
     import numpy as np
     import tensorflow as tf
 
-    from resnet_cifar import callbacks, cifar_data, input_pipeline, run_dir, trainer
+    from resnet_cifar import callbacks, cifar_data, input_pipeline, provenance, trainer
     from resnet_cifar import config as config_lib
 
     intra, inter = setting.get("threads", (0, 0))
@@ -156,7 +156,7 @@ def worker(setting):
         tf.config.experimental.enable_op_determinism()
     arrays = cifar_data.load_arrays(FLAGS.data_source, FLAGS.data_dir)
     ds = input_pipeline.train_dataset(arrays.train_images, arrays.train_labels, FLAGS.batch_size)
-    info = {"onednn": run_dir.onednn_enabled(), "gpu": bool(tf.config.list_physical_devices("GPU")),
+    info = {"onednn": provenance.onednn_enabled(), "gpu": bool(tf.config.list_physical_devices("GPU")),
             "tensorflow": tf.__version__, "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                                                       tf.config.threading.get_inter_op_parallelism_threads()]}
     rng = np.random.default_rng(0)

@@ -12,13 +12,12 @@ flags that differ, unless `--overwrite`. Files are written atomically
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import atomic, run_lock, tags
+from resnet_cifar import atomic, provenance, run_lock, tags
 
 CHECKPOINTS = "checkpoints"
 MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 x ~3.3 MB) and event files, with margin
@@ -217,75 +216,6 @@ def clear(d):
 write_json = atomic.write_json      # run_config.json, done.json
 
 
-def versions():
-    import keras
-    import numpy
-    import tensorflow as tf
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "tensorflow": tf.__version__,
-           "keras": keras.__version__, "numpy": numpy.__version__}
-    for package in ("tensorflow-datasets", "absl-py", "tensorboard"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def onednn_enabled():
-    """Whether this process's TensorFlow runs oneDNN kernels (fixed when TF was imported)."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:          # a TF build without this module: unknown
-        return None
-    return bool(_pywrap_util_port.IsMklEnabled())
-
-
-def cpu_model():
-    """The CPU's model name (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def runtime():
-    """The CPU settings a run's speed (and last bits) depend on: oneDNN, thread pools."""
-    import tensorflow as tf
-
-    return {"onednn": onednn_enabled(),
-            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),   # 0: TF's default
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count()}
-
-
-def source():
-    """The code a run was trained with: the git commit of this package's checkout, and whether
-    tracked files differed from it (None for an installed copy, which has no git checkout)."""
-    import subprocess
-
-    here = os.path.dirname(os.path.abspath(__file__))
-
-    def git(*args):
-        try:
-            out = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": None, "dirty": None}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
 def write_run_config(config, model, steps_per_epoch, num_train_images):
     """run_config.json: every setting, versions, parameter count, seed: a figure's provenance."""
     import tensorflow as tf
@@ -298,7 +228,7 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
             sources = list(json.load(f).get("sources") or [])
     except (OSError, ValueError, AttributeError, TypeError):
         sources = []
-    current = source()
+    current = provenance.source()
     if not sources or sources[-1] != current:
         sources.append(current)
     write_json(path, {
@@ -307,9 +237,9 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
         "trainable_parameters": int(sum(int(v.numpy().size) for v in model.trainable_variables)),
         "steps_per_epoch": steps_per_epoch,
         "num_train_images": num_train_images,
-        "versions": versions(),
+        "versions": provenance.versions(),
         "devices": [d.name for d in tf.config.list_logical_devices()],
-        "runtime": runtime(),
+        "runtime": provenance.runtime(),
         "source": current,
         "sources": sources,
         "command": sys.argv,

@@ -249,6 +249,10 @@ def test_run_config_records_the_run(short_run):
     assert rc["versions"]["tensorflow"].startswith("2.21")
     assert rc["steps_per_epoch"] == 8
     assert (model_dir / tags.DONE_FILE).exists()
+    # The code's commit, as git itself names it (None for a copy outside a git checkout).
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    want_commit = head.stdout.strip() if head.returncode == 0 else None
+    assert rc["source"]["commit"] == want_commit and rc["sources"] == [rc["source"]]
     # oneDNN: the entry point's default (on) unless the environment says otherwise,
     # as TensorFlow itself reports it; TF's default thread pools.
     want = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")
