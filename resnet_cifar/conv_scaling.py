@@ -25,10 +25,13 @@ broadcasts over the kernel's last axis), so the step multiplies conv gradient l 
 multipliers[l] whatever the mode; a new mode touches this file only.
 """
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import fidelity, models, runs
+from resnet_cifar import config as config_lib
+from resnet_cifar import events, fidelity, models, runs, tags
 
 
 def piecewise(epoch):
@@ -147,3 +150,76 @@ class BaselineTrajectory:
         """The same trajectory with per-layer columns in the order of `names` (KeyError if one is missing)."""
         index = [self.layer_names.index(n) for n in names]
         return BaselineTrajectory(self.epochs, self.total, self.per_layer[:, index], names)
+
+
+# ----------------------------------------------------------------------------- the baseline run
+
+def load_baseline(path, train_epochs, per_channel=False, resnet_size=fidelity.RESNET_SIZE):
+    """The logged conv_sqsum trajectory (total and per layer) of a finished baseline run."""
+    if not os.path.isdir(path):
+        raise config_lib.ConfigError(f"--replay_from={path}: no such run folder")
+    try:
+        source = events.read_config(path)
+    except events.EventsError as e:
+        raise config_lib.ConfigError(f"--replay_from={path}: {e}") from None
+    not_baseline = describe_non_baseline(source)
+    if not_baseline:
+        raise config_lib.ConfigError(f"--replay_from={path} is not a baseline run: it is {not_baseline}; "
+                                     "replay needs a baseline (conv kernels in L2, no gradient scaling)")
+    if not events.is_complete(path, (tags.TRAIN_DIR,)):
+        raise config_lib.ConfigError(f"--replay_from={path}: that run has not finished (no {tags.DONE_FILE}, "
+                                     "or its events stop before the epoch it names); let the baseline finish first")
+    depth = source.get("resnet_size", fidelity.RESNET_SIZE)
+    if depth != resnet_size:
+        raise config_lib.ConfigError(f"--replay_from={path} is a ResNet-{depth} run: this ResNet-{resnet_size} "
+                                     "can only replay a baseline of its own depth (--resnet_size)")
+    try:
+        scalars = events.read_all_scalars(path)
+        damaged = events.damaged_event_files(path, (tags.TRAIN_DIR,))
+    except events.EventsError as e:
+        raise config_lib.ConfigError(f"--replay_from={path}: {e}") from None
+    if damaged:
+        raise config_lib.ConfigError(f"--replay_from={path}: damaged event file {damaged[0]}")
+    if tags.CONV_SQSUM not in scalars or len(scalars[tags.CONV_SQSUM][0]) == 0:
+        raise config_lib.ConfigError(f"--replay_from={path}: no {tags.CONV_SQSUM} logged in it")
+    epochs, total = scalars[tags.CONV_SQSUM]
+    if epochs[-1] < train_epochs:
+        raise config_lib.ConfigError(
+            f"--replay_from={path}: its {tags.CONV_SQSUM} ends at epoch {int(epochs[-1])}, "
+            f"this run needs {train_epochs}")
+    layers = tags.per_layer_series(scalars, tags.CONV_SQSUM)   # also the pre-prefix names
+    per_layer = None
+    if layers:
+        per_layer = np.stack([np.interp(epochs, *series) for series in layers.values()], axis=1)
+    trajectory = BaselineTrajectory(epochs, total, per_layer, list(layers))
+    if per_channel:
+        trajectory.channel_epochs, trajectory.per_channel = load_channel_sqsum(path, train_epochs)
+    return trajectory
+
+
+def describe_non_baseline(source_config):
+    """'' for a baseline run's config, else what the run is (e.g. 'NoConvL2 (--noconv_l2)')."""
+    conv_l2 = source_config.get("conv_l2", True)
+    scaled = source_config.get("conv_grad_scale", False)
+    if conv_l2 and not scaled:
+        return ""
+    if scaled:
+        factor = source_config.get("conv_lr_factor", "piecewise")
+        kind = "ConvLRScale" if not conv_l2 else "a conv-gradient-scaled run with conv L2"
+        return f"{kind} (--conv_grad_scale --conv_lr_factor={factor}" + \
+            ("" if conv_l2 else " --noconv_l2") + ")"
+    return "NoConvL2 (--noconv_l2: conv kernels out of L2)"
+
+
+def load_channel_sqsum(path, train_epochs):
+    """(epochs, {layer: (E, cout)}) of a baseline's conv_channel_sqsum.npz, for per_channel."""
+    try:
+        epochs, layers = events.read_channel_sqsum(path)
+    except events.EventsError as e:
+        raise config_lib.ConfigError(f"--replay_from={path}: --conv_lr_factor=per_channel needs its "
+                                     f"{tags.CHANNEL_SQSUM_FILE} ({str(e).splitlines()[0]})") from None
+    if len(epochs) == 0 or epochs[-1] < train_epochs:
+        last = int(epochs[-1]) if len(epochs) else "no epoch"
+        raise config_lib.ConfigError(f"--replay_from={path}: its {tags.CHANNEL_SQSUM_FILE} ends at "
+                                     f"epoch {last}, this run needs {train_epochs}")
+    return epochs, layers

@@ -48,7 +48,7 @@ def fabricate_baseline(path, done=True, with_sqsum=True, epochs=EPOCHS, per_laye
 
 
 def test_replay_factor_by_hand(tmp_path):
-    traj = trainer.load_baseline(fabricate_baseline(str(tmp_path / "b")), train_epochs=4)
+    traj = conv_scaling.load_baseline(fabricate_baseline(str(tmp_path / "b")), train_epochs=4)
     factor = conv_scaling.ConvLRFactor("replay", traj)
     sq = np.full(22, 50.0, np.float32)                   # sum 1100
     for epoch, baseline in [(0.0, 800.0), (1.5, 1100.0), (2.25, 1175.0), (4.0, 1000.0), (9.0, 1000.0)]:
@@ -59,7 +59,7 @@ def test_replay_factor_by_hand(tmp_path):
 @pytest.mark.parametrize("naming", ["per_layer/<tag>/<layer>", "<tag>/<layer> (earlier runs)"])
 def test_per_layer_factor_by_hand(tmp_path, naming):
     per_layer = tags.per_layer if naming.startswith("per_layer") else old_per_layer
-    traj = trainer.load_baseline(fabricate_baseline(str(tmp_path / "b"), per_layer=per_layer),
+    traj = conv_scaling.load_baseline(fabricate_baseline(str(tmp_path / "b"), per_layer=per_layer),
                                  train_epochs=4)
     factor = conv_scaling.ConvLRFactor("per_layer", traj.aligned(LAYERS))
     sq = np.arange(1, 23, dtype=np.float32) * 3.0
@@ -85,7 +85,7 @@ def test_per_layer_scaling_in_the_step(tmp_path):
         kwargs = dict(conv_grad_scale=True, conv_lr_factor="per_layer", replay_from=baseline_dir) if scale else {}
         cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, conv_l2=False, train_epochs=4,
                                      jit_compile=False, **kwargs)
-        traj = trainer.load_baseline(baseline_dir, 4) if scale else None
+        traj = conv_scaling.load_baseline(baseline_dir, 4) if scale else None
         model = trainer.build_model(cfg, steps_per_epoch=10, baseline=traj)
         conv = models.conv_kernels(model)
         if scale:
@@ -111,7 +111,7 @@ def test_per_layer_scaling_in_the_step(tmp_path):
 def test_bad_replay_input_is_a_clear_error(tmp_path, make, needle):
     path = make(str(tmp_path / "b"))
     with pytest.raises(config_lib.ConfigError) as err:
-        trainer.load_baseline(path, train_epochs=4)
+        conv_scaling.load_baseline(path, train_epochs=4)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from resnet_cifar import callbacks, config as config_lib, events, models, tags, trainer
+from resnet_cifar import callbacks, config as config_lib, conv_scaling, events, models, tags, trainer
 from resnet_cifar.train_step import angle_between
 from tests.test_conv_scaling import EPOCHS, LAYERS, fabricate_baseline
 from tests.test_train_step import assert_close_in_norm
@@ -49,9 +49,7 @@ def test_reader_returns_the_log(baseline_dir):
 
 
 def test_channel_factors_by_hand(baseline_dir):
-    traj = trainer.load_baseline(baseline_dir, train_epochs=4, per_channel=True)
-    from resnet_cifar import conv_scaling
-
+    traj = conv_scaling.load_baseline(baseline_dir, train_epochs=4, per_channel=True)
     factor = conv_scaling.ConvLRFactor("per_channel", traj.aligned_channels(LAYERS, COUT))
     rng = np.random.default_rng(0)
     sq = [rng.uniform(0.5, 3.0, c).astype(np.float32) for c in COUT]
@@ -73,7 +71,7 @@ def test_per_channel_scaling_in_the_step(baseline_dir):
         kwargs = dict(conv_grad_scale=True, conv_lr_factor="per_channel", replay_from=baseline_dir) if scale else {}
         cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, conv_l2=False, train_epochs=4,
                                      jit_compile=False, **kwargs)
-        traj = trainer.load_baseline(baseline_dir, 4, per_channel=True) if scale else None
+        traj = conv_scaling.load_baseline(baseline_dir, 4, per_channel=True) if scale else None
         model = trainer.build_model(cfg, steps_per_epoch=10, baseline=traj)
         layers = models.conv_layers(model)
         if scale:
@@ -97,12 +95,12 @@ def test_per_channel_scaling_in_the_step(baseline_dir):
 def test_baseline_without_channel_log_is_a_clear_error(tmp_path):
     path = fabricate_baseline(str(tmp_path / "b"))
     with pytest.raises(config_lib.ConfigError) as err:
-        trainer.load_baseline(path, 4, per_channel=True)
+        conv_scaling.load_baseline(path, 4, per_channel=True)
     msg = str(err.value)
     assert "\n" not in msg and tags.CHANNEL_SQSUM_FILE in msg and "per_channel" in msg
     fabricate_channel_log(path, epochs=EPOCHS[:3])
     with pytest.raises(config_lib.ConfigError, match="ends at epoch 2, this run needs 4"):
-        trainer.load_baseline(path, 4, per_channel=True)
+        conv_scaling.load_baseline(path, 4, per_channel=True)
 
 
 def test_channel_log_callback_writes_and_replaces_on_resume(tmp_path):

@@ -28,7 +28,7 @@ import types
 import numpy as np
 import pytest
 
-from resnet_cifar import callbacks, events, run_dir, tags
+from resnet_cifar import callbacks, conv_scaling, events, run_dir, tags
 from resnet_cifar import config as config_lib
 from tests.cifar_files import set_record_label, truncate, write_binary_cifar
 
@@ -580,11 +580,9 @@ def test_bad_replay_baseline_fails_at_start_up(data, reference, tmp_path, baseli
 
 
 def test_replay_baseline_shorter_than_the_run(reference):
-    from resnet_cifar import trainer
-
     with pytest.raises(config_lib.ConfigError, match=rf"ends at epoch {EPOCHS}, this run needs 10"):
-        trainer.load_baseline(reference, 10)
-    assert trainer.load_baseline(reference, EPOCHS).per_layer.shape == (EPOCHS + 1, 22)
+        conv_scaling.load_baseline(reference, 10)
+    assert conv_scaling.load_baseline(reference, EPOCHS).per_layer.shape == (EPOCHS + 1, 22)
 
 
 # ----------------------------------------------------------------------------- 5. bad data
@@ -932,23 +930,19 @@ def _with_config(reference, path, **changes):
      "ConvLRScale (--conv_grad_scale --conv_lr_factor=replay --noconv_l2)"),
 ])
 def test_replay_source_must_be_a_baseline(reference, tmp_path, changes, what):
-    from resnet_cifar import trainer
-
     path = _with_config(reference, tmp_path / "source", **changes)
     with pytest.raises(config_lib.ConfigError) as e:
-        trainer.load_baseline(path, EPOCHS)
+        conv_scaling.load_baseline(path, EPOCHS)
     message = str(e.value)
     assert "\n" not in message and f"--replay_from={path} is not a baseline run: it is {what}" in message
 
 
 def test_replay_source_with_a_damaged_event_file_is_refused(reference, tmp_path):
-    from resnet_cifar import trainer
-
     path = copy_run(reference, tmp_path / "source")
     event_file = glob.glob(os.path.join(path, tags.TRAIN_DIR, "*tfevents*"))[0]
     truncate(event_file, 5)
     with pytest.raises(config_lib.ConfigError, match=rf"damaged event file {re.escape(event_file)}: "):
-        trainer.load_baseline(path, EPOCHS)
+        conv_scaling.load_baseline(path, EPOCHS)
 
 
 # ----------------------------------------------------------------------------- 11. damaged event files
