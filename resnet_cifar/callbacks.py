@@ -194,6 +194,18 @@ class EpochCheckpoint(keras.callbacks.Callback):
             self.store.save(checkpoint_number=epoch + 1)
 
 
+class StopOnSignal(keras.callbacks.Callback):
+    """Training runs inside `interrupt.deferred()`, so SIGINT/SIGTERM never raise in the middle
+    of TensorFlow's own Python code (an exception there can crash its C++ side); the signal
+    takes effect here, between two steps (or two test batches)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        interrupt.raise_pending()
+
+    def on_test_batch_end(self, batch, logs=None):
+        interrupt.raise_pending()
+
+
 class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
     """Keras' TerminateOnNaN, remembering where the loss went bad."""
 

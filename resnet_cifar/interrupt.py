@@ -1,8 +1,10 @@
 """SIGINT and SIGTERM end a run at once, cleanly, resumable by the same command.
 
 The handlers raise `Interrupted` (a BaseException, like KeyboardInterrupt, so no
-`except Exception` on the way swallows it) in the main thread between two Python
-bytecodes, i.e. between two train steps at the latest. The partial epoch is
+`except Exception` on the way swallows it) in the main thread: at once before training,
+and between two train steps during it (training runs inside `deferred`, and the
+`callbacks.StopOnSignal` callback raises the pending signal after each step, so the
+exception never lands inside TensorFlow's own code). The partial epoch is
 dropped: nothing of it was logged or checkpointed, and a resume replays it from
 the last checkpoint exactly. A checkpoint being saved is finished first
 (`deferred`), so the signal never lands between a checkpoint and its index.
@@ -64,6 +66,14 @@ def handlers():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def raise_pending():
+    """Raises the signal that arrived inside `deferred`, if any: called where stopping is safe."""
+    global _pending
+    if _pending is not None:
+        signum, _pending = _pending, None
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager

@@ -218,25 +218,27 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
     nan_stop = callbacks.StopOnNonFinite()
     start = time.time()
     try:
-        history = model.fit(
-            train_ds,
-            epochs=config.train_epochs,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=test_ds,
-            shuffle=False,                 # the stream is shuffled by input_pipeline
-            validation_freq=config.epochs_between_evals,
-            verbose=config.verbose,
-            callbacks=[
-                # Keras' progress bar first: it ends its line before EpochSummary prints.
-                keras.callbacks.ProgbarLogger(),
-                callbacks.EpochTensorBoard(config.model_dir),
-                callbacks.ChannelSqsumLog(config.model_dir),
-                callbacks.EpochCheckpoint(store, epoch_variable),
-                nan_stop,
-                callbacks.EpochSummary(config.train_epochs, print_fn),
-            ],
-        )
+        with interrupt.deferred():         # a signal stops the run between two steps (StopOnSignal)
+            history = model.fit(
+                train_ds,
+                epochs=config.train_epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch,
+                validation_data=test_ds,
+                shuffle=False,                 # the stream is shuffled by input_pipeline
+                validation_freq=config.epochs_between_evals,
+                verbose=config.verbose,
+                callbacks=[
+                    # Keras' progress bar first: it ends its line before EpochSummary prints.
+                    keras.callbacks.ProgbarLogger(),
+                    callbacks.EpochTensorBoard(config.model_dir),
+                    callbacks.ChannelSqsumLog(config.model_dir),
+                    callbacks.EpochCheckpoint(store, epoch_variable),
+                    nan_stop,
+                    callbacks.EpochSummary(config.train_epochs, print_fn),
+                    callbacks.StopOnSignal(),
+                ],
+            )
     except checkpoints.SaveError as e:
         raise TrainingError(str(e)) from None
     except (tf.errors.ResourceExhaustedError, OSError) as e:
