@@ -603,30 +603,33 @@ def test_head_that_wants_a_token_is_one_line_naming_ray_auth_mode(ray_head, tmp_
     assert "InvalidAuthToken" not in err and seconds < 60, (err, seconds)
 
 
+def as_from_a_terminal():
+    """In the child before exec: SIGINT at its default and not blocked, as a shell gives it. The
+    test process may have inherited or set otherwise (an ignored or blocked SIGINT is inherited,
+    and Python then never raises KeyboardInterrupt)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds processes in /proc")
 def test_ctrl_c_on_the_runner_one_line_trainer_keeps_its_checkpoint_and_the_same_command_resumes(
         ray_token, tmp_path):
-    longer = [a for a in TINY if not a.startswith("--train_epochs=")] + ["--train_epochs=40"]
-    for attempt in range(2):
-        # Once in a few runs on a busy machine the signal reached the runner only after its
-        # run had finished (exit 0): a second attempt then shows the Ctrl-C path.
-        results = tmp_path / f"results{attempt}"
-        run_dir = results / "baseline" / "seed_0"
-        cmd = [sys.executable, "-m", "experiments.run_all", f"--results_dir={results}", "--preset=quick",
-               "--runs=baseline", "--status_every=1", "--", *longer]
-        runner_ = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)
-        try:
-            _wait_for(lambda: plan.checkpoint_epoch(str(run_dir)) >= 1 or runner_.poll() is not None, 300,
-                      "the first checkpoint")
-            assert runner_.poll() is None, runner_.communicate()
-            os.killpg(runner_.pid, signal.SIGINT)           # Ctrl-C in a terminal: the whole foreground group
-            out, err = runner_.communicate(timeout=120)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(runner_.pid, signal.SIGKILL)       # whatever of its Ray instance is left
-        if runner_.returncode != 0:
-            break
+    results = tmp_path / "results"
+    run_dir = results / "baseline" / "seed_0"
+    longer = [a for a in TINY if not a.startswith("--train_epochs=")] + ["--train_epochs=20"]
+    cmd = [sys.executable, "-m", "experiments.run_all", f"--results_dir={results}", "--preset=quick",
+           "--runs=baseline", "--status_every=1", "--", *longer]
+    runner_ = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, preexec_fn=as_from_a_terminal)
+    try:
+        _wait_for(lambda: plan.checkpoint_epoch(str(run_dir)) >= 1 or runner_.poll() is not None, 300,
+                  "the first checkpoint")
+        assert runner_.poll() is None, runner_.communicate()
+        os.killpg(runner_.pid, signal.SIGINT)           # Ctrl-C in a terminal: the whole foreground group
+        out, err = runner_.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner_.pid, signal.SIGKILL)       # whatever of its Ray instance is left
     assert runner_.returncode == 130, (out, err)
     assert err.count("\n") == 1 and err.startswith("error: interrupted (Ctrl-C)") and "Traceback" not in err, err
     _wait_for(lambda: run_lock.holder(str(run_dir)) is None, 60, "the trainer to stop")
