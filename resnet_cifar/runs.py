@@ -3,6 +3,8 @@ colours, and the modes of the conv-gradient factor. Training (config, conv scali
 runner (plan) and analysis (figures, the equivalence study, the claims) read them here.
 """
 
+from resnet_cifar import fidelity
+
 # The post's four runs, in its order.
 BASELINE = "baseline"
 NOCONV_L2 = "noconv_l2"
@@ -41,7 +43,7 @@ def name_of(config):
     if not isinstance(config, dict) or config.get("optimizer", "momentum") != "momentum":
         return None
     conv_l2, scaled = config.get("conv_l2", True), config.get("conv_grad_scale", False)
-    bn_fast = abs(float(config.get("bn_decay", 0.997)) - 0.98) < 1e-9
+    bn_fast = abs(float(config.get("bn_decay", fidelity.BATCH_NORM_DECAY)) - fidelity.BN_DECAY_FAST) < 1e-9
     if not scaled:
         return None if bn_fast else (BASELINE if conv_l2 else NOCONV_L2)
     if conv_l2:
