@@ -580,14 +580,14 @@ def test_without_address_a_private_instance_whatever_other_ray_or_address_file(r
 
 def test_dead_or_unreachable_address_is_one_line_within_seconds(ray_token, tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rt")
+    dead = f"127.0.0.1:{_free_port()}"                # a loopback port nobody listens on
+    # auto follows RAY_ADDRESS first. Without it, Ray's auto joins any Ray it finds running on
+    # this machine (ps), before the address file: other instances may run here, so only
+    # RAY_ADDRESS makes auto name the dead address whatever else runs.
     try:
-        dead = f"127.0.0.1:{_free_port()}"            # a loopback port nobody listens on
-        os.makedirs(os.path.join(ray_tmp, "ray"))
-        with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as f:
-            f.write(dead)                             # what --address=auto follows
-        for address in (dead, f"ray://{dead}", "auto"):
+        for address, env in ((dead, {}), (f"ray://{dead}", {}), ("auto", {"RAY_ADDRESS": dead})):
             code, out, err, seconds = runner(tmp_path / "results", f"--address={address}",
-                                             env={"RAY_TMPDIR": ray_tmp})
+                                             env={"RAY_TMPDIR": ray_tmp, **env})
             assert code == 2, (address, out, err)
             assert err.count("\n") == 1 and err.startswith(f"error: cannot connect to Ray at {address}: "), err
             assert "Connection refused" in err and seconds < 30, (err, seconds)
