@@ -8,7 +8,8 @@ quick preset's 960 steps) the lag is a large part of the test accuracy, and it
 differs between runs whose weight norms move differently (with and without conv
 L2), so it can pass for a difference between the runs' weights.
 
-For each run folder this restores the last checkpoint, evaluates the test set
+For each run folder this restores the final weights of a finished run
+(`final.weights.h5`, what a shared run folder keeps), else its last checkpoint, evaluates the test set
 with the stored averages (which reproduces the logged value: a check that the
 model, weights and data are the run's), then sets every BN layer's statistics to
 the exact mean of K training batches' statistics, from the run's own augmented
@@ -98,17 +99,15 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     """{epoch, logged, stored_bn, precise_bn, bn_batches, ...} of one run (accuracies in
     [0, 1]). A `precise_bn.json` of the same checkpoint, batches and data source is
     reused unless `again`."""
-    import keras
     import tensorflow as tf
 
-    from resnet_cifar import cifar_data, input_pipeline, models
-    from resnet_cifar.train_step import ReproductionModel
+    from resnet_cifar import cifar_data, input_pipeline
 
     try:
         config = events.read_config(run_dir)
     except events.EventsError as e:
         raise EvaluationError(str(e)) from None
-    path = newest_checkpoint(run_dir)
+    path, done = weights_to_evaluate(run_dir)
     source = data_source or config.get("data_source", "tfds")
     own_data = source == config.get("data_source", "tfds")
     cached = read_result(run_dir)
@@ -125,19 +124,7 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
             raise EvaluationError(f"{run_dir}: data: {e}") from None
     arrays = cache[key]
 
-    keras.backend.clear_session()        # one model at a time: a results folder may hold hundreds
-    keras.mixed_precision.set_dtype_policy(config.get("dtype", "float32"))
-    model = models.build_resnet(int(config.get("resnet_size", fidelity.RESNET_SIZE)),
-                                bn_decay=float(config.get("bn_decay", fidelity.BATCH_NORM_DECAY)),
-                                model_cls=ReproductionModel)
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    try:
-        status = tf.train.Checkpoint(model=model, epoch=epoch).restore(path).expect_partial()
-        status.assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-        raise EvaluationError(f"{run_dir}: cannot restore {os.path.basename(path)}: "
-                              f"{str(e).strip().splitlines()[0]}") from None
-
+    model, done = restore_model(run_dir, config, path, done)
     batch = int(config.get("batch_size", fidelity.BATCH_SIZE))
     test = input_pipeline.test_dataset(arrays.test_images, arrays.test_labels, batch,
                                        config.get("eval_steps"))
@@ -147,7 +134,6 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     used = recompute_bn_statistics(model, (images for images, _ in train.take(bn_batches)))
     precise = _accuracy(forward, test)
 
-    done = int(epoch.numpy())
     try:
         steps, values = events.read_scalars(run_dir, tags.EPOCH_ACCURACY, tags.VALIDATION_DIR)
     except events.EventsError:
@@ -165,6 +151,57 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     except OSError as e:
         raise EvaluationError(f"{run_dir}: cannot write {RESULT_FILE}: {e.strerror or e}") from None
     return result
+
+
+def weights_to_evaluate(run_dir: str) -> Tuple[str, Optional[int]]:
+    """(path, epoch): a finished run's final weights, with the epoch its done.json names (the
+    file a run folder keeps when it is shared without its checkpoints); else its newest
+    checkpoint, whose epoch is read from the checkpoint (None here)."""
+    weights = os.path.join(run_dir, tags.FINAL_WEIGHTS_FILE)
+    epochs = events.done_epochs(run_dir)
+    if epochs is not None and os.path.isfile(weights):
+        return weights, epochs
+    return newest_checkpoint(run_dir), None
+
+
+def restore_model(run_dir: str, config: dict, path: str, epoch: Optional[int] = None):
+    """(model, epoch): the run's model (its depth, BN decay and dtype from run_config.json) with
+    the weights of `path`, a checkpoint prefix or a `.weights.h5` file of the epoch given."""
+    import keras
+    import tensorflow as tf
+
+    from resnet_cifar import models
+    from resnet_cifar.train_step import ReproductionModel
+
+    keras.backend.clear_session()        # one model at a time: a results folder may hold hundreds
+    keras.mixed_precision.set_dtype_policy(config.get("dtype", "float32"))
+    model = models.build_resnet(int(config.get("resnet_size", fidelity.RESNET_SIZE)),
+                                bn_decay=float(config.get("bn_decay", fidelity.BATCH_NORM_DECAY)),
+                                model_cls=ReproductionModel)
+    try:
+        if path.endswith(".weights.h5"):
+            model.load_weights(path)
+            return model, int(epoch)
+        counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+        status = tf.train.Checkpoint(model=model, epoch=counter).restore(path).expect_partial()
+        status.assert_existing_objects_matched()
+        return model, int(counter.numpy())
+    except (tf.errors.OpError, AssertionError, ValueError, OSError) as e:
+        raise EvaluationError(f"{run_dir}: cannot restore {os.path.basename(path)}: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+
+
+def export_final_weights(run_dir: str) -> str:
+    """Writes a finished run's `final.weights.h5` from its newest checkpoint (for runs trained by
+    code that did not write it yet); returns its path."""
+    from resnet_cifar import models
+
+    if events.done_epochs(run_dir) is None:
+        raise EvaluationError(f"{run_dir}: not finished (no readable {tags.DONE_FILE})")
+    model, _ = restore_model(run_dir, events.read_config(run_dir), newest_checkpoint(run_dir))
+    path = os.path.join(run_dir, tags.FINAL_WEIGHTS_FILE)
+    models.save_weights(model, path)
+    return path
 
 
 def newest_checkpoint(run_dir: str) -> str:

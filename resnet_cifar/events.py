@@ -120,6 +120,15 @@ def list_tags(run_dir: str, subdir: str = tags.TRAIN_DIR) -> List[str]:
     return sorted(_tensor_events(_event_dir(run_dir, subdir)))
 
 
+def done_epochs(run_dir: str) -> Optional[int]:
+    """The epochs a finished run's done.json names; None if it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(run_dir, tags.DONE_FILE)) as f:
+            return int(json.load(f)["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def is_complete(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR),
                 scalars: Optional[Dict[str, Dict[str, Series]]] = None) -> bool:
     """True when training wrote its done-marker and the event files of `subdirs` hold the
@@ -129,10 +138,8 @@ def is_complete(run_dir: str, subdirs=(tags.TRAIN_DIR, tags.VALIDATION_DIR),
 
     scalars: subdir -> tag -> series, if already read (`load_run`).
     """
-    try:
-        with open(os.path.join(run_dir, tags.DONE_FILE)) as f:
-            epochs = int(json.load(f)["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
+    epochs = done_epochs(run_dir)
+    if epochs is None:
         return False
     try:
         every = int(read_config(run_dir).get("epochs_between_evals") or 1)

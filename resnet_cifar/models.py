@@ -116,6 +116,17 @@ def build_resnet(resnet_size=fidelity.RESNET_SIZE, bn_decay=fidelity.BATCH_NORM_
     return model_cls(inputs, logits, name=name)
 
 
+def save_weights(model, path):
+    """The model's weights alone (layers' variables, BN statistics included) to a Keras
+    `.weights.h5` file, written atomically. Keras' own `save_weights` also stores a compiled
+    model's optimizer slots (twice the size); a plain Model over the same layers has none,
+    and its file loads into any model built by `build_resnet` of the same depth."""
+    from resnet_cifar import atomic
+
+    with atomic.atomic_path(path) as tmp:
+        keras.Model(model.inputs, model.outputs).save_weights(tmp)
+
+
 def conv_layers(model):
     """The Conv2D layers in TF1 creation order: conv2d, conv2d_1, ..., conv2d_21 (ResNet-20).
 

@@ -205,7 +205,7 @@ def _norm(value):
 def clear(d):
     """Removes what a run wrote (and only that) from its folder, whatever kind each part is."""
     for name in (tags.TRAIN_DIR, tags.VALIDATION_DIR, CHECKPOINTS, tags.RUN_CONFIG_FILE, tags.DONE_FILE,
-                 tags.CHANNEL_SQSUM_FILE):
+                 tags.CHANNEL_SQSUM_FILE, tags.FINAL_WEIGHTS_FILE):
         path = os.path.join(d, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -247,7 +247,12 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
     })
 
 
-def mark_done(config, final_logs):
+def mark_done(config, final_logs, model):
+    """The final weights (weights only, to share and evaluate without the checkpoints), then
+    done.json: a run with done.json has its weights."""
+    from resnet_cifar import models
+
+    models.save_weights(model, os.path.join(config.model_dir, tags.FINAL_WEIGHTS_FILE))
     write_json(os.path.join(config.model_dir, tags.DONE_FILE),
                {"epochs": config.train_epochs, "final": final_logs,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

@@ -257,7 +257,7 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
                             f"logs up to there are in {config.model_dir}")
     logs = {k: float(v[-1]) for k, v in history.history.items() if v}
     interrupt.check()           # a signal that something swallowed: not finished
-    run_dir.mark_done(config, logs)
+    run_dir.mark_done(config, logs, model)
     freq = config.epochs_between_evals
     print_fn(console.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
                                   last_eval_epoch=config.train_epochs // freq * freq,

@@ -96,3 +96,51 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert precise_bn.main([str(run)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {run}: no checkpoint to evaluate"]
+
+
+def test_a_finished_run_keeps_final_weights_that_evaluate_without_its_checkpoints(tiny_run, tmp_path, capsys):
+    """final.weights.h5 holds the last checkpoint's model (compared through a second path,
+    tf.train.Checkpoint); a copy of the run folder without checkpoints/ is evaluated from it,
+    and export_final_weights writes the same weights from the checkpoint."""
+    import shutil
+
+    import tensorflow as tf
+
+    from resnet_cifar import events, tags
+
+    tmp, run = tiny_run
+    weights = run / tags.FINAL_WEIGHTS_FILE
+    assert weights.is_file() and weights.stat().st_size < 2_000_000
+    config = events.read_config(str(run))
+    images = tf.random.stateless_uniform((8, 32, 32, 3), seed=(1, 2))
+
+    def outputs(path, epoch=None):
+        model, at = precise_bn.restore_model(str(run), config, str(path), epoch)
+        return model(images, training=False).numpy(), at
+
+    from_checkpoint, epoch = outputs(precise_bn.newest_checkpoint(str(run)))
+    from_weights, _ = outputs(weights, 3)
+    assert epoch == 3
+    np.testing.assert_array_equal(from_weights, from_checkpoint)   # the same weights, the same kernels
+
+    shared = tmp_path / "shared" / "baseline" / "seed_0"
+    shutil.copytree(run, shared, ignore=shutil.ignore_patterns("checkpoints", precise_bn.RESULT_FILE))
+    assert precise_bn.main([str(shared), "--bn_batches=2"]) == 0
+    result = precise_bn.read_result(str(shared))
+    assert result["checkpoint"] == tags.FINAL_WEIGHTS_FILE and result["epoch"] == 3
+    assert abs(result["stored_bn"] - result["logged"]) <= 1 / NUM_TEST + 1e-9, result
+    capsys.readouterr()
+
+    (run / tags.FINAL_WEIGHTS_FILE).rename(tmp_path / "kept.weights.h5")
+    try:
+        assert precise_bn.export_final_weights(str(run)) == str(weights)
+        exported, _ = outputs(weights, 3)
+        np.testing.assert_array_equal(exported, from_checkpoint)
+        assert not [f for f in os.listdir(run) if ".tmp" in f]
+    finally:
+        os.replace(tmp_path / "kept.weights.h5", weights)
+    (shared / tags.DONE_FILE).unlink()             # unfinished, no checkpoint: nothing to export or evaluate
+    with pytest.raises(precise_bn.EvaluationError, match="not finished"):
+        precise_bn.export_final_weights(str(shared))
+    assert precise_bn.main([str(shared)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {shared}: no checkpoint to evaluate"

@@ -12,6 +12,9 @@ dst=$(cd "$(dirname "$0")" && pwd)
 src=$(cd "$src" && pwd)
 for run_dir in "$src"/*/seed_*; do
   rel=${run_dir#"$src"/}
+  if [ -f "$run_dir/done.json" ] && [ ! -f "$run_dir/final.weights.h5" ]; then   # runs trained before it was written
+    (cd "$dst/../.." && python -c "import sys; from analysis import precise_bn; print(precise_bn.export_final_weights(sys.argv[1]))" "$run_dir")
+  fi
   out="$dst/$rel"
   mkdir -p "$out"
   rsync -a --delete --exclude .lock --exclude 'checkpoints/' --exclude '*.tmp*' "$run_dir/" "$out/"
