@@ -162,3 +162,45 @@ def test_the_fidelity_doc_lists_the_claims():
     with open(os.path.join(REPO, "docs", "fidelity.md"), encoding="utf-8") as f:
         rows = re.findall(r"^\| `([a-z0-9_]+)` \| ([^|]+?) \|", f.read(), flags=re.M)
     assert rows == list(fidelity.POST_CLAIMS)
+
+
+def test_post_table_sets_the_posts_words_beside_the_runs_final_numbers(tmp_path):
+    """analysis.make_figures writes post.md for the post's 150-epoch runs: each run's last logged
+    values (by hand from the fabricated levels and zigzags) beside what the post says."""
+    from analysis import make_figures, summary
+    from resnet_cifar import events
+
+    root = make_results(str(tmp_path / "post"))
+    rows = summary.summarize(make_figures.load_results(events.find_runs(root)))
+    assert summary.is_post_schedule(rows)
+    table = summary.to_post_markdown(rows)
+    last = EPOCHS                                              # zigzag sign at the last epoch / index
+    for name, (_, final, train_loss, test_loss) in LEVELS.items():
+        acc = final + ZIGZAG_ACC * (-1.0) ** last
+        train = train_loss + ZIGZAG_LOSS * (-1.0) ** (last - 1)
+        test = test_loss + ZIGZAG_LOSS * (-1.0) ** (last - 1)
+        sqsum = {"baseline": fidelity.INITIAL_CONV_SQSUM / figures.piecewise_np(np.array([EPOCHS]))[0],
+                 "noconv_l2": 800 * (1 + EPOCHS / 10)}.get(name, 800 * math.exp(EPOCHS / 30))
+        row = next(line for line in table.splitlines() if line.startswith(f"| {figures.label_of(name)} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "150/150" and cells[4] == "n/a", cells          # no precise_bn.json here
+        assert float(cells[3]) == pytest.approx(100 * acc, abs=0.006), cells
+        assert float(cells[6]) == pytest.approx(train, abs=6e-4) and float(cells[8]) == pytest.approx(test - train, abs=6e-4)
+        assert float(cells[9]) == pytest.approx(sqsum, rel=1e-3, abs=1), cells
+        post = {"baseline": ("~91", "", "~0.34 (derived)"),
+                "noconv_l2": ("~89.5", "baseline + 0.025", "baseline + 0.024"),
+                "conv_lr_scale": ("baseline's", "", ""), "conv_lr_scale_bn098": ("", "", "")}[name]
+        assert (cells[2], cells[5], cells[7]) == post, cells
+
+    out = tmp_path / "figures"                                 # what make_figures writes
+    out.mkdir()
+    assert str(out / "post.md") in summary.write_summary(rows, str(out))
+    assert (out / "post.md").read_text() == table
+    quick = tmp_path / "quick"                                 # another schedule: no post table
+    make_results(str(quick), epochs={n: 20 for n in LEVELS})
+    for config in quick.glob("*/seed_0/run_config.json"):
+        config.write_text(json.dumps({"config": {"train_epochs": 20, "seed": 0}}))
+    rows = summary.summarize(make_figures.load_results(events.find_runs(str(quick))))
+    assert not summary.is_post_schedule(rows)
+    (out / "q").mkdir()
+    assert not any(p.endswith("post.md") for p in summary.write_summary(rows, str(out / "q")))
