@@ -33,8 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from analysis import output
-from resnet_cifar import events, fidelity, tags
-from resnet_cifar import run_dir as run_dir_lib
+from resnet_cifar import atomic, events, fidelity, tags
 
 RESULT_FILE = "precise_bn.json"
 DEFAULT_BN_BATCHES = 100
@@ -147,7 +146,7 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
                   data_source=source, own_data=own_data, eval_steps=config.get("eval_steps"),
                   checkpoint=os.path.basename(path))
     try:
-        run_dir_lib.write_json(os.path.join(run_dir, RESULT_FILE), result)   # whole or absent
+        atomic.write_json(os.path.join(run_dir, RESULT_FILE), result)   # whole or absent
     except OSError as e:
         raise EvaluationError(f"{run_dir}: cannot write {RESULT_FILE}: {e.strerror or e}") from None
     return result
@@ -209,7 +208,7 @@ def newest_checkpoint(run_dir: str) -> str:
     not the index, which may name a deleted or damaged one)."""
     from resnet_cifar import checkpoints
 
-    folder = os.path.join(run_dir, run_dir_lib.CHECKPOINTS)
+    folder = os.path.join(run_dir, tags.CHECKPOINTS_DIR)
     try:
         numbers = checkpoints.numbers_on_disk(folder)
     except OSError as e:

@@ -282,7 +282,7 @@ def is_done(run_dir: str) -> bool:
 
 def checkpoint_epoch(run_dir: str) -> int:
     """The last completed epoch of a run: its latest checkpoint's number (0 if none)."""
-    indexed = checkpoints.indexed(os.path.join(run_dir, "checkpoints")) or ""
+    indexed = checkpoints.indexed(os.path.join(run_dir, tags.CHECKPOINTS_DIR)) or ""
     match = re.fullmatch(rf"{checkpoints.PREFIX}-(\d+)", indexed)
     return int(match.group(1)) if match else 0
 

@@ -1,7 +1,8 @@
 """Epoch-level callbacks: event files with the diagnostics, checkpoints, progress, NaN stop.
 
-Each one stands alone: none reads what another put in `logs`, so their order in the
-list does not matter (except Keras' progress bar, which must end its line first).
+Each one stands alone: none reads what another put in `logs` or relies on another having
+run (the step restarts its diagnostic sums at each epoch's first step), so their order in
+the list does not matter.
 """
 
 import math
@@ -62,9 +63,6 @@ class EpochTensorBoard(keras.callbacks.Callback):
             factor = self.model.conv_factor(tf.constant(sq)).numpy()
             lr = float(tf.cast(self.model.optimizer.learning_rate, tf.float32).numpy())
             self._write_diagnostics(0, {tags.CONV_SQSUM: sq, tags.CONV_LR_FACTOR: factor}, lr)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.diagnostics.reset()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
@@ -229,7 +227,7 @@ class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
     def on_epoch_end(self, epoch, logs=None):
         # The loss is computed before each update, so the last step of an epoch can
         # leave non-finite weights behind a finite loss, and after the last epoch no
-        # step follows to notice. EpochTensorBoard put conv_sqsum in `logs`. The test
+        # step follows to notice: the weights' conv_sqsum is checked too. The test
         # loss can diverge alone (e.g. NaN batch-norm moving statistics).
         if self.where is not None:
             return
@@ -251,24 +249,27 @@ def _loss_keys(logs):
     return sorted((k for k in (logs or {}) if k.endswith("loss")), key=lambda k: (k != "loss", k))
 
 
-class EpochSummary(keras.callbacks.Callback):
-    """One line per epoch: the numbers that matter and the time left.
+class EpochSummary(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar (as `verbose` asks), then one line per epoch: the numbers that
+    matter and the time left. One callback for both, so the bar has always ended its line
+    before the summary is printed, wherever this stands in the list (and Keras adds no
+    second bar)."""
 
-    Put it after Keras' `ProgbarLogger` in the callback list, so that the progress
-    bar has ended its line (verbose=1) before this one is printed.
-    """
-
-    def __init__(self, total_epochs, print_fn=print):
+    def __init__(self, total_epochs):
         super().__init__()
         self.total = total_epochs
-        self.print_fn = print_fn
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         self._start = time.time()
         self._epochs_run = 0
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
+        ours = {d.tag for d in DIAGNOSTICS} | {tags.CONV_SQSUM, tags.LEARNING_RATE}
+        # The bar shows Keras' metrics only, whether or not EpochTensorBoard added the
+        # diagnostics to `logs` before this runs.
+        super().on_epoch_end(epoch, {k: v for k, v in logs.items() if k not in ours})
         if hasattr(self.model, "diagnostics"):
             per_layer, lr = epoch_diagnostics(self.model)
             logs.update({tags.CONV_SQSUM: float(np.sum(per_layer[tags.CONV_SQSUM])),
@@ -287,7 +288,7 @@ class EpochSummary(keras.callbacks.Callback):
             parts.append(f"rel step {logs[tags.CONV_RELATIVE_STEP]:.3g}")
             parts.append(f"lr {logs[tags.LEARNING_RATE]:.3g}")
         parts.append(f"{per_epoch:.1f} s/epoch, ETA {hms(left)}")
-        self.print_fn(" | ".join(parts), flush=True)
+        print(" | ".join(parts), flush=True)
 
 
 def with_conv_sqsum(model, logs):

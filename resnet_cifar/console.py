@@ -5,7 +5,7 @@ import math
 import os
 import shlex
 
-from resnet_cifar import run_dir, tags
+from resnet_cifar import tags
 
 TENSORBOARD_PAGE = "http://localhost:6006/#custom_scalars"
 
@@ -62,7 +62,8 @@ def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, re
         f"  conv_sqsum     {_number(logs, tags.CONV_SQSUM, '.1f')}  (sum of squared conv weights)",
         f"outputs in {d}",
         f"  event files    {os.path.join(d, tags.TRAIN_DIR)}, {os.path.join(d, tags.VALIDATION_DIR)}",
-        f"  checkpoints    {os.path.join(d, run_dir.CHECKPOINTS)}",
+        f"  checkpoints    {os.path.join(d, tags.CHECKPOINTS_DIR)}",
+        f"  final weights  {os.path.join(d, tags.FINAL_WEIGHTS_FILE)}",
         f"  run config     {os.path.join(d, tags.RUN_CONFIG_FILE)}",
         f"  final metrics  {os.path.join(d, tags.DONE_FILE)}",
         f"TensorBoard: {tensorboard_command(d)}",

@@ -115,11 +115,6 @@ def read_scalars(run_dir: str, tag: str, subdir: str = tags.TRAIN_DIR) -> Series
     return _to_series(events[tag])
 
 
-def list_tags(run_dir: str, subdir: str = tags.TRAIN_DIR) -> List[str]:
-    """The scalar (tensor) tags logged in `run_dir/subdir`, sorted."""
-    return sorted(_tensor_events(_event_dir(run_dir, subdir)))
-
-
 def done_epochs(run_dir: str) -> Optional[int]:
     """The epochs a finished run's done.json names; None if it has none (or an unreadable one)."""
     try:

@@ -15,9 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from resnet_cifar import fidelity
-# The sources are NumPy-only, so the entry point can check data before importing TF.
-from resnet_cifar.cifar_data import (Arrays, DataError, find_binary_folder,  # noqa: F401
-                                     load_arrays, read_binary_file, synthetic_arrays)
+from resnet_cifar.cifar_data import DataError
 
 AUTOTUNE = tf.data.AUTOTUNE
 SHAPE = (fidelity.HEIGHT, fidelity.WIDTH, fidelity.NUM_CHANNELS)

@@ -157,17 +157,6 @@ def batch_norm_layers(model):
     return [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
 
 
-def set_bn_decay(model, bn_decay):
-    """Sets every BN layer's moving-average decay (Keras momentum)."""
-    for layer in batch_norm_layers(model):
-        layer.momentum = bn_decay
-
-
-def sum_of_squares(variables):
-    """sum(v**2) over the variables, in float32 (as the post's `conv2d_sqsum`)."""
-    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in variables])
-
-
 def expected_initial_conv_sqsum(model):
     """E[sum w^2] of the conv kernels at initialization: the sum of their output channels.
 

@@ -19,7 +19,7 @@ import time
 from resnet_cifar import config as config_lib
 from resnet_cifar import atomic, provenance, run_lock, tags
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = tags.CHECKPOINTS_DIR
 MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 x ~3.3 MB) and event files, with margin
 # Settings that do not change what a run computes: they may differ on resume.
 OPERATIONAL = ("model_dir", "overwrite", "verbose", "data_dir", "steps_per_execution", "jit_compile")
@@ -213,9 +213,6 @@ def clear(d):
             os.remove(path)
 
 
-write_json = atomic.write_json      # run_config.json, done.json
-
-
 def write_run_config(config, model, steps_per_epoch, num_train_images):
     """run_config.json: every setting, versions, parameter count, seed: a figure's provenance."""
     import tensorflow as tf
@@ -231,7 +228,7 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
     current = provenance.source()
     if not sources or sources[-1] != current:
         sources.append(current)
-    write_json(path, {
+    atomic.write_json(path, {
         "config": config.to_dict(),
         "seed": config.seed,
         "trainable_parameters": int(sum(int(v.numpy().size) for v in model.trainable_variables)),
@@ -247,12 +244,7 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
     })
 
 
-def mark_done(config, final_logs, model):
-    """The final weights (weights only, to share and evaluate without the checkpoints), then
-    done.json: a run with done.json has its weights."""
-    from resnet_cifar import models
-
-    models.save_weights(model, os.path.join(config.model_dir, tags.FINAL_WEIGHTS_FILE))
-    write_json(os.path.join(config.model_dir, tags.DONE_FILE),
+def mark_done(config, final_logs):
+    atomic.write_json(os.path.join(config.model_dir, tags.DONE_FILE),
                {"epochs": config.train_epochs, "final": final_logs,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

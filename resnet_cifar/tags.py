@@ -58,6 +58,7 @@ def per_layer_series(scalars: Mapping[str, T], tag: str) -> Dict[str, T]:
 
 
 RUN_CONFIG_FILE = "run_config.json"
+CHECKPOINTS_DIR = "checkpoints"    # a run folder's checkpoints (the last two epochs')
 DONE_FILE = "done.json"            # written when a run has finished all its epochs
 CHANNEL_SQSUM_FILE = "conv_channel_sqsum.npz"   # per-output-channel conv sums of squares by epoch
 FINAL_WEIGHTS_FILE = "final.weights.h5"         # the finished model's weights (Keras), about 1 MB

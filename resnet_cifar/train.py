@@ -126,16 +126,6 @@ def parse_flags(argv):
 
 
 def main(argv):
-    with interrupt.handlers():
-        try:
-            _main(argv)
-        except interrupt.Interrupted as e:
-            print(getattr(e, "message", f"stopped by {e.name} before training started"),
-                  file=sys.stderr, flush=True)
-            sys.exit(e.exit_code)
-
-
-def _main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
@@ -171,11 +161,15 @@ def _main(argv):
 
 
 def run():
-    with interrupt.handlers():       # from the first moment: a signal during flag parsing stops too
+    """The command. The signal handlers are installed here, once, from the first moment: a
+    signal during flag parsing or TF's start-up stops the command as cleanly as one in
+    training, and `trainer` says where training stopped (`Interrupted.message`)."""
+    with interrupt.handlers():
         try:
             app.run(main, flags_parser=parse_flags)
         except interrupt.Interrupted as e:
-            print(f"stopped by {e.name} before training started", file=sys.stderr, flush=True)
+            print(getattr(e, "message", f"stopped by {e.name} before training started"),
+                  file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
 
 

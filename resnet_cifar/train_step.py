@@ -87,14 +87,13 @@ class Diagnostics:
         self.learning_rate = tf.Variable(0.0, trainable=False)   # sum over steps of the rate
         self.steps = tf.Variable(0.0, trainable=False)
 
-    def add(self, stats, learning_rate):
-        self.sums.assign_add(tf.stack([d.fn(stats) for d in DIAGNOSTICS]))
-        self.learning_rate.assign_add(learning_rate)
-        self.steps.assign_add(1.0)
-
-    def reset(self):
-        for v in (self.sums, self.learning_rate, self.steps):
-            v.assign(tf.zeros_like(v))
+    def add(self, stats, learning_rate, first_of_epoch):
+        """Adds one step; the first step of an epoch starts the sums afresh, so the epoch's
+        means never depend on a callback having reset them."""
+        keep = 1.0 - tf.cast(first_of_epoch, tf.float32)
+        self.sums.assign(keep * self.sums + tf.stack([d.fn(stats) for d in DIAGNOSTICS]))
+        self.learning_rate.assign(keep * self.learning_rate + learning_rate)
+        self.steps.assign(keep * self.steps + 1.0)
 
     def means(self):
         """Epoch means as NumPy (one host read per epoch): key -> (L,), plus learning_rate, steps."""
@@ -209,6 +208,7 @@ class ReproductionModel(keras.Model):
             factor = tf.ones_like(sqsum_before)
 
         learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)  # rate of this step
+        first_of_epoch = tf.equal(self.optimizer.iterations % self._settings["steps_per_epoch"], 0)
         self.optimizer.apply(grads, variables)
 
         after = self.flat_conv()
@@ -219,7 +219,7 @@ class ReproductionModel(keras.Model):
         self.diagnostics.add(StepStats(sqsum_before=sqsum_before,
                                        step_sqsum=self.layer_sums(tf.square(after - before)),
                                        unit_diff_sqsum=self.layer_sums(tf.square(unit_diff)),
-                                       factor=factor), learning_rate)
+                                       factor=factor), learning_rate, first_of_epoch)
 
         for metric in self.metrics:
             if metric.name == "loss":
@@ -242,20 +242,6 @@ class ReproductionModel(keras.Model):
         logs = self.get_metrics_result()
         logs.pop(self.l2_tracker.name, None)   # the L2 term is a training quantity
         return logs
-
-
-def angle_between(a, b):
-    """The angle (radians) between two tensors seen as vectors, accurate for tiny angles.
-
-    acos(<a,b>/(|a||b|)) loses everything below ~3e-4 rad in float32 (the cosine
-    rounds to 1); 2·asin(|u - v|/2) of the unit vectors u, v has relative error
-    ~eps32/angle instead.
-    """
-    a = tf.reshape(a, [-1])
-    b = tf.reshape(b, [-1])
-    u = a / tf.norm(a)
-    v = b / tf.norm(b)
-    return 2.0 * tf.asin(tf.minimum(tf.norm(u - v) / 2.0, 1.0))
 
 
 def layer_sqsum(model):

@@ -1,6 +1,5 @@
 """Train and evaluate one run from a `TrainConfig`: the library behind `resnet_cifar.train`."""
 
-import dataclasses
 import errno
 import os
 import re
@@ -17,14 +16,6 @@ from resnet_cifar.train_step import ReproductionModel
 
 class TrainingError(RuntimeError):
     """The run could not go on (e.g. diverged); one line for the user."""
-
-
-@dataclasses.dataclass
-class RunResult:
-    status: str                 # "finished", "already_finished"
-    epochs: int
-    logs: dict
-    model: keras.Model = None
 
 
 def setup_devices():
@@ -106,21 +97,21 @@ def build_model(config, steps_per_epoch, baseline=None):
     return model
 
 
-def run(config, arrays=None, print_fn=print):
-    """Trains `config.train_epochs` epochs (resuming if the model dir holds a checkpoint).
+def run(config, arrays):
+    """Trains `config.train_epochs` epochs on `arrays` (`cifar_data.Arrays`), resuming if the
+    model dir holds a checkpoint.
 
-    arrays: the data as `cifar_data.Arrays`, if already loaded; else loaded here.
-    Every check runs before anything is written; the run folder is then created and
-    locked until the run ends. SIGINT/SIGTERM raise `interrupt.Interrupted` with a
-    `message` saying where the run stopped.
+    The run folder is checked, created and locked (`run_dir.open_run`) once the model is
+    built and before anything is written; it stays locked until the run ends. Signals: under
+    `interrupt.handlers()` (as `resnet_cifar.train` runs it), SIGINT/SIGTERM raise
+    `interrupt.Interrupted` between two steps, with a `message` saying where the run stopped.
     """
-    with interrupt.handlers():
-        progress = _Progress()
-        try:
-            return _run(config, arrays, print_fn, progress)
-        except interrupt.Interrupted as e:
-            e.message = progress.stopped_message(e.name)
-            raise
+    progress = _Progress()
+    try:
+        _run(config, arrays, progress)
+    except interrupt.Interrupted as e:
+        e.message = progress.stopped_message(e.name)
+        raise
 
 
 class _Progress:
@@ -149,20 +140,13 @@ class _Progress:
         return f"{where}; no epoch had finished: the same command starts it again"
 
 
-def _run(config, arrays, print_fn, progress):
+def _run(config, arrays, progress):
     setup_threads(config)
     setup_devices()
-    state = run_dir.check(config)            # guards, run_config check, resume/no-op decision
-    if state.finished:
-        print_fn(run_dir.finished_message(config), flush=True)
-        return RunResult("already_finished", config.train_epochs, {})
-
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    if arrays is None:
-        arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
     steps_per_epoch = config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
     baseline = None
     if config.conv_grad_scale and config.conv_lr_factor in config_lib.REPLAY_FACTORS:
@@ -171,23 +155,24 @@ def _run(config, arrays, print_fn, progress):
     model = build_model(config, steps_per_epoch, baseline)
     progress.model, progress.steps_per_epoch = model, steps_per_epoch
 
-    # Everything is checked: only now is the folder created, and locked for the run.
+    # Everything is checked: only now is the folder created, locked for the run, and checked
+    # under the lock (the one check that counts: another process may have written it).
     lock, state, created = run_dir.open_run(config)
     try:
-        if state.finished:        # another process finished it meanwhile
-            print_fn(run_dir.finished_message(config), flush=True)
-            return RunResult("already_finished", config.train_epochs, {})
+        if state.finished:
+            print(run_dir.finished_message(config), flush=True)
+            return
         try:
-            return _train(config, arrays, print_fn, progress, model, steps_per_epoch)
+            _train(config, arrays, progress, model, steps_per_epoch)
         except checkpoints.NothingReadable as e:
             if not config.overwrite:
                 raise config_lib.ConfigError(f"{e}; use --overwrite to start this run afresh") from None
-            print_fn(f"{e}; starting afresh (--overwrite)", flush=True)
+            print(f"{e}; starting afresh (--overwrite)", flush=True)
             run_dir.clear(config.model_dir)
             keras.utils.set_random_seed(config.seed)   # failed restores may have assigned some weights
             model = build_model(config, steps_per_epoch, baseline)
             progress.model = model
-            return _train(config, arrays, print_fn, progress, model, steps_per_epoch)
+            _train(config, arrays, progress, model, steps_per_epoch)
     except (config_lib.ConfigError, cifar_data.DataError):
         if created:
             lock.release()
@@ -197,7 +182,7 @@ def _run(config, arrays, print_fn, progress):
         lock.release()
 
 
-def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
+def _train(config, arrays, progress, model, steps_per_epoch):
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
     store = checkpoints.CheckpointStore(checkpoint, os.path.join(config.model_dir, run_dir.CHECKPOINTS))
@@ -206,7 +191,7 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
     initial_epoch = int(epoch_variable.numpy())
     skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
     if initial_epoch:
-        print_fn(f"resuming {config.model_dir} after epoch {initial_epoch} "
+        print(f"resuming {config.model_dir} after epoch {initial_epoch} "
                  f"({checkpoints.name(restored)}){skipped_text}", flush=True)
 
     run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels))
@@ -228,14 +213,12 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
                 shuffle=False,                 # the stream is shuffled by input_pipeline
                 validation_freq=config.epochs_between_evals,
                 verbose=config.verbose,
-                callbacks=[
-                    # Keras' progress bar first: it ends its line before EpochSummary prints.
-                    keras.callbacks.ProgbarLogger(),
+                callbacks=[                # in any order: none depends on another
                     callbacks.EpochTensorBoard(config.model_dir),
                     callbacks.ChannelSqsumLog(config.model_dir),
                     callbacks.EpochCheckpoint(store, epoch_variable),
                     nan_stop,
-                    callbacks.EpochSummary(config.train_epochs, print_fn),
+                    callbacks.EpochSummary(config.train_epochs),
                     callbacks.StopOnSignal(),
                 ],
             )
@@ -257,10 +240,12 @@ def _train(config, arrays, print_fn, progress, model, steps_per_epoch):
                             f"logs up to there are in {config.model_dir}")
     logs = {k: float(v[-1]) for k, v in history.history.items() if v}
     interrupt.check()           # a signal that something swallowed: not finished
-    run_dir.mark_done(config, logs, model)
+    # The weights alone (to share and evaluate without checkpoints), then done.json: a
+    # finished run always has its final weights.
+    models.save_weights(model, os.path.join(config.model_dir, tags.FINAL_WEIGHTS_FILE))
+    run_dir.mark_done(config, logs)
     freq = config.epochs_between_evals
-    print_fn(console.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
-                                  last_eval_epoch=config.train_epochs // freq * freq,
-                                  resumed_after=initial_epoch, steps=config.train_epochs * steps_per_epoch,
-                                  bn_decay=config.bn_decay), flush=True)
-    return RunResult("finished", config.train_epochs, logs, model)
+    print(console.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
+                               last_eval_epoch=config.train_epochs // freq * freq,
+                               resumed_after=initial_epoch, steps=config.train_epochs * steps_per_epoch,
+                               bn_decay=config.bn_decay), flush=True)

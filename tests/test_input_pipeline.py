@@ -19,7 +19,7 @@ if REPO not in sys.path:   # `pytest tests/...` does not put the checkout on the
 import tensorflow as tf  # noqa: E402
 
 from resnet_cifar import cifar_data, fidelity, input_pipeline  # noqa: E402
-from resnet_cifar.input_pipeline import DataError  # noqa: E402
+from resnet_cifar.cifar_data import DataError  # noqa: E402
 
 TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]   # written out, not read from fidelity
 TEST_FILE = "test_batch.bin"
@@ -146,7 +146,7 @@ def test_record_layout_helper_is_the_official_one():
 def test_binary_loader_decodes_exact_pixels_in_file_order(tmp_path, which):
     folder, expected = write_cifar_binary(str(tmp_path))
     data_dir = str(tmp_path) if which == "parent" else folder
-    arrays = input_pipeline.load_arrays("binary", data_dir)
+    arrays = cifar_data.load_arrays("binary", data_dir)
     assert arrays.train_images.dtype == np.uint8 and arrays.test_images.dtype == np.uint8
     assert arrays.train_labels.dtype == np.int32 and arrays.test_labels.dtype == np.int32
     assert arrays.train_images.shape == (14, 32, 32, 3)
@@ -161,7 +161,7 @@ def test_binary_loader_decodes_exact_pixels_in_file_order(tmp_path, which):
 
 def test_binary_loader_accepts_pathlike(tmp_path):
     write_cifar_binary(str(tmp_path))
-    arrays = input_pipeline.load_arrays("binary", tmp_path)
+    arrays = cifar_data.load_arrays("binary", tmp_path)
     assert len(arrays.train_labels) == 14
 
 
@@ -173,7 +173,7 @@ def test_binary_truncated_file(tmp_path):
     with open(path, "wb") as fh:
         fh.write(data[:-3])
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("binary", str(tmp_path))
+        cifar_data.load_arrays("binary", str(tmp_path))
     assert_one_line_error(excinfo, path)
 
 
@@ -182,7 +182,7 @@ def test_binary_empty_file(tmp_path):
     path = os.path.join(folder, "data_batch_4.bin")
     open(path, "wb").close()
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("binary", str(tmp_path))
+        cifar_data.load_arrays("binary", str(tmp_path))
     assert_one_line_error(excinfo, path)
 
 
@@ -191,7 +191,7 @@ def test_binary_missing_train_file(tmp_path):
     path = os.path.join(folder, "data_batch_3.bin")
     os.remove(path)
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("binary", str(tmp_path))
+        cifar_data.load_arrays("binary", str(tmp_path))
     assert_one_line_error(excinfo, "data_batch_3.bin")
 
 
@@ -203,7 +203,7 @@ def test_binary_label_out_of_range(tmp_path, bad_label):
         fh.seek(3073)            # label byte of record 1
         fh.write(bytes([bad_label]))
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("binary", str(tmp_path))
+        cifar_data.load_arrays("binary", str(tmp_path))
     assert_one_line_error(excinfo, path, bad_label)
 
 
@@ -211,35 +211,35 @@ def test_binary_data_dir_without_files(tmp_path):
     empty = tmp_path / "nothing_here"
     empty.mkdir()
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("binary", str(empty))
+        cifar_data.load_arrays("binary", str(empty))
     assert_one_line_error(excinfo, str(empty))
 
 
 def test_binary_data_dir_missing_folder(tmp_path):
     missing = str(tmp_path / "does_not_exist")
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("binary", missing)
+        cifar_data.load_arrays("binary", missing)
     assert_one_line_error(excinfo, missing)
 
 
 def test_binary_data_dir_none():
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("binary", None)
+        cifar_data.load_arrays("binary", None)
     assert_one_line_error(excinfo, "--data_dir")
 
 
 def test_unknown_source():
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("imagenet")
+        cifar_data.load_arrays("imagenet")
     assert_one_line_error(excinfo, "imagenet")
 
 
 # ----------------------------------------------------------------------------- synthetic source
 
 def test_synthetic_arrays_shapes_dtypes_and_determinism():
-    a = input_pipeline.synthetic_arrays(12, 5, seed=3)
-    b = input_pipeline.synthetic_arrays(12, 5, seed=3)
-    c = input_pipeline.synthetic_arrays(12, 5, seed=4)
+    a = cifar_data.synthetic_arrays(12, 5, seed=3)
+    b = cifar_data.synthetic_arrays(12, 5, seed=3)
+    c = cifar_data.synthetic_arrays(12, 5, seed=4)
     assert a.train_images.shape == (12, 32, 32, 3) and a.test_images.shape == (5, 32, 32, 3)
     assert a.train_labels.shape == (12,) and a.test_labels.shape == (5,)
     assert a.train_images.dtype == np.uint8 and a.test_images.dtype == np.uint8
@@ -252,7 +252,7 @@ def test_synthetic_arrays_shapes_dtypes_and_determinism():
 
 
 def test_load_arrays_synthetic_has_cifar_sizes():
-    arrays = input_pipeline.load_arrays("synthetic", seed=1)
+    arrays = cifar_data.load_arrays("synthetic", seed=1)
     assert arrays.train_images.shape == (50_000, 32, 32, 3)
     assert arrays.test_images.shape == (10_000, 32, 32, 3)
     assert arrays.train_labels.shape == (50_000,) and arrays.test_labels.shape == (10_000,)
@@ -272,7 +272,7 @@ def test_tfds_mocked(monkeypatch, tmp_path):
     monkeypatch.setattr(splits_lib.SplitDict, "total_num_examples", property(lambda self: 64))
     monkeypatch.setattr(cifar_data, "_check_network", lambda url: None)   # mock_data needs none
     with tfds.testing.mock_data(num_examples=6):
-        arrays = input_pipeline.load_arrays("tfds", str(tmp_path))
+        arrays = cifar_data.load_arrays("tfds", str(tmp_path))
     assert arrays.train_images.shape == (6, 32, 32, 3)
     assert arrays.test_images.shape == (6, 32, 32, 3)
     assert arrays.train_labels.shape == (6,) and arrays.test_labels.shape == (6,)
@@ -295,7 +295,7 @@ def test_tfds_download_failure(monkeypatch, tmp_path, error):
     monkeypatch.setattr(tfds, "load", fail)
     monkeypatch.setattr(cifar_data, "_check_network", lambda url: None)   # the network answers
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.load_arrays("tfds", str(tmp_path))
+        cifar_data.load_arrays("tfds", str(tmp_path))
     message = assert_one_line_error(excinfo, "--data_source=binary", "synthetic",
                                     type(error).__name__)
     if isinstance(error, OSError) and not isinstance(error, ConnectionError):

@@ -178,21 +178,16 @@ def test_batch_norm_configuration(model):
     assert fidelity.BATCH_NORM_DECAY == 0.997 and fidelity.BATCH_NORM_EPSILON == 1e-5
 
 
-def test_bn_decay_argument_and_set_bn_decay():
+def test_bn_decay_argument():
     fast = models.build_resnet20(bn_decay=0.98)
     assert {l.momentum for l in models.batch_norm_layers(fast)} == {0.98}
     assert {l.epsilon for l in models.batch_norm_layers(fast)} == {1e-5}
-    models.set_bn_decay(fast, 0.997)
-    assert {l.momentum for l in models.batch_norm_layers(fast)} == {0.997}
-    models.set_bn_decay(fast, 0.98)
-    assert {l.momentum for l in models.batch_norm_layers(fast)} == {0.98}
 
 
-def test_set_bn_decay_takes_effect_in_the_moving_average_update():
+def test_bn_decay_takes_effect_in_the_moving_average_update():
     # TF1's decay: moving = decay * moving + (1 - decay) * batch_mean. Keras'
-    # momentum must mean the same thing, and set_bn_decay must reach the update.
-    m = models.build_resnet20()
-    models.set_bn_decay(m, 0.5)
+    # momentum must mean the same thing, and bn_decay must reach the update.
+    m = models.build_resnet20(bn_decay=0.5)
     bn = m.get_layer("batch_normalization")
     before = bn.moving_mean.numpy()
     x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
@@ -499,22 +494,3 @@ def test_fixed_padding_numerically(model, graph):
     assert not np.allclose(same, expected)
 
 
-# ----------------------------------------------------------------------------- sum_of_squares
-
-def test_sum_of_squares_matches_numpy():
-    rng = np.random.default_rng(3)
-    arrays = [rng.normal(size=s) for s in ((3, 3, 3, 16), (1, 1, 16, 32), (7,), (2, 5))]
-    variables = [tf.Variable(arrays[0].astype(np.float32)),
-                 keras.Variable(arrays[1].astype(np.float32)),
-                 tf.constant(arrays[2].astype(np.float32)),
-                 tf.Variable(arrays[3])]                     # float64: cast to float32
-    got = models.sum_of_squares(variables)
-    assert got.dtype == tf.float32
-    expected = sum(np.sum(a.astype(np.float32).astype(np.float64) ** 2) for a in arrays)
-    assert float(got) == pytest.approx(expected, rel=1e-6)
-
-
-def test_sum_of_squares_of_model_kernels(model):
-    got = float(models.sum_of_squares(models.conv_kernels(model)))
-    expected = sum(np.sum(l.kernel.numpy().astype(np.float64) ** 2) for l in models.conv_layers(model))
-    assert got == pytest.approx(expected, rel=1e-5)

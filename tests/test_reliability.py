@@ -301,7 +301,7 @@ DRIVER = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {root!r})
     import tensorflow as tf
-    from resnet_cifar import config as config_lib, trainer
+    from resnet_cifar import cifar_data, config as config_lib, trainer
 
     original = tf.train.Checkpoint._write
 
@@ -322,7 +322,8 @@ DRIVER = textwrap.dedent("""
         return original(self, file_prefix, options=options)
 
     tf.train.Checkpoint._write = dying_write
-    trainer.run(config_lib.TrainConfig(**json.loads(sys.argv[1])))
+    config = config_lib.TrainConfig(**json.loads(sys.argv[1]))
+    trainer.run(config, cifar_data.load_arrays(config.data_source, config.data_dir, config.seed))
     print("driver: training returned", flush=True)
 """)
 
@@ -507,7 +508,9 @@ def test_unwritable_model_dir(data, tmp_path):
 
 
 def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
-    from resnet_cifar import trainer
+    from resnet_cifar import cifar_data, trainer
+
+    arrays = cifar_data.synthetic_arrays(RUN["batch_size"], RUN["batch_size"])
 
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
@@ -515,7 +518,7 @@ def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
     fresh = str(tmp_path / "fresh")
     for model_dir in (held_run, fresh):
         config = config_lib.TrainConfig(**dict(RUN, model_dir=model_dir, data_dir="/nonexistent"))
-        for call in (run_dir.check, trainer.run):
+        for call in (run_dir.check, lambda c: trainer.run(c, arrays)):
             with pytest.raises(config_lib.ConfigError) as e:
                 call(config)
             message = str(e.value)

@@ -164,12 +164,12 @@ def test_loss_falls(short_run):
 
 def test_event_files_contain_every_documented_tag(short_run):
     model_dir, _ = short_run
-    train_tags = set(events.list_tags(str(model_dir), tags.TRAIN_DIR))
+    train_tags = set(events.read_all_scalars(str(model_dir), tags.TRAIN_DIR))
     want = {tags.EPOCH_LOSS, tags.EPOCH_ACCURACY, tags.EPOCH_L2_LOSS, tags.CONV_SQSUM,
             tags.CONV_RELATIVE_STEP, tags.CONV_LR_FACTOR, tags.LEARNING_RATE}
     want |= {tags.per_layer(t, name) for t in (tags.CONV_SQSUM, tags.CONV_RELATIVE_STEP) for name in LAYERS}
     assert want <= train_tags, want - train_tags
-    assert {tags.EPOCH_LOSS, tags.EPOCH_ACCURACY} <= set(events.list_tags(str(model_dir), tags.VALIDATION_DIR))
+    assert {tags.EPOCH_LOSS, tags.EPOCH_ACCURACY} <= set(events.read_all_scalars(str(model_dir), tags.VALIDATION_DIR))
     # Steps: epoch numbers, with the initial state at 0 for the weight-based tags.
     steps, sqsum = events.read_scalars(str(model_dir), tags.CONV_SQSUM)
     assert list(steps) == [0, 1, 2, 3, 4]
@@ -187,8 +187,8 @@ def test_no_duplicate_or_iteration_stepped_tags(short_run):
     """Each main tag is one TensorBoard card: per-layer values only under per_layer/,
     one learning-rate tag, and nothing logged at optimizer iterations."""
     model_dir, _ = short_run
-    train_tags = events.list_tags(str(model_dir), tags.TRAIN_DIR)
-    all_tags = train_tags + events.list_tags(str(model_dir), tags.VALIDATION_DIR)
+    train_tags = sorted(events.read_all_scalars(str(model_dir), tags.TRAIN_DIR))
+    all_tags = train_tags + sorted(events.read_all_scalars(str(model_dir), tags.VALIDATION_DIR))
     assert not [t for t in all_tags if "learning_rate" in t and t != tags.LEARNING_RATE]
     assert not [t for t in all_tags if t.startswith("evaluation_")]
     top_level = [t for t in train_tags if not t.startswith(tags.PER_LAYER_PREFIX + "/")]
@@ -197,7 +197,7 @@ def test_no_duplicate_or_iteration_stepped_tags(short_run):
                                         tags.CONV_LR_FACTOR, tags.LEARNING_RATE,
                                         tags.CONV_ANGULAR_UPDATE])
     for subdir in (tags.TRAIN_DIR, tags.VALIDATION_DIR):
-        for tag in events.list_tags(str(model_dir), subdir):
+        for tag in sorted(events.read_all_scalars(str(model_dir), subdir)):
             assert max(events.read_scalars(str(model_dir), tag, subdir)[0]) <= 4, (subdir, tag)
 
 
@@ -222,8 +222,8 @@ def test_custom_scalars_layout_shows_the_posts_curves_first(short_run):
     (layout,) = read_layout(str(model_dir))                # written once
     first = layout.category[0]
     assert not first.closed
-    logged = set(events.list_tags(str(model_dir), tags.TRAIN_DIR)) | set(
-        events.list_tags(str(model_dir), tags.VALIDATION_DIR))
+    logged = set(events.read_all_scalars(str(model_dir), tags.TRAIN_DIR)) | set(
+        events.read_all_scalars(str(model_dir), tags.VALIDATION_DIR))
     chart_tags = [[t for t in logged if any(re.search(rx, t) for rx in chart.multiline.tag)]
                   for chart in first.chart]
     # The three curves of the post come first, one tag each; every chart shows something.

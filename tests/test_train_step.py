@@ -149,7 +149,7 @@ def test_conv_lr_scale_step_matches_numpy():
     # steps_per_epoch=1: steps 0 and 1 are epochs 0 and 1, factors 1.0 and 0.95 * sqsum/800.
     model, _, factor = check_steps(2, steps_per_epoch=1, conv_l2=False, conv_grad_scale=True,
                                    boundary_epochs=(50, 100))
-    assert factor == pytest.approx(0.95 * float(models.sum_of_squares(models.conv_kernels(model))) / 800,
+    assert factor == pytest.approx(0.95 * sum(float(np.sum(k.numpy().astype(np.float64) ** 2)) for k in models.conv_kernels(model)) / 800,
                                    rel=1e-2)
 
 
@@ -216,7 +216,6 @@ def test_diagnostics_of_one_step():
     x, y = batch(1)
     conv = models.conv_kernels(model)
     before = [k.numpy().astype(np.float64) for k in conv]
-    model.diagnostics.reset()
     model.train_on_batch(x, y)
     want = [np.linalg.norm(k.numpy() - b) / np.linalg.norm(b) for k, b in zip(conv, before)]
     means = model.diagnostics.means()
@@ -239,8 +238,7 @@ def test_mixed_precision_keeps_float32_weights_and_factor(dtype):
         model, _ = make_model(conv_l2=False, conv_grad_scale=True, dtype=dtype)
         assert model.layers[1].compute_dtype != "float32"            # the first conv runs in low precision
         x, y = batch(2)
-        sq = float(models.sum_of_squares(models.conv_kernels(model)))
-        model.diagnostics.reset()
+        sq = sum(float(np.sum(k.numpy().astype(np.float64) ** 2)) for k in models.conv_kernels(model))
         model.train_on_batch(x, y)
         assert all(v.dtype == "float32" for v in model.trainable_variables)
         np.testing.assert_allclose(model.diagnostics.means()["lr_factor"], sq / 800.0, rtol=1e-5)
@@ -278,3 +276,17 @@ def test_step_traces_to_at_most_1_25x_the_ops_of_a_bare_step(flags):
     _, bare = reference_step.bare_loop(8)
     assert bare > 1000                  # the reference itself is a whole ResNet-20 step
     assert project <= 1.25 * bare, (project, bare)
+
+
+def test_diagnostics_restart_at_each_epochs_first_step():
+    """The sums start afresh at every epoch's first step (iterations % steps_per_epoch == 0),
+    with no callback resetting them: after 3 steps of 2-step epochs they hold step 3 alone."""
+    model, _ = make_model(steps_per_epoch=2, conv_l2=False)
+    for i in range(3):
+        x, y = batch(i)
+        conv = models.conv_kernels(model)
+        before = [k.numpy().astype(np.float64) for k in conv]
+        model.train_on_batch(x, y)
+        assert model.diagnostics.means()["steps"] == [1, 2, 1][i]
+    want = [np.linalg.norm(k.numpy() - b) / np.linalg.norm(b) for k, b in zip(conv, before)]
+    np.testing.assert_allclose(model.diagnostics.means()["relative_step"], want, rtol=1e-3)
