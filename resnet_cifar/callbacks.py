@@ -60,7 +60,7 @@ class EpochTensorBoard(keras.callbacks.Callback):
                 tf.summary.experimental.write_raw_pb(
                     custom_scalar_summary.pb(scalars_layout()).SerializeToString(), step=0)
             sq = np.asarray(layer_sqsum(self.model), np.float32)
-            factor = self.model.conv_factor(tf.constant(sq)).numpy()
+            factor = self.model.conv_factor().numpy()
             lr = float(tf.cast(self.model.optimizer.learning_rate, tf.float32).numpy())
             self._write_diagnostics(0, {tags.CONV_SQSUM: sq, tags.CONV_LR_FACTOR: factor}, lr)
 

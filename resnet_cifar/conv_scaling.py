@@ -19,7 +19,8 @@ reproduces the baseline's own ||w||^2 trajectory. Three ways to get it:
   baseline's per-channel trajectory comes from its `conv_channel_sqsum.npz`.
 
 Every factor is computed inside the train step from the current weights and the
-fractional epoch (step / steps_per_epoch). `ConvLRFactor.multipliers` gives, for
+fractional epoch (step / steps_per_epoch). `for_model` makes one for a model;
+`ConvLRFactor.multipliers` gives, for
 every mode, one multiplier per conv kernel (a scalar, or a (cout,) vector that
 broadcasts over the kernel's last axis), so the step multiplies conv gradient l by
 multipliers[l] whatever the mode; a new mode touches this file only.
@@ -57,8 +58,32 @@ def interpolate(epoch, epochs, values):
     return values[i] + t * (values[i + 1] - values[i])
 
 
+def for_model(mode, baseline, model):
+    """The `ConvLRFactor` of `mode` (None: no scaling) for `model`: the baseline's per-layer
+    or per-channel trajectory put in the model's layer order (a one-line ConfigError if it
+    does not fit the model), and the piecewise normalizer of the model's depth."""
+    layers = models.conv_layers(model)
+    names = [layer.name for layer in layers]
+    if mode == "per_channel":
+        try:
+            baseline = baseline.aligned_channels(names, [int(layer.kernel.shape[-1]) for layer in layers])
+        except (AttributeError, TypeError, KeyError, ValueError):
+            raise config_lib.ConfigError(
+                "--conv_lr_factor=per_channel: the baseline run's "
+                f"{tags.CHANNEL_SQSUM_FILE} does not match this model's {len(layers)} conv layers "
+                "(same --resnet_size?)") from None
+    if mode == "per_layer":
+        try:
+            baseline = baseline.aligned(names)
+        except (AttributeError, TypeError, ValueError):
+            raise config_lib.ConfigError(
+                "--conv_lr_factor=per_layer: the baseline run lacks per-layer "
+                f"{tags.per_layer(tags.CONV_SQSUM, '<layer>')} curves for the {len(names)} conv layers") from None
+    return ConvLRFactor(mode, baseline, models.expected_initial_conv_sqsum(model))
+
+
 class ConvLRFactor:
-    """Callable (epoch, per-layer sum of squares (L,)) -> per-layer factor (L,)."""
+    """The factor on conv gradients at a fractional epoch, from the current weights."""
 
     def __init__(self, mode, baseline=None, initial_conv_sqsum=fidelity.INITIAL_CONV_SQSUM):
         """mode: None (no scaling), 'piecewise', 'replay', 'per_layer' or 'per_channel'.
@@ -92,26 +117,17 @@ class ConvLRFactor:
         if self.mode == "per_channel":
             factors = self.channel_factors(epoch, [models.channel_sum_of_squares(k) for k in kernels])
             return factors, tf.stack([tf.reduce_mean(f) for f in factors])
-        factor = self(epoch, layer_sqsum)
         if self.mode == "per_layer":
+            factor = layer_sqsum / interpolate(epoch, self.baseline.epochs, self.baseline.per_layer)
             return tf.unstack(factor), factor
-        total = factor[0]                      # one factor for all layers
-        return [total] * len(kernels), factor
-
-    def __call__(self, epoch, layer_sqsum):
-        ones = tf.ones_like(layer_sqsum)
-        total = tf.reduce_sum(layer_sqsum)
-        if self.mode is None:
-            return ones
+        total = tf.reduce_sum(layer_sqsum)     # one factor for all layers
         if self.mode == "piecewise":
-            return ones * piecewise(epoch) * total / self.initial_conv_sqsum
-        if self.mode == "replay":
-            return ones * total / interpolate(epoch, self.baseline.epochs, self.baseline.total)
-        if self.mode == "per_layer":
-            return layer_sqsum / interpolate(epoch, self.baseline.epochs, self.baseline.per_layer)
-        if self.mode == "per_channel":
-            return ones    # the step multiplies by `channel_factors` instead
-        raise ValueError(f"unknown conv_lr_factor mode {self.mode!r}")
+            total = piecewise(epoch) * total / self.initial_conv_sqsum
+        elif self.mode == "replay":
+            total = total / interpolate(epoch, self.baseline.epochs, self.baseline.total)
+        else:
+            raise ValueError(f"unknown conv_lr_factor mode {self.mode!r}")
+        return [total] * len(kernels), total * tf.ones_like(layer_sqsum)
 
 
 class BaselineTrajectory:

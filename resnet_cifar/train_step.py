@@ -159,9 +159,13 @@ class ReproductionModel(keras.Model):
     def epoch_fraction(self):
         return tf.cast(self.optimizer.iterations, tf.float32) / self._settings["steps_per_epoch"]
 
-    def conv_factor(self, layer_sqsum):
-        """The per-layer conv gradient factor (L,) at the current step (ones without scaling)."""
-        return self._settings["conv_lr_factor"](self.epoch_fraction(), layer_sqsum)
+    def conv_factor(self):
+        """The per-layer conv gradient factor (L,) the next step would use, from the weights
+        now (ones without scaling; per channel: each layer's mean), as the step logs it."""
+        sqsum = self.layer_sums(tf.square(self.flat_conv()))
+        factor = self._settings["conv_lr_factor"].multipliers(
+            self.epoch_fraction(), sqsum, models.conv_kernels(self))
+        return tf.ones_like(sqsum) if factor is None else factor[1]
 
     def flat_conv(self):
         """The conv kernels as one float32 vector, layer after layer (ids in `layer_ids`)."""

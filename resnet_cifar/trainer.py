@@ -57,29 +57,10 @@ def build_model(config, steps_per_epoch, baseline=None):
     keras.mixed_precision.set_dtype_policy(config.dtype)
     model = models.build_resnet(config.resnet_size, bn_decay=config.bn_decay, model_cls=ReproductionModel)
     mode = config.conv_lr_factor if config.conv_grad_scale else None
-    if mode == "per_channel":
-        layers = models.conv_layers(model)
-        try:
-            baseline = baseline.aligned_channels([layer.name for layer in layers],
-                                                 [int(layer.kernel.shape[-1]) for layer in layers])
-        except (AttributeError, TypeError, KeyError, ValueError):
-            raise config_lib.ConfigError(
-                "--conv_lr_factor=per_channel: the baseline run's "
-                f"{tags.CHANNEL_SQSUM_FILE} does not match this model's {len(layers)} conv layers "
-                "(same --resnet_size?)") from None
-    if mode == "per_layer":
-        names = [layer.name for layer in models.conv_layers(model)]
-        try:
-            baseline = baseline.aligned(names)      # columns in the model's layer order
-        except (AttributeError, TypeError, ValueError):
-            raise config_lib.ConfigError(
-                "--conv_lr_factor=per_layer: the baseline run lacks per-layer "
-                f"{tags.per_layer(tags.CONV_SQSUM, '<layer>')} curves for the {len(names)} conv layers") from None
     # adamw decays the weights in the optimizer (decoupled): no L2 term in the loss.
     decoupled = config.optimizer == "adamw"
     model.configure(weight_decay=0.0 if decoupled else config.weight_decay, conv_l2=config.conv_l2,
-                    conv_lr_factor=conv_scaling.ConvLRFactor(
-                        mode, baseline, models.expected_initial_conv_sqsum(model)),
+                    conv_lr_factor=conv_scaling.for_model(mode, baseline, model),
                     steps_per_epoch=steps_per_epoch)
     schedule = optim.piecewise_by_epoch(config.base_learning_rate, config.boundary_epochs,
                                         config.decay_rates, steps_per_epoch)

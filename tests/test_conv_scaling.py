@@ -52,7 +52,7 @@ def test_replay_factor_by_hand(tmp_path):
     factor = conv_scaling.ConvLRFactor("replay", traj)
     sq = np.full(22, 50.0, np.float32)                   # sum 1100
     for epoch, baseline in [(0.0, 800.0), (1.5, 1100.0), (2.25, 1175.0), (4.0, 1000.0), (9.0, 1000.0)]:
-        got = factor(tf.constant(epoch), tf.constant(sq)).numpy()
+        got = factor.multipliers(tf.constant(epoch), tf.constant(sq), [None] * 22)[1].numpy()
         np.testing.assert_allclose(got, 1100.0 / baseline, rtol=1e-6, err_msg=f"epoch {epoch}")
 
 
@@ -65,13 +65,17 @@ def test_per_layer_factor_by_hand(tmp_path, naming):
     sq = np.arange(1, 23, dtype=np.float32) * 3.0
     epoch = 2.5
     want = [sq[i] / (0.5 * layer_curve(i)[2] + 0.5 * layer_curve(i)[3]) for i in range(22)]
-    np.testing.assert_allclose(factor(tf.constant(epoch), tf.constant(sq)).numpy(), want, rtol=1e-5)
+    multipliers, logged = factor.multipliers(tf.constant(epoch), tf.constant(sq), [None] * 22)
+    np.testing.assert_allclose(logged.numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose([float(m) for m in multipliers], want, rtol=1e-5)     # one per kernel
 
 
 def test_piecewise_factor_is_global(tmp_path):
     sq = np.arange(1, 23, dtype=np.float32)
-    got = conv_scaling.ConvLRFactor("piecewise")(tf.constant(30.0), tf.constant(sq)).numpy()
-    np.testing.assert_allclose(got, 0.45 * sq.sum() / 800.0, rtol=1e-6)
+    multipliers, logged = conv_scaling.ConvLRFactor("piecewise").multipliers(
+        tf.constant(30.0), tf.constant(sq), [None] * 22)
+    np.testing.assert_allclose(logged.numpy(), 0.45 * sq.sum() / 800.0, rtol=1e-6)
+    np.testing.assert_allclose([float(m) for m in multipliers], 0.45 * sq.sum() / 800.0, rtol=1e-6)
 
 
 def test_per_layer_scaling_in_the_step(tmp_path):

@@ -135,5 +135,6 @@ def test_piecewise_normalizer_is_the_models_expectation():
     import tensorflow as tf
 
     sq = tf.constant(np.full(34, 10.0, np.float32))
-    got = conv_scaling.ConvLRFactor("piecewise", initial_conv_sqsum=1248.0)(tf.constant(0.0), sq).numpy()
+    got = conv_scaling.ConvLRFactor("piecewise", initial_conv_sqsum=1248.0).multipliers(
+        tf.constant(0.0), sq, [None] * 34)[1].numpy()
     np.testing.assert_allclose(got, 340.0 / 1248.0, rtol=1e-6)

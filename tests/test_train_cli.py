@@ -62,11 +62,11 @@ def test_flags_reach_the_step():
     assert {bn.momentum for bn in models.batch_norm_layers(model)} == {0.98}
     # The factor used by the step: piecewise(0) * sqsum / 800, per layer.
     sq = np.array([np.sum(k.numpy().astype(np.float64) ** 2) for k in models.conv_kernels(model)])
-    factor = model.conv_factor(sq.astype(np.float32)).numpy()
+    factor = model.conv_factor().numpy()
     np.testing.assert_allclose(factor, sq.sum() / 800.0, rtol=1e-5)
     baseline = trainer.build_model(parse(["--model_dir=/tmp/x", "--batch_size=8"]), 10)
     assert len(baseline.l2_variables()) == len(baseline.trainable_variables)
-    np.testing.assert_allclose(baseline.conv_factor(sq.astype(np.float32)).numpy(), 1.0)
+    np.testing.assert_allclose(baseline.conv_factor().numpy(), 1.0)
 
 
 @pytest.mark.parametrize("args,needle", [
