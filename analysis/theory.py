@@ -39,6 +39,7 @@ from analysis.figures import BASELINE, LEVEL_LABEL, label_of, note, ordered_name
 from analysis.summary import mean_std
 from resnet_cifar import config as config_lib
 from resnet_cifar import events, fidelity, tags
+from resnet_cifar.atomic import atomic_open
 
 LATE_FRACTION = 0.2     # late phase = its last 20% of epochs (at least one)
 
@@ -528,7 +529,7 @@ def _num(x: Optional[float]) -> str:
 
 
 def write_csv(rows: Sequence[Row], path: str) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_open(path) as f:
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
         for r in rows:
@@ -547,7 +548,7 @@ def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
                         fraction: float = LATE_FRACTION,
                         momentum: float = fidelity.MOMENTUM) -> None:
     """One row per run name × seed × phase × layer (seed: the run's --seed)."""
-    with open(path, "w", newline="") as f:
+    with atomic_open(path) as f:
         writer = csv.writer(f)
         writer.writerow(PER_LAYER_FIELDS)
         for name in ordered_names(loaded):
@@ -563,10 +564,13 @@ def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
 def write_theory(loaded: Mapping[str, Sequence[events.Run]], out_dir: str,
                  fraction: float = LATE_FRACTION,
                  momentum: float = fidelity.MOMENTUM) -> List[str]:
-    """theory.md, theory.csv and theory_per_layer.csv in `out_dir`; returns their paths."""
+    """theory.md, theory.csv and theory_per_layer.csv in `out_dir`; returns their paths.
+
+    Each file is written whole or not at all (atomic_open), as every analysis output.
+    """
     rows = theory_rows(loaded, fraction, momentum)
     paths = [os.path.join(out_dir, n) for n in ("theory.md", "theory.csv", "theory_per_layer.csv")]
-    with open(paths[0], "w") as f:
+    with atomic_open(paths[0]) as f:
         f.write(to_markdown(rows, fraction))
     write_csv(rows, paths[1])
     write_per_layer_csv(loaded, paths[2], fraction, momentum)

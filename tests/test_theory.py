@@ -335,3 +335,21 @@ def test_steps_per_epoch_is_what_the_run_recorded_not_50000_over_the_batch(tmp_p
     assert theory.steps_per_epoch(config, str(tmp_path)) == 7
     assert theory.steps_per_epoch(config) == 50000 // 128          # nothing recorded: a CIFAR-10 epoch
     assert theory.steps_per_epoch(dict(config, steps_per_epoch=160)) == 160
+
+
+def test_theory_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure half-way through theory.csv leaves the previous file, and no partial one."""
+    rng = np.random.default_rng(5)
+    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, *fake_relative(rng, 20)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "theory.csv").write_text("old\n")
+
+    def fail(_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(theory, "_num", fail)
+    with pytest.raises(OSError, match="disk full"):
+        theory.write_theory({figures.BASELINE: [run]}, str(out))
+    assert (out / "theory.csv").read_text() == "old\n"
+    assert sorted(p.name for p in out.iterdir()) == ["theory.csv", "theory.md"]
