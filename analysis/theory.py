@@ -180,12 +180,11 @@ class Level(NamedTuple):
 
 
 def base_learning_rate(config: Mapping) -> float:
-    """0.1 · batch_size / 128, as the original `learning_rate_with_decay` (the run's
-    --learning_rate, or its optimizer's default rate, in place of 0.1)."""
-    batch = config.get("batch_size") or fidelity.BATCH_SIZE
-    rate = config.get("learning_rate") or config_lib.DEFAULT_LEARNING_RATES.get(
-        config.get("optimizer") or "momentum", fidelity.BASE_LEARNING_RATE)
-    return rate * float(batch) / fidelity.BATCH_DENOM
+    """The run's base rate (at the first phase) by training's own formula, from its flags;
+    keys missing from `config` take the training defaults."""
+    return config_lib.base_learning_rate(config.get("optimizer") or "momentum",
+                                         config.get("learning_rate"),
+                                         int(config.get("batch_size") or fidelity.BATCH_SIZE))
 
 
 def steps_per_epoch(config: Mapping, run_dir: Optional[str] = None) -> int:
