@@ -187,16 +187,24 @@ def base_learning_rate(config: Mapping) -> float:
                                          int(config.get("batch_size") or fidelity.BATCH_SIZE))
 
 
-def steps_per_epoch(config: Mapping, run_dir: Optional[str] = None) -> int:
-    """The run's steps per epoch: what its run_config.json says it ran (right for any data),
-    else its --steps_per_epoch, else a full CIFAR-10 epoch at its batch size."""
+def steps_per_epoch(config: Mapping, run_dir: Optional[str] = None) -> Optional[int]:
+    """The run's steps per epoch, or None when nothing recorded says (a run written by
+    older code): then the theory table leaves phase / τ out rather than guess.
+
+    In order: the steps per epoch run_config.json records the run ran (right for any
+    data); its --steps_per_epoch; the training-set size run_config.json records over
+    the batch size, as training computes it. No size is assumed: 50,000 images is
+    CIFAR-10's, not every run's.
+    """
     ran = events.steps_per_epoch(run_dir) if run_dir else None
     if ran:
         return ran
-    steps = config.get("steps_per_epoch")
-    if steps:
-        return int(steps)
-    return fidelity.NUM_TRAIN_IMAGES // int(config.get("batch_size") or fidelity.BATCH_SIZE)
+    if config.get("steps_per_epoch"):
+        return int(config["steps_per_epoch"])
+    images = events.num_train_images(run_dir) if run_dir else None
+    if images:
+        return images // int(config.get("batch_size") or fidelity.BATCH_SIZE)
+    return None
 
 
 def phases(config: Mapping) -> List[Phase]:
@@ -406,7 +414,7 @@ class Row:
     layer_values: List[float]      # every (seed, layer) late-phase mean
     first_epoch: int
     last_epoch: int
-    steps_per_epoch: int
+    steps_per_epoch: Optional[int]   # None: not recorded (see `steps_per_epoch`)
     optimizer: str = "momentum"
 
     @property
@@ -420,6 +428,8 @@ class Row:
 
     @property
     def phase_steps(self) -> float:
+        if self.steps_per_epoch is None:
+            return math.nan
         return (self.end - self.start) * self.steps_per_epoch
 
     @property
@@ -484,9 +494,10 @@ def to_markdown(rows: Sequence[Row], fraction: float = LATE_FRACTION) -> str:
         seeds = sum(np.isfinite(m) for m in r.measured)
         label = r.label + (f" ({seeds} seeds)" if seeds > 1 else "")
         ratio = "—" if math.isnan(r.ratio) else f"{r.ratio:.2f}"
+        over_tau = "—" if math.isnan(r.phase_over_tau) else f"{r.phase_over_tau:.2f}"
         lines.append(f"| {label} | {_fmt_epochs(r.start, r.end)} | {r.lr:g} | {_sci(r.predicted)} | "
                      f"{_fmt_measured(r.measured)} | {_fmt_range(r.layer_values)} | {ratio} | "
-                     f"{_fmt_epochs(r.first_epoch, r.last_epoch)} | {r.phase_over_tau:.2f} |")
+                     f"{_fmt_epochs(r.first_epoch, r.last_epoch)} | {over_tau} |")
     m = rows[0].momentum if rows else fidelity.MOMENTUM
     lines += [
         "",
@@ -512,13 +523,22 @@ def to_markdown(rows: Sequence[Row], fraction: float = LATE_FRACTION) -> str:
             f"{ADAM_BETA_1:g}, with τ = 1/(2·lr·wd) steps (no momentum factor; see "
             f"`equilibrium_angular_update`). Adam with L2 in the loss has no prediction.",
         ]
+    unknown = list(dict.fromkeys(r.label for r in rows if r.steps_per_epoch is None))
+    if unknown:
+        lines += [
+            "",
+            f"**Steps per epoch not recorded** for {', '.join(unknown)}: run_config.json has "
+            f"neither steps_per_epoch nor num_train_images (written by older code) and no "
+            f"--steps_per_epoch was set, so the phases' length in steps and phase / τ are "
+            f"not computed (—).",
+        ]
     return "\n".join(lines) + "\n"
 
 
 CSV_FIELDS = ("name", "label", "phase", "start_epoch", "end_epoch", "lr", "weight_decay",
               "momentum", "basis", "predicted", "seeds", "measured_mean", "measured_std",
               "layer_min", "layer_max", "ratio", "window_first_epoch", "window_last_epoch",
-              "tau_steps", "phase_steps", "phase_over_tau")
+              "steps_per_epoch", "tau_steps", "phase_steps", "phase_over_tau")
 PER_LAYER_FIELDS = ("run", "seed", "phase", "start_epoch", "end_epoch", "lr", "layer",
                     "measured", "predicted")
 
@@ -539,7 +559,8 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
                              len(r.measured), _num(mean), _num(std),
                              _num(min(finite) if finite else None),
                              _num(max(finite) if finite else None), _num(r.ratio),
-                             r.first_epoch, r.last_epoch, _num(r.tau_steps), _num(r.phase_steps),
+                             r.first_epoch, r.last_epoch, r.steps_per_epoch or "",
+                             _num(r.tau_steps), _num(r.phase_steps),
                              _num(r.phase_over_tau)])
 
 

@@ -145,8 +145,10 @@ def f32(values):
     return np.asarray(values, dtype=np.float32).astype(np.float64)
 
 
-def write_run(run_dir, config, relative, layers):
-    """A run folder with conv_relative_step and its per-layer tags at steps 1..E."""
+def write_run(run_dir, config, relative, layers, steps_per_epoch=None):
+    """A run folder with conv_relative_step and its per-layer tags at steps 1..E; its
+    run_config.json records `steps_per_epoch` as training does, or (None) nothing, as
+    older code."""
     writer = tf.summary.create_file_writer(os.path.join(run_dir, tags.TRAIN_DIR))
     with writer.as_default():
         for e, value in enumerate(relative, start=1):
@@ -154,8 +156,11 @@ def write_run(run_dir, config, relative, layers):
             for layer, values in layers.items():
                 tf.summary.scalar(tags.per_layer(tags.CONV_RELATIVE_STEP, layer), values[e - 1], step=e)
     writer.close()
+    record = {"config": config}
+    if steps_per_epoch is not None:
+        record["steps_per_epoch"] = steps_per_epoch
     with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
-        json.dump({"config": config}, f)
+        json.dump(record, f)
     return run_dir
 
 
@@ -253,7 +258,7 @@ def test_cli_writes_theory_tables_and_level_lines(tmp_path):
             folder = root / name / f"seed_{k}" if len(configs) > 1 else root / name
             folder.mkdir(parents=True)
             relative, layers = fake_relative(rng, 10)
-            write_run(str(folder), config, relative, layers)
+            write_run(str(folder), config, relative, layers, steps_per_epoch=390)
             logs[name].append((relative, layers))
     out = tmp_path / "figs"
 
@@ -306,8 +311,9 @@ def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
     root = tmp_path / "results"
     config = dict(CLI_CONFIG, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05)
     rng = np.random.default_rng(3)
-    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10))
-    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10))
+    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
+    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
+              steps_per_epoch=390)
     out = tmp_path / "figs"
 
     assert make_figures.main([str(root), "--out", str(out)]) == 0
@@ -331,10 +337,41 @@ def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
 def test_steps_per_epoch_is_what_the_run_recorded_not_50000_over_the_batch(tmp_path):
     """A run on other data (run_config.json: 7 steps per epoch) is not assumed to have 390."""
     config = {"batch_size": 128, "steps_per_epoch": None}
-    (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "steps_per_epoch": 7}))
+    (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "steps_per_epoch": 7,
+                                                            "num_train_images": 1000}))
     assert theory.steps_per_epoch(config, str(tmp_path)) == 7
-    assert theory.steps_per_epoch(config) == 50000 // 128          # nothing recorded: a CIFAR-10 epoch
+    # Only the training-set size recorded: size // batch, as training computes it.
+    (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "num_train_images": 1000}))
+    assert theory.steps_per_epoch(config, str(tmp_path)) == 7            # 1000 // 128
+    assert theory.steps_per_epoch(dict(config, batch_size=100), str(tmp_path)) == 10
     assert theory.steps_per_epoch(dict(config, steps_per_epoch=160)) == 160
+    assert theory.steps_per_epoch(config) is None                     # nothing recorded: unknown
+
+
+def test_a_run_without_recorded_steps_per_epoch_says_so(tmp_path):
+    """A run_config.json written by older code (no steps_per_epoch, no num_train_images): the
+    table names the run and leaves phase / τ blank instead of assuming a CIFAR-10 epoch."""
+    rng = np.random.default_rng(6)
+    old = events.load_run(write_run(str(tmp_path / "old"), SMALL_CONFIG, *fake_relative(rng, 20)))
+    new = events.load_run(write_run(str(tmp_path / "new"), dict(SMALL_CONFIG, conv_l2=False),
+                                    *fake_relative(rng, 20), steps_per_epoch=195))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    theory.write_theory({figures.BASELINE: [old], figures.NOCONV_L2: [new]}, str(out))
+
+    with open(out / "theory.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r["name"] == figures.BASELINE:
+            assert r["steps_per_epoch"] == r["phase_steps"] == r["phase_over_tau"] == ""
+        else:
+            assert r["steps_per_epoch"] == "195"
+            assert float(r["phase_steps"]) == (float(r["end_epoch"]) - float(r["start_epoch"])) * 195
+    md = (out / "theory.md").read_text()
+    assert "**Steps per epoch not recorded** for Baseline:" in md
+    baseline_rows = [line for line in md.splitlines() if line.startswith("| Baseline |")]
+    assert len(baseline_rows) == 3 and all(line.endswith("| — |") for line in baseline_rows)
 
 
 def test_theory_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
