@@ -390,3 +390,47 @@ def test_theory_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
         theory.write_theory({figures.BASELINE: [run]}, str(out))
     assert (out / "theory.csv").read_text() == "old\n"
     assert sorted(p.name for p in out.iterdir()) == ["theory.csv", "theory.md"]
+
+
+def test_cli_says_there_is_no_theory_for_an_unknown_optimizer(tmp_path):
+    """A run of an optimizer the theory has no entry for ('sgd'): no level, no τ, and the
+    table, its notes and the figures' legends say so; nothing of momentum's shows."""
+    root = tmp_path / "results"
+    config = dict(CLI_CONFIG, optimizer="sgd")
+    rng = np.random.default_rng(7)
+    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
+    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
+              steps_per_epoch=390)
+    out = tmp_path / "figs"
+
+    assert make_figures.main([str(root), "--out", str(out)]) == 0
+
+    with open(out / "theory.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4                                 # 2 runs × 2 phases
+    for r in rows:
+        assert r["optimizer"] == "sgd"
+        assert r["basis"] == "none: no theory for optimizer 'sgd'"
+        assert r["predicted"] == r["ratio"] == r["tau_steps"] == r["phase_over_tau"] == ""
+        assert float(r["phase_steps"]) == 5 * 390         # known: the run recorded its steps
+    md = (out / "theory.md").read_text()
+    assert "**No theory for optimizer 'sgd'** (Baseline, NoConvL2)" in md
+    for momentum_text in ("sqrt(2·lr·wd/(1+m))", "(1−m)/(2·lr·wd)", "Equilibrium needs time",
+                          "AdamW"):
+        assert momentum_text not in md
+    table = [line for line in md.splitlines() if line.startswith("| Baseline |")]
+    assert len(table) == 2 and all(line.count("| — |") >= 2 for line in table)
+
+    svg = (out / "relative_step.svg").read_text()
+    assert "no theory for optimizer" in svg and figures.LEVEL_LABEL not in svg
+    loaded = make_figures.load_results(events.find_runs(str(root)))
+    assert theory.baseline_segments(loaded) == []
+    label = theory.baseline_level_label(loaded)
+    assert label == "no predicted level: no theory for optimizer 'sgd'"
+    steps = np.arange(1, 11)
+    data = {figures.BASELINE: [(steps, np.full(10, 3e-3))], figures.NOCONV_L2: [(steps, np.full(10, 1e-3))]}
+    ax = figures.relative_step(data, levels=[], level_label=label).axes[0]
+    legend = ax.get_legend()
+    assert legend.get_title().get_text() == label
+    assert [t.get_text() for t in legend.get_texts()] == ["Baseline", "NoConvL2"]
+    assert not [line for line in ax.lines if line.get_linestyle() == "--"]
