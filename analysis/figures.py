@@ -3,9 +3,11 @@
 Every function takes `curves`: run name -> one (epochs, values) series per seed, for
 the one tag the figure shows, and returns a matplotlib Figure (or None when none of
 its runs is there). Nothing here reads files or writes them, so tests can build a
-figure from made-up arrays and look at `fig.axes[0].lines`. Figures are built with
-`matplotlib.figure.Figure` directly (rendered by Agg), never through pyplot, so no
-global figure state piles up and no display is needed.
+figure from made-up arrays and look at `fig.axes[0].lines` (the runs) and
+`fig.axes[0].collections` (seed bands; levels and rate boundaries, drawn by
+Axes.hlines and Axes.vlines). Figures are built with `matplotlib.figure.Figure`
+directly (rendered by Agg), never through pyplot, so no global figure state piles
+up and no display is needed.
 
 Several seeds of a run are drawn as their mean with a min-max band; one seed as a line.
 Each figure is about one run (its `subject`, e.g. BN 0.98 for `bn098_accuracy`): without
@@ -178,10 +180,13 @@ def _last_epoch(curves: Curves, names: Sequence[str]) -> int:
 
 
 def _draw_boundaries(ax, epochs: Sequence[float], upto: Optional[float] = None) -> None:
-    """Rate boundaries as vertical lines, those up to epoch `upto` only (None: all)."""
+    """Rate boundaries as vertical lines, those up to epoch `upto` only (None: all); one
+    legend entry. The lines span the axes' height: y runs from 0 (bottom) to 1 (top) in
+    the x-axis transform, so they leave the y limits alone, on log axes too."""
     epochs = [e for e in epochs if upto is None or e <= upto]
-    for i, epoch in enumerate(epochs):
-        ax.axvline(epoch, label=BOUNDARY_LABEL if i == 0 else "_nolegend_", **BOUNDARY_STYLE)
+    if epochs:
+        ax.vlines(epochs, 0, 1, transform=ax.get_xaxis_transform(), label=BOUNDARY_LABEL,
+                  **BOUNDARY_STYLE)
 
 
 def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int = 0,
@@ -205,17 +210,18 @@ def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL,
     An entry is (start, end, value), or any tuple with those first two and the value
     last (e.g. theory.Level); a value of None (no prediction) is skipped.
     """
-    labelled = False
+    segments = []
     for level in levels or ():
         start, end, value = level[0], level[1], level[-1]
         if upto is not None:
             end = min(end, upto)
-        if value is None or end <= start:
-            continue
-        ax.plot([start, end], [value, value], label="_nolegend_" if labelled else label,
-                **LEVEL_STYLE)
-        labelled = True
-    return labelled
+        if value is not None and end > start:
+            segments.append((value, start, end))
+    if not segments:
+        return False
+    values, starts, ends = zip(*segments)
+    ax.hlines(values, starts, ends, label=label, **LEVEL_STYLE)
+    return True
 
 
 def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, ylabel: str,

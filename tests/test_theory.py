@@ -218,17 +218,21 @@ def test_relative_step_figures_show_the_predicted_levels(make):
 
     ax = make(data, levels=levels, log_y=True).axes[0]
 
-    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
     runs = 2 if make is figures.relative_step else 3
-    assert [line.get_label() for line in ax.lines[:2]] == ["Baseline", "NoConvL2"]
-    assert len(dashed) == 3 and ax.lines[runs:] == dashed
-    for line, (start, end, _), value in zip(dashed, theory.phases(POST_CONFIG),
+    assert [line.get_label() for line in ax.lines] == ["Baseline", "NoConvL2", "ConvLRScale"][:runs]
+    (drawn,) = ax.collections                    # Axes.hlines: one collection of segments
+    assert drawn.get_label() == figures.LEVEL_LABEL
+    segments = drawn.get_segments()
+    assert len(segments) == 3
+    # sqrt(2 * lr * 2e-4 / 1.9) over each phase of the post's schedule
+    for segment, (start, end), value in zip(segments, [(0, 50), (50, 100), (100, 150)],
                                             [4.588e-3, 1.451e-3, 4.588e-4]):
-        np.testing.assert_array_equal(line.get_xdata(), [start, end])
-        np.testing.assert_allclose(line.get_ydata(), [value, value], rtol=1e-3)
+        np.testing.assert_array_equal(segment[:, 0], [start, end])
+        np.testing.assert_allclose(segment[:, 1], [value, value], rtol=1e-3)
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend.count(figures.LEVEL_LABEL) == 1
     assert ax.get_yscale() == "log"
+    assert ax.get_ylim()[0] > 1e-4 and ax.get_ylim()[1] < 1e-2    # the levels and runs, no more
 
 
 def test_levels_without_prediction_are_skipped():
@@ -236,7 +240,7 @@ def test_levels_without_prediction_are_skipped():
     data = {figures.BASELINE: [(steps, np.full(6, 3e-3))], figures.NOCONV_L2: [(steps, np.full(6, 1e-3))]}
     noconv = theory.predicted_levels(dict(POST_CONFIG, conv_l2=False, train_epochs=6))
     ax = figures.relative_step(data, levels=noconv).axes[0]
-    assert len(ax.lines) == 2 and ax.get_yscale() == "linear"
+    assert len(ax.lines) == 2 and not ax.collections and ax.get_yscale() == "linear"
 
 
 # --- the command line's theory tables ---------------------------------------------------
@@ -433,4 +437,4 @@ def test_cli_says_there_is_no_theory_for_an_unknown_optimizer(tmp_path):
     legend = ax.get_legend()
     assert legend.get_title().get_text() == label
     assert [t.get_text() for t in legend.get_texts()] == ["Baseline", "NoConvL2"]
-    assert not [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(ax.lines) == 2 and not ax.collections          # no level drawn

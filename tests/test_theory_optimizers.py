@@ -91,8 +91,10 @@ def test_angular_update_figure_draws_the_baselines_level(tmp_path):
     fig = angular.angular_update(make_figures.curves(
         make_figures.load_results(events.find_runs(str(tmp_path))), tags.CONV_ANGULAR_UPDATE, tags.TRAIN_DIR),
         levels=levels)
-    dashed = [l for l in fig.axes[0].get_lines() if l.get_linestyle() == "--"]
-    assert [l.get_ydata()[0] for l in dashed] == pytest.approx(
+    (levels_drawn,) = fig.axes[0].collections          # Axes.hlines, one segment per phase
+    segments = levels_drawn.get_segments()
+    assert [tuple(s[:, 0]) for s in segments] == [(0, 2), (2, 4), (4, 6)]
+    assert [s[0, 1] for s in segments] == [s[1, 1] for s in segments] == pytest.approx(
         [math.sqrt(2 * r * 0.01 * 0.1 / 1.9) for r in (1e-3, 1e-4, 1e-5)])
 
 
