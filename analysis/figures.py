@@ -100,17 +100,9 @@ def aggregate_seeds(series: Sequence[Series]) -> Tuple[np.ndarray, np.ndarray, n
 
 
 def piecewise_np(epochs) -> np.ndarray:
-    """The post's hand fit piecewise(epoch) of 800 / baseline conv_sqsum, in numpy.
-
-    Same pieces as the post's tf.where chain (fidelity.PIECEWISE_FACTOR): each piece
-    (start, value at start, slope) holds from its start to the next piece's start.
-    """
-    epochs = np.asarray(epochs, dtype=np.float64)
-    starts = np.array([p[0] for p in fidelity.PIECEWISE_FACTOR])
-    values = np.array([p[1] for p in fidelity.PIECEWISE_FACTOR])
-    slopes = np.array([p[2] for p in fidelity.PIECEWISE_FACTOR])
-    piece = np.clip(np.searchsorted(starts, epochs, side="right") - 1, 0, len(starts) - 1)
-    return values[piece] + slopes[piece] * (epochs - starts[piece])
+    """The post's hand fit piecewise(epoch) of 800 / baseline conv_sqsum, in NumPy: the
+    same definition (fidelity.piecewise) that training evaluates with tf.where."""
+    return fidelity.piecewise(np.asarray(epochs, dtype=np.float64), np.where)
 
 
 def _new_figure(title: str, ylabel: str, subtitle: str = ""):
