@@ -3,9 +3,11 @@
 Every function takes `curves`: run name -> one (epochs, values) series per seed, for
 the one tag the figure shows, and returns a matplotlib Figure (or None when none of
 its runs is there). Nothing here reads files or writes them, so tests can build a
-figure from made-up arrays and look at `fig.axes[0].lines`. Figures are built with
-`matplotlib.figure.Figure` directly (rendered by Agg), never through pyplot, so no
-global figure state piles up and no display is needed.
+figure from made-up arrays and look at `fig.axes[0].lines` (the runs) and
+`fig.axes[0].collections` (seed bands; levels and rate boundaries, drawn by
+Axes.hlines and Axes.vlines). Figures are built with `matplotlib.figure.Figure`
+directly (rendered by Agg), never through pyplot, so no global figure state piles
+up and no display is needed.
 
 Several seeds of a run are drawn as their mean with a min-max band; one seed as a line.
 Each figure is about one run (its `subject`, e.g. BN 0.98 for `bn098_accuracy`): without
@@ -18,7 +20,10 @@ dotted lines. Accuracy is drawn in percent, as in the summary table.
 
 The relative-step figures can also show the theory's prediction (analysis/theory.py):
 `levels`, one (start_epoch, end_epoch, value) per learning-rate phase, drawn as
-dashed black segments after the runs' lines, labelled once in the legend.
+dashed black segments after the runs' lines, labelled once in the legend by
+`level_label`. When levels are given but none has a value (the theory predicts
+none), `level_label` is the theory's reason and titles the legend, so a figure
+without levels says why.
 """
 
 import sys
@@ -95,17 +100,9 @@ def aggregate_seeds(series: Sequence[Series]) -> Tuple[np.ndarray, np.ndarray, n
 
 
 def piecewise_np(epochs) -> np.ndarray:
-    """The post's hand fit piecewise(epoch) of 800 / baseline conv_sqsum, in numpy.
-
-    Same pieces as the post's tf.where chain (fidelity.PIECEWISE_FACTOR): each piece
-    (start, value at start, slope) holds from its start to the next piece's start.
-    """
-    epochs = np.asarray(epochs, dtype=np.float64)
-    starts = np.array([p[0] for p in fidelity.PIECEWISE_FACTOR])
-    values = np.array([p[1] for p in fidelity.PIECEWISE_FACTOR])
-    slopes = np.array([p[2] for p in fidelity.PIECEWISE_FACTOR])
-    piece = np.clip(np.searchsorted(starts, epochs, side="right") - 1, 0, len(starts) - 1)
-    return values[piece] + slopes[piece] * (epochs - starts[piece])
+    """The post's hand fit piecewise(epoch) of 800 / baseline conv_sqsum, in NumPy: the
+    same definition (fidelity.piecewise) that training evaluates with tf.where."""
+    return fidelity.piecewise(np.asarray(epochs, dtype=np.float64), np.where)
 
 
 def _new_figure(title: str, ylabel: str, subtitle: str = ""):
@@ -175,10 +172,13 @@ def _last_epoch(curves: Curves, names: Sequence[str]) -> int:
 
 
 def _draw_boundaries(ax, epochs: Sequence[float], upto: Optional[float] = None) -> None:
-    """Rate boundaries as vertical lines, those up to epoch `upto` only (None: all)."""
+    """Rate boundaries as vertical lines, those up to epoch `upto` only (None: all); one
+    legend entry. The lines span the axes' height: y runs from 0 (bottom) to 1 (top) in
+    the x-axis transform, so they leave the y limits alone, on log axes too."""
     epochs = [e for e in epochs if upto is None or e <= upto]
-    for i, epoch in enumerate(epochs):
-        ax.axvline(epoch, label=BOUNDARY_LABEL if i == 0 else "_nolegend_", **BOUNDARY_STYLE)
+    if epochs:
+        ax.vlines(epochs, 0, 1, transform=ax.get_xaxis_transform(), label=BOUNDARY_LABEL,
+                  **BOUNDARY_STYLE)
 
 
 def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int = 0,
@@ -194,32 +194,38 @@ def _draw(ax, series: Sequence[Series], label: str, color: str, start_epoch: int
     ax.plot(steps, mean, label=label, color=color, linewidth=1.2)
 
 
-def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL, upto: Optional[float] = None) -> None:
+def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL,
+                 upto: Optional[float] = None) -> bool:
     """Each phase's predicted level as a dashed segment over its epochs; one legend entry.
+    Returns whether any was drawn.
 
     An entry is (start, end, value), or any tuple with those first two and the value
     last (e.g. theory.Level); a value of None (no prediction) is skipped.
     """
-    labelled = False
+    segments = []
     for level in levels or ():
         start, end, value = level[0], level[1], level[-1]
         if upto is not None:
             end = min(end, upto)
-        if value is None or end <= start:
-            continue
-        ax.plot([start, end], [value, value], label="_nolegend_" if labelled else label,
-                **LEVEL_STYLE)
-        labelled = True
+        if value is not None and end > start:
+            segments.append((value, start, end))
+    if not segments:
+        return False
+    values, starts, ends = zip(*segments)
+    ax.hlines(values, starts, ends, label=label, **LEVEL_STYLE)
+    return True
 
 
 def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, ylabel: str,
                  labels=None, log_y=False, start_epoch=0, levels=None, subject=None,
                  configs: Optional[Configs] = None, scale: float = 1.0,
-                 level_label: str = LEVEL_LABEL) -> Optional[Figure]:
+                 level_label: Optional[str] = None) -> Optional[Figure]:
     """One line (or band) per run of `names` that has data.
 
     None (not drawn) if the `subject` run, or every run, is missing; other missing
-    runs are named in the title.
+    runs are named in the title. level_label: the legend entry of the levels
+    (LEVEL_LABEL if None); when `levels` are given but none has a value, the legend's
+    title (the theory's reason for predicting none).
     """
     present = [n for n in names if curves.get(n)]
     missing = [n for n in names if n not in present]
@@ -237,11 +243,12 @@ def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, 
     for name in present:
         _draw(ax, curves[name], label_of(name, labels), _color_of(name), start_epoch, scale)
     last = _last_epoch(curves, present)
-    _draw_levels(ax, levels, level_label, upto=last)
+    drawn = _draw_levels(ax, levels, level_label or LEVEL_LABEL, upto=last)
     _draw_boundaries(ax, boundaries(present, configs), upto=last)
     if log_y:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    no_levels = levels is not None and not drawn
+    ax.legend(fontsize=8, title=level_label if no_levels else None, title_fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -274,12 +281,14 @@ def conv_sqsum(sqsum: Curves, labels=None, configs=None) -> Optional[Figure]:
 
 def relative_step(step: Curves, labels=None, levels: Optional[Levels] = None,
                   log_y: bool = False, configs=None,
-                  level_label: str = LEVEL_LABEL) -> Optional[Figure]:
+                  level_label: Optional[str] = None) -> Optional[Figure]:
     """Mean conv step / weight norm. Starts at epoch 1: epoch 0 is before any step.
 
     levels: the predicted equilibrium per phase (dashed), named in the legend by
-    level_label (its formula, which depends on the optimizer); log_y: a log scale,
-    which make_figures uses since the phases' levels differ by about 10x each.
+    level_label (its formula, which depends on the optimizer; LEVEL_LABEL if None),
+    or, when no level has a value, the reason there is none (the legend's title);
+    log_y: a log scale, which make_figures uses since the phases' levels differ by
+    about 10x each.
     """
     return _runs_figure("relative_step", step, [BASELINE, NOCONV_L2],
                         "Relative step size of conv layers", RELATIVE_STEP,
@@ -336,7 +345,7 @@ def bn098_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figu
 
 def relative_step_all(step: Curves, labels=None, levels: Optional[Levels] = None,
                       log_y: bool = False, configs=None,
-                      level_label: str = LEVEL_LABEL) -> Optional[Figure]:
+                      level_label: Optional[str] = None) -> Optional[Figure]:
     """Gradient scaling reproduces the baseline's relative step size (levels, log_y,
     level_label: as `relative_step`)."""
     return _runs_figure("relative_step_all", step, _post_three_and_extras(step),

@@ -13,6 +13,11 @@ theory.md, theory.csv and theory_per_layer.csv. See `equilibrium_relative_step`
 for the derivation and `equilibrium_time_constant` for how long reaching it takes
 (longer than most of the runs' phases: the table says so per phase).
 
+What each optimizer's runs are predicted from is one entry of `THEORIES` (momentum,
+AdamW; Adam, with L2 in the loss, has none): adding an optimizer's theory is adding
+its entry. An optimizer without one gets no level and no τ, and the table and the
+figures' legends say "no theory for optimizer X".
+
 References
     A. Kosson, B. Messmer, M. Jaggi, "Rotational Equilibrium: How Weight Decay
       Balances Learning Across Neural Networks", ICML 2024, arXiv:2305.17212
@@ -31,7 +36,7 @@ import csv
 import dataclasses
 import math
 import os
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,6 +44,7 @@ from analysis.figures import BASELINE, LEVEL_LABEL, label_of, note, ordered_name
 from analysis.summary import mean_std
 from resnet_cifar import config as config_lib
 from resnet_cifar import events, fidelity, tags
+from resnet_cifar.atomic import atomic_open
 
 LATE_FRACTION = 0.2     # late phase = its last 20% of epochs (at least one)
 
@@ -120,40 +126,23 @@ def equilibrium_time_constant(lr: float, weight_decay: float,
 ADAM_BETA_1 = 0.9      # Keras' (and Kingma & Ba's) default, what --optimizer=adam/adamw use
 
 
-def equilibrium_angular_update(optimizer: str, lr: float, weight_decay: float,
-                               momentum: float = fidelity.MOMENTUM,
-                               beta_1: float = ADAM_BETA_1) -> Optional[float]:
-    """Expected per-step rotation (radians) of a scale-invariant weight at equilibrium.
+def adamw_angular_update(lr: float, weight_decay: float, beta_1: float = ADAM_BETA_1) -> float:
+    """Expected per-step rotation of a scale-invariant weight under AdamW at equilibrium:
+    sqrt(2·lr·wd·(1-b1)/(1+b1)), Kosson, Messmer & Jaggi 2024 (Table 1, AdamW), for
+    decoupled decay w -= lr·wd·w (Keras' convention).
 
-    - momentum: sqrt(2·lr·wd/(1+m)), the same as the relative step (see
-      `equilibrium_relative_step`; at equilibrium the update is almost all
-      tangential, its radial part lr·wd/(1-m) is second order).
-    - adamw (decoupled decay w -= lr·wd·w, Keras' convention): sqrt(2·lr·wd·(1-b1)/(1+b1)),
-      Kosson, Messmer & Jaggi 2024 (Table 1, AdamW). Derivation, as for momentum:
-      Adam's direction u = m̂/sqrt(v̂) has E[u_i²] ≈ (1-b1)/(1+b1) per element for
-      uncorrelated gradients (m is an EMA of them: Σ(1-b1)²b1^2k = (1-b1)/(1+b1),
-      in units of v), so E||u||² = C·(1-b1)/(1+b1) for C elements; one gradient's
-      total contribution over the steps is g/sqrt(v) (the EMA weights sum to 1),
-      whose squared norm is C. Unlike SGD the step does not scale with 1/||w||, so
-      ||w||² obeys d||w||²/dt = -2·lr·wd·||w||² + lr²·C: equilibrium ||w||² =
-      lr·C/(2·wd), reached with time constant 1/(2·lr·wd) steps
-      (`adamw_time_constant`). There the rotation per step is
-      lr·||u||/||w|| = sqrt(lr²·C·(1-b1)/(1+b1) / (lr·C/(2·wd))) = sqrt(2·lr·wd·(1-b1)/(1+b1)).
-      (Without momentum, b1 = 0, this is sqrt(2·lr·wd).) The simulation in
-      tests/test_theory_optimizers.py agrees within 2%.
-    - adam (L2 in the loss): None. The L2 gradient wd·w enters Adam's second
-      moment with the data gradient and is normalized with it, so the shrinking
-      per step depends on the ratio of wd·||w|| to the gradient's scale, which
-      changes with ||w||; there is no closed form in lr and wd alone (Loshchilov &
-      Hutter 2019 make this point for why L2 and decay differ under Adam).
+    Derivation, as for momentum: Adam's direction u = m̂/sqrt(v̂) has E[u_i²] ≈
+    (1-b1)/(1+b1) per element for uncorrelated gradients (m is an EMA of them:
+    Σ(1-b1)²b1^2k = (1-b1)/(1+b1), in units of v), so E||u||² = C·(1-b1)/(1+b1) for C
+    elements; one gradient's total contribution over the steps is g/sqrt(v) (the EMA
+    weights sum to 1), whose squared norm is C. Unlike SGD the step does not scale with
+    1/||w||, so ||w||² obeys d||w||²/dt = -2·lr·wd·||w||² + lr²·C: equilibrium ||w||² =
+    lr·C/(2·wd), reached with time constant 1/(2·lr·wd) steps (`adamw_time_constant`).
+    There the rotation per step is lr·||u||/||w|| = sqrt(lr²·C·(1-b1)/(1+b1) / (lr·C/(2·wd)))
+    = sqrt(2·lr·wd·(1-b1)/(1+b1)). (Without momentum, b1 = 0, this is sqrt(2·lr·wd).) The
+    simulation in tests/test_theory_optimizers.py agrees within 2%.
     """
-    if weight_decay <= 0 or lr <= 0:
-        return None
-    if optimizer == "momentum":
-        return equilibrium_relative_step(lr, weight_decay, momentum)
-    if optimizer == "adamw":
-        return math.sqrt(2.0 * lr * weight_decay * (1.0 - beta_1) / (1.0 + beta_1))
-    return None
+    return math.sqrt(2.0 * lr * weight_decay * (1.0 - beta_1) / (1.0 + beta_1))
 
 
 def adamw_time_constant(lr: float, weight_decay: float) -> float:
@@ -161,6 +150,106 @@ def adamw_time_constant(lr: float, weight_decay: float) -> float:
     if lr <= 0 or weight_decay <= 0:
         return math.inf
     return 1.0 / (2.0 * lr * weight_decay)
+
+
+# --- the theory of each optimizer ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerTheory:
+    """What the overlay knows about one optimizer: one entry of `THEORIES`.
+
+    level(lr, wd, m) is the expected per-step angular update of a decayed scale-invariant
+    weight at equilibrium, time_constant(lr, wd, m) the steps over which its norm relaxes
+    there; m is the momentum optimizer's coefficient, which the others ignore. Both None:
+    the optimizer is known to have no equilibrium in lr and wd alone, `basis` says why.
+    """
+
+    basis: str                 # the table's basis column for a run it predicts ("none: why" if none)
+    formula: str = ""          # the figures' legend entry for its dashed levels
+    level: Optional[Callable[[float, float, float], float]] = None
+    time_constant: Optional[Callable[[float, float, float], float]] = None
+    replays_baseline: bool = False   # gradient-scaled runs without conv L2 get the baseline's level
+    note: Optional[Callable[[float], str]] = None   # theory.md paragraph on its runs, given m
+
+
+def _momentum_note(m: float) -> str:
+    return (f"**Equilibrium needs time:** the weight norm relaxes with τ ≈ 1/(2·lr_eff·wd) = "
+            f"(1−m)/(2·lr·wd) steps (lr_eff = lr/(1−m); 1/(2·lr·wd) for plain SGD), e.g. "
+            f"{equilibrium_time_constant(0.1, fidelity.WEIGHT_DECAY, m):,.0f} steps at lr 0.1, "
+            f"{equilibrium_time_constant(0.01, fidelity.WEIGHT_DECAY, m):,.0f} at lr 0.01, "
+            f"wd {fidelity.WEIGHT_DECAY:g}, m {m:g}; a phase with phase/τ below ~2 has not reached "
+            f"it, so its measured/predicted ratio is no test of the formula (after a rate drop "
+            f"the relative step starts below the new level and climbs towards it).\n\n"
+            f"Predicted: sqrt(2·lr·wd/(1+m)), m = {m:g}, for conv L2 runs; gradient-scaled runs "
+            f"(no conv L2, factor replaying the baseline) get the baseline's level; runs without "
+            f"conv L2 or scaling have no equilibrium (—).")
+
+
+def _adamw_note(m: float) -> str:
+    return (f"AdamW runs (decoupled decay): predicted sqrt(2·lr·wd·(1−β1)/(1+β1)), β1 = "
+            f"{ADAM_BETA_1:g}, with τ = 1/(2·lr·wd) steps (no momentum factor; see "
+            f"`adamw_angular_update`).")
+
+
+def _adam_note(m: float) -> str:
+    return ("Adam runs (L2 in the loss): no prediction and no τ (—). The L2 gradient wd·w enters "
+            "Adam's second moment with the data gradient and is normalised with it, so the "
+            "shrinking per step depends on wd·||w|| against the gradient's scale, which changes "
+            "with ||w||: no equilibrium in lr and wd alone (Loshchilov & Hutter 2019 make this "
+            "point for why L2 and decay differ under Adam).")
+
+
+# Optimizer name (run_config.json's --optimizer) -> its theory. An optimizer without an
+# entry gets no predicted level and no τ, and the outputs say "no theory for optimizer X".
+THEORIES: Dict[str, OptimizerTheory] = {
+    "momentum": OptimizerTheory(
+        basis="conv L2 equilibrium", formula=LEVEL_LABEL,
+        level=equilibrium_relative_step, time_constant=equilibrium_time_constant,
+        replays_baseline=True, note=_momentum_note),
+    "adamw": OptimizerTheory(   # β1 fixed at Keras' default; m is SGD's and does not enter
+        basis="AdamW decoupled-decay equilibrium",
+        formula="AdamW equilibrium sqrt(2·lr·wd·(1−β1)/(1+β1))",
+        level=lambda lr, wd, m: adamw_angular_update(lr, wd),
+        time_constant=lambda lr, wd, m: adamw_time_constant(lr, wd),
+        note=_adamw_note),
+    "adam": OptimizerTheory(
+        basis="none: Adam with L2 in the loss, no simple equilibrium", note=_adam_note),
+}
+
+
+def optimizer_of(config: Mapping) -> str:
+    """The run's --optimizer; runs from before that flag trained with momentum."""
+    return config.get("optimizer") or "momentum"
+
+
+def no_theory(optimizer: str) -> str:
+    return f"no theory for optimizer {optimizer!r}"
+
+
+def equilibrium_angular_update(optimizer: str, lr: float, weight_decay: float,
+                               momentum: float = fidelity.MOMENTUM) -> Optional[float]:
+    """Expected per-step rotation (radians) of a scale-invariant weight at equilibrium, by
+    the optimizer's entry in `THEORIES`; None where it has none (Adam with L2 in the loss,
+    an optimizer without an entry), or without decay or rate.
+
+    For momentum this is the relative step `equilibrium_relative_step` (at equilibrium
+    the update is almost all tangential, its radial part lr·wd/(1-m) is second order);
+    for AdamW `adamw_angular_update`.
+    """
+    theory = THEORIES.get(optimizer)
+    if theory is None or theory.level is None or weight_decay <= 0 or lr <= 0:
+        return None
+    return theory.level(lr, weight_decay, momentum)
+
+
+def time_constant(optimizer: str, lr: float, weight_decay: float,
+                  momentum: float = fidelity.MOMENTUM) -> float:
+    """Steps over which the weight norm relaxes to the optimizer's equilibrium; NaN when
+    `THEORIES` gives it none."""
+    theory = THEORIES.get(optimizer)
+    if theory is None or theory.time_constant is None:
+        return math.nan
+    return theory.time_constant(lr, weight_decay, momentum)
 
 
 # --- phases and predictions of a run config ---------------------------------------------
@@ -179,24 +268,31 @@ class Level(NamedTuple):
 
 
 def base_learning_rate(config: Mapping) -> float:
-    """0.1 · batch_size / 128, as the original `learning_rate_with_decay` (the run's
-    --learning_rate, or its optimizer's default rate, in place of 0.1)."""
-    batch = config.get("batch_size") or fidelity.BATCH_SIZE
-    rate = config.get("learning_rate") or config_lib.DEFAULT_LEARNING_RATES.get(
-        config.get("optimizer") or "momentum", fidelity.BASE_LEARNING_RATE)
-    return rate * float(batch) / fidelity.BATCH_DENOM
+    """The run's base rate (at the first phase) by training's own formula, from its flags;
+    keys missing from `config` take the training defaults."""
+    return config_lib.base_learning_rate(optimizer_of(config),
+                                         config.get("learning_rate"),
+                                         int(config.get("batch_size") or fidelity.BATCH_SIZE))
 
 
-def steps_per_epoch(config: Mapping, run_dir: Optional[str] = None) -> int:
-    """The run's steps per epoch: what its run_config.json says it ran (right for any data),
-    else its --steps_per_epoch, else a full CIFAR-10 epoch at its batch size."""
+def steps_per_epoch(config: Mapping, run_dir: Optional[str] = None) -> Optional[int]:
+    """The run's steps per epoch, or None when nothing recorded says (a run written by
+    older code): then the theory table leaves phase / τ out rather than guess.
+
+    In order: the steps per epoch run_config.json records the run ran (right for any
+    data); its --steps_per_epoch; the training-set size run_config.json records over
+    the batch size, as training computes it. No size is assumed: 50,000 images is
+    CIFAR-10's, not every run's.
+    """
     ran = events.steps_per_epoch(run_dir) if run_dir else None
     if ran:
         return ran
-    steps = config.get("steps_per_epoch")
-    if steps:
-        return int(steps)
-    return fidelity.NUM_TRAIN_IMAGES // int(config.get("batch_size") or fidelity.BATCH_SIZE)
+    if config.get("steps_per_epoch"):
+        return int(config["steps_per_epoch"])
+    images = events.num_train_images(run_dir) if run_dir else None
+    if images:
+        return images // int(config.get("batch_size") or fidelity.BATCH_SIZE)
+    return None
 
 
 def phases(config: Mapping) -> List[Phase]:
@@ -221,51 +317,56 @@ def phases(config: Mapping) -> List[Phase]:
 
 
 def prediction_basis(config: Mapping) -> str:
-    """Why a run gets the prediction it gets (a table column).
+    """Why a run gets the prediction it gets (a table column); "none: <why>" for none.
 
-    - --optimizer=adam: none (see `equilibrium_angular_update`); adamw: its own
-      equilibrium, for runs whose conv kernels are decayed and not gradient-scaled.
-
-    - conv L2, no gradient scaling (Baseline): the equilibrium at the run's lr, wd.
+    - an optimizer without an entry in `THEORIES`: none, "no theory for optimizer X";
+      one whose entry has no level (Adam with L2 in the loss): none, its entry says why.
+    - weight_decay 0: none, nothing balances the gradient's growth of the norm.
+    - conv L2 (decay), no gradient scaling (Baseline): the optimizer's equilibrium at
+      the run's lr, wd.
     - no conv L2, no scaling (NoConvL2): none. Nothing shrinks the kernels, ||w||²
       grows without bound (∝ sqrt(steps) at a fixed rate) and the relative step
       keeps falling.
     - no conv L2 with gradient scaling (ConvLRScale, its BN 0.98 and per-layer
-      variants): their factor replays the baseline's conv_sqsum trajectory (or the
-      post's fit of it), i.e. the baseline's effective rate, so they are predicted
-      at the baseline's level, with wd = the run's --weight_decay (the baseline's
-      in every run of the post).
+      variants), for an optimizer whose entry `replays_baseline` (momentum): their
+      factor replays the baseline's conv_sqsum trajectory (or the post's fit of it),
+      i.e. the baseline's effective rate, so they are predicted at the baseline's
+      level, with wd = the run's --weight_decay (the baseline's in every run of the
+      post). Not for AdamW, whose normalised step undoes a gradient factor.
     - conv L2 *and* gradient scaling (no run of the post): the factor multiplies
       the L2 part of the gradient too, so the effective rate is lr·factor, which
       changes along training: not predicted.
     """
+    optimizer = optimizer_of(config)
+    theory = THEORIES.get(optimizer)
+    if theory is None:
+        return f"none: {no_theory(optimizer)}"
+    if theory.level is None:
+        return theory.basis
     conv_l2 = bool(config.get("conv_l2", True))
     scaled = bool(config.get("conv_grad_scale", False))
-    optimizer = config.get("optimizer") or "momentum"
-    if optimizer == "adam":
-        return "none: Adam with L2 in the loss, no simple equilibrium"
-    if optimizer == "adamw":
-        if float(config.get("weight_decay", fidelity.WEIGHT_DECAY)) <= 0:
-            return "none: weight_decay 0, no equilibrium"
-        if conv_l2 and not scaled:
-            return "AdamW decoupled-decay equilibrium"
-        return "none: AdamW without decay on the conv kernels, or with gradient scaling"
     if float(config.get("weight_decay", fidelity.WEIGHT_DECAY)) <= 0:
         return "none: weight_decay 0, no equilibrium"
     if conv_l2 and not scaled:
-        return "conv L2 equilibrium"
+        return theory.basis
     if scaled and not conv_l2:
-        return "gradient scaling: the baseline's level"
+        if theory.replays_baseline:
+            return "gradient scaling: the baseline's level"
+        return f"none: gradient scaling under {optimizer}, not predicted"
     if not conv_l2:
         return "none: no conv L2, the norm grows without bound"
     return "none: conv L2 with gradient scaling"
 
 
+def predicts(config: Mapping) -> bool:
+    return not prediction_basis(config).startswith("none")
+
+
 def predicted_levels(config: Mapping, momentum: float = fidelity.MOMENTUM) -> List[Level]:
     """Per phase the predicted conv relative step, or None (see `prediction_basis`)."""
     wd = float(config.get("weight_decay", fidelity.WEIGHT_DECAY))
-    predict = not prediction_basis(config).startswith("none")
-    optimizer = config.get("optimizer") or "momentum"
+    optimizer = optimizer_of(config)
+    predict = predicts(config)
     return [Level(p.start, p.end, p.lr,
                   equilibrium_angular_update(optimizer, p.lr, wd, momentum) if predict else None)
             for p in phases(config)]
@@ -279,24 +380,20 @@ def level_segments(config: Mapping, momentum: float = fidelity.MOMENTUM
 
 
 def level_label(config: Mapping) -> str:
-    """The legend entry of the dashed levels: the formula of the run's optimizer."""
-    if (config.get("optimizer") or "momentum") == "adamw":
-        return "AdamW equilibrium sqrt(2·lr·wd·(1−β1)/(1+β1))"
-    return LEVEL_LABEL
+    """The legend entry of the run's dashed levels: its optimizer's formula; for a run
+    that gets none, why not ("no predicted level: no theory for optimizer 'sgd'"), which
+    the figures show in the legend in place of levels."""
+    if not predicts(config):
+        return "no predicted level: " + prediction_basis(config).split(": ", 1)[-1]
+    return THEORIES[optimizer_of(config)].formula
 
 
 def baseline_level_label(loaded: Mapping[str, Sequence[events.Run]]) -> str:
     """`level_label` of the baseline run whose levels the figures draw."""
     seeds = loaded.get(BASELINE) or []
-    return level_label(seeds[0].config) if seeds else LEVEL_LABEL
-
-
-def time_constant(optimizer: str, lr: float, weight_decay: float,
-                  momentum: float = fidelity.MOMENTUM) -> float:
-    """Steps over which the weight norm relaxes to the optimizer's equilibrium."""
-    if optimizer == "adamw":
-        return adamw_time_constant(lr, weight_decay)
-    return equilibrium_time_constant(lr, weight_decay, momentum)
+    if not seeds:
+        return f"no predicted level: no {label_of(BASELINE)} run"
+    return level_label(seeds[0].config)
 
 
 def baseline_segments(loaded: Mapping[str, Sequence[events.Run]],
@@ -307,6 +404,9 @@ def baseline_segments(loaded: Mapping[str, Sequence[events.Run]],
         note(f"theory: no {label_of(BASELINE)} ({BASELINE}) run, relative-step figures "
              f"drawn without equilibrium levels")
         return []
+    if not predicts(seeds[0].config):
+        note(f"theory: {level_label(seeds[0].config)} for the {label_of(BASELINE)} run, "
+             f"relative-step figures drawn without equilibrium levels")
     return level_segments(seeds[0].config, momentum)
 
 
@@ -406,7 +506,7 @@ class Row:
     layer_values: List[float]      # every (seed, layer) late-phase mean
     first_epoch: int
     last_epoch: int
-    steps_per_epoch: int
+    steps_per_epoch: Optional[int]   # None: not recorded (see `steps_per_epoch`)
     optimizer: str = "momentum"
 
     @property
@@ -420,6 +520,8 @@ class Row:
 
     @property
     def phase_steps(self) -> float:
+        if self.steps_per_epoch is None:
+            return math.nan
         return (self.end - self.start) * self.steps_per_epoch
 
     @property
@@ -448,7 +550,7 @@ def theory_rows(loaded: Mapping[str, Sequence[events.Run]], fraction: float = LA
                 measured=[m.mean for m in found],
                 layer_values=[v for m in found for v in m.layers.values()],
                 first_epoch=first, last_epoch=last, steps_per_epoch=steps_per_epoch(config, seeds[0].run_dir),
-                optimizer=config.get("optimizer") or "momentum"))
+                optimizer=optimizer_of(config)))
     return rows
 
 
@@ -484,41 +586,42 @@ def to_markdown(rows: Sequence[Row], fraction: float = LATE_FRACTION) -> str:
         seeds = sum(np.isfinite(m) for m in r.measured)
         label = r.label + (f" ({seeds} seeds)" if seeds > 1 else "")
         ratio = "—" if math.isnan(r.ratio) else f"{r.ratio:.2f}"
+        over_tau = "—" if math.isnan(r.phase_over_tau) else f"{r.phase_over_tau:.2f}"
         lines.append(f"| {label} | {_fmt_epochs(r.start, r.end)} | {r.lr:g} | {_sci(r.predicted)} | "
                      f"{_fmt_measured(r.measured)} | {_fmt_range(r.layer_values)} | {ratio} | "
-                     f"{_fmt_epochs(r.first_epoch, r.last_epoch)} | {r.phase_over_tau:.2f} |")
+                     f"{_fmt_epochs(r.first_epoch, r.last_epoch)} | {over_tau} |")
     m = rows[0].momentum if rows else fidelity.MOMENTUM
+    for optimizer in dict.fromkeys(r.optimizer for r in rows):   # each optimizer's note, once
+        theory = THEORIES.get(optimizer)
+        if theory is None:
+            names = ", ".join(dict.fromkeys(r.label for r in rows if r.optimizer == optimizer))
+            lines += ["", f"**No theory for optimizer {optimizer!r}** ({names}): no predicted "
+                          f"level and no τ (—); `THEORIES` in analysis/theory.py has no entry "
+                          f"for it."]
+        elif theory.note:
+            lines += ["", theory.note(m)]
     lines += [
         "",
-        f"**Equilibrium needs time:** the weight norm relaxes with τ ≈ 1/(2·lr_eff·wd) = "
-        f"(1−m)/(2·lr·wd) steps (lr_eff = lr/(1−m); 1/(2·lr·wd) for plain SGD), e.g. "
-        f"{equilibrium_time_constant(0.1, fidelity.WEIGHT_DECAY, m):,.0f} steps at lr 0.1, "
-        f"{equilibrium_time_constant(0.01, fidelity.WEIGHT_DECAY, m):,.0f} at lr 0.01, "
-        f"wd {fidelity.WEIGHT_DECAY:g}, m {m:g}; a phase with phase/τ below ~2 has not reached "
-        f"it, so its measured/predicted ratio is no test of the formula (after a rate drop "
-        f"the relative step starts below the new level and climbs towards it).",
-        "",
-        f"Predicted: sqrt(2·lr·wd/(1+m)), m = {m:g}, for conv L2 runs; gradient-scaled runs "
-        f"(no conv L2, factor replaying the baseline) get the baseline's level; runs without "
-        f"conv L2 or scaling have no equilibrium (—). Measured: mean of "
-        f"`{tags.CONV_RELATIVE_STEP}` (mean over conv layers of ||dw||/||w||, per-step mean "
-        f"of the epoch) over the last {fraction:.0%} of the phase's epochs (at least one); "
-        f"mean ± std over seeds; layers min–max over every layer and seed.",
+        f"Measured: mean of `{tags.CONV_RELATIVE_STEP}` (mean over conv layers of ||dw||/||w||, "
+        f"per-step mean of the epoch) over the last {fraction:.0%} of the phase's epochs (at "
+        f"least one); mean ± std over seeds; layers min–max over every layer and seed.",
     ]
-    if any(r.optimizer == "adamw" for r in rows):
+    unknown = list(dict.fromkeys(r.label for r in rows if r.steps_per_epoch is None))
+    if unknown:
         lines += [
             "",
-            f"AdamW runs (decoupled decay): predicted sqrt(2·lr·wd·(1−β1)/(1+β1)), β1 = "
-            f"{ADAM_BETA_1:g}, with τ = 1/(2·lr·wd) steps (no momentum factor; see "
-            f"`equilibrium_angular_update`). Adam with L2 in the loss has no prediction.",
+            f"**Steps per epoch not recorded** for {', '.join(unknown)}: run_config.json has "
+            f"neither steps_per_epoch nor num_train_images (written by older code) and no "
+            f"--steps_per_epoch was set, so the phases' length in steps and phase / τ are "
+            f"not computed (—).",
         ]
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("name", "label", "phase", "start_epoch", "end_epoch", "lr", "weight_decay",
+CSV_FIELDS = ("name", "label", "optimizer", "phase", "start_epoch", "end_epoch", "lr", "weight_decay",
               "momentum", "basis", "predicted", "seeds", "measured_mean", "measured_std",
               "layer_min", "layer_max", "ratio", "window_first_epoch", "window_last_epoch",
-              "tau_steps", "phase_steps", "phase_over_tau")
+              "steps_per_epoch", "tau_steps", "phase_steps", "phase_over_tau")
 PER_LAYER_FIELDS = ("run", "seed", "phase", "start_epoch", "end_epoch", "lr", "layer",
                     "measured", "predicted")
 
@@ -528,18 +631,19 @@ def _num(x: Optional[float]) -> str:
 
 
 def write_csv(rows: Sequence[Row], path: str) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_open(path) as f:
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
         for r in rows:
             finite = [v for v in r.layer_values if np.isfinite(v)]
             mean, std = mean_std(r.measured)
-            writer.writerow([r.name, r.label, r.phase, _num(r.start), _num(r.end), _num(r.lr),
+            writer.writerow([r.name, r.label, r.optimizer, r.phase, _num(r.start), _num(r.end), _num(r.lr),
                              _num(r.weight_decay), _num(r.momentum), r.basis, _num(r.predicted),
                              len(r.measured), _num(mean), _num(std),
                              _num(min(finite) if finite else None),
                              _num(max(finite) if finite else None), _num(r.ratio),
-                             r.first_epoch, r.last_epoch, _num(r.tau_steps), _num(r.phase_steps),
+                             r.first_epoch, r.last_epoch, r.steps_per_epoch or "",
+                             _num(r.tau_steps), _num(r.phase_steps),
                              _num(r.phase_over_tau)])
 
 
@@ -547,7 +651,7 @@ def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
                         fraction: float = LATE_FRACTION,
                         momentum: float = fidelity.MOMENTUM) -> None:
     """One row per run name × seed × phase × layer (seed: the run's --seed)."""
-    with open(path, "w", newline="") as f:
+    with atomic_open(path) as f:
         writer = csv.writer(f)
         writer.writerow(PER_LAYER_FIELDS)
         for name in ordered_names(loaded):
@@ -563,10 +667,13 @@ def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
 def write_theory(loaded: Mapping[str, Sequence[events.Run]], out_dir: str,
                  fraction: float = LATE_FRACTION,
                  momentum: float = fidelity.MOMENTUM) -> List[str]:
-    """theory.md, theory.csv and theory_per_layer.csv in `out_dir`; returns their paths."""
+    """theory.md, theory.csv and theory_per_layer.csv in `out_dir`; returns their paths.
+
+    Each file is written whole or not at all (atomic_open), as every analysis output.
+    """
     rows = theory_rows(loaded, fraction, momentum)
     paths = [os.path.join(out_dir, n) for n in ("theory.md", "theory.csv", "theory_per_layer.csv")]
-    with open(paths[0], "w") as f:
+    with atomic_open(paths[0]) as f:
         f.write(to_markdown(rows, fraction))
     write_csv(rows, paths[1])
     write_per_layer_csv(loaded, paths[2], fraction, momentum)

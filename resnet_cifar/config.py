@@ -78,12 +78,7 @@ class TrainConfig:
 
     @property
     def base_learning_rate(self) -> float:
-        """0.1 * batch/128, as `resnet_run_loop.learning_rate_with_decay` (the
-        optimizer's default rate, or --learning_rate, in place of 0.1)."""
-        rate = self.learning_rate
-        if rate is None:
-            rate = DEFAULT_LEARNING_RATES.get(self.optimizer, fidelity.BASE_LEARNING_RATE)
-        return rate * self.batch_size / fidelity.BATCH_DENOM
+        return base_learning_rate(self.optimizer, self.learning_rate, self.batch_size)
 
     def validate(self):
         def fail(msg):
@@ -161,6 +156,19 @@ class TrainConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def base_learning_rate(optimizer, learning_rate=None, batch_size=fidelity.BATCH_SIZE):
+    """0.1 * batch/128, as `resnet_run_loop.learning_rate_with_decay` (the optimizer's
+    default rate, or --learning_rate, in place of 0.1).
+
+    A function of the settings rather than of a TrainConfig, so that the analysis gets a
+    logged run's rate from its run_config.json by the formula training used.
+    """
+    rate = learning_rate
+    if rate is None:
+        rate = DEFAULT_LEARNING_RATES.get(optimizer, fidelity.BASE_LEARNING_RATE)
+    return rate * batch_size / fidelity.BATCH_DENOM
 
 
 def steps_per_epoch_for(config, num_train_images):

@@ -36,13 +36,8 @@ from resnet_cifar import events, fidelity, models, runs, tags
 
 
 def piecewise(epoch):
-    """The post's `tf.where` chain: 1-0.05e, 0.5-0.0025(e-10), 0.4+0.006(e-50), 0.7+0.001(e-100)."""
-    epoch = tf.convert_to_tensor(epoch, tf.float32)
-    start, value, slope = fidelity.PIECEWISE_FACTOR[0]
-    out = value + slope * (epoch - start)
-    for start, value, slope in fidelity.PIECEWISE_FACTOR[1:]:
-        out = tf.where(epoch < start, out, value + slope * (epoch - start))
-    return out
+    """The post's `tf.where` chain (fidelity.piecewise) in float32."""
+    return fidelity.piecewise(tf.convert_to_tensor(epoch, tf.float32), tf.where)
 
 
 def interpolate(epoch, epochs, values):

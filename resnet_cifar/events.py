@@ -174,14 +174,25 @@ def read_config(run_dir: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def steps_per_epoch(run_dir: str) -> Optional[int]:
-    """The steps per epoch a run trained with (run_config.json), None if not recorded."""
+def _recorded_count(run_dir: str, key: str) -> Optional[int]:
+    """A positive integer that training recorded at the top level of run_config.json
+    (beside its "config", not a flag), None if not recorded."""
     try:
         with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE)) as f:
-            steps = json.load(f).get("steps_per_epoch")
+            value = json.load(f).get(key)
     except (OSError, ValueError, AttributeError):
         return None
-    return steps if isinstance(steps, int) and steps > 0 else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def steps_per_epoch(run_dir: str) -> Optional[int]:
+    """The steps per epoch a run trained with (run_config.json), None if not recorded."""
+    return _recorded_count(run_dir, "steps_per_epoch")
+
+
+def num_train_images(run_dir: str) -> Optional[int]:
+    """The size of the training set a run trained on (run_config.json), None if not recorded."""
+    return _recorded_count(run_dir, "num_train_images")
 
 
 def _is_run_dir(path: str) -> bool:

@@ -4,7 +4,8 @@ The source of each number is the original TF 1.11 CIFAR-10 ResNet of
 tensorflow/models (`official/resnet/resnet_model.py`, `cifar10_main.py`,
 `resnet_run_loop.py`) and the blog post's snippets; `docs/fidelity.md` gives the
 source of each for users, and `tests/test_models.py` checks these values against
-that document. Change none of them without the post.
+that document. Change none of them without the post. One formula lives here too,
+the post's piecewise fit, so that training and the figures share its definition.
 """
 
 # --- Model: ResNet-20 v1, CIFAR variant (resnet_model.py, cifar10_main.py) ---
@@ -61,6 +62,18 @@ PIECEWISE_FACTOR = (
     (100.0, 0.7, 0.001),
 )
 BN_DECAY_FAST = 0.98              # the fourth run's _BATCH_NORM_DECAY
+
+
+def piecewise(epoch, where):
+    """The post's tf.where chain over PIECEWISE_FACTOR: 1-0.05e, 0.5-0.0025(e-10),
+    0.4+0.006(e-50), 0.7+0.001(e-100). `where` is tf.where or np.where, so training
+    (conv_scaling) and the figures evaluate this one definition."""
+    start, value, slope = PIECEWISE_FACTOR[0]
+    out = value + slope * (epoch - start)
+    for start, value, slope in PIECEWISE_FACTOR[1:]:
+        out = where(epoch < start, out, value + slope * (epoch - start))
+    return out
+
 
 # --- What the post reports, as data: its claims about the four runs ---
 # Numbers are the post's own words; "~" marks values read off its plots or rounded by it.

@@ -334,9 +334,13 @@ def test_figures_have_titles_axis_words_and_accuracy_in_percent():
 def test_figures_mark_the_learning_rate_boundaries_from_the_configs():
     for name, fig in every_figure().items():
         ax = fig.axes[0]
-        dotted = [l for l in ax.lines if l.get_label() in (figures.BOUNDARY_LABEL, "_nolegend_")
-                  and l.get_linestyle() == ":"]
-        assert [tuple(l.get_xdata()) for l in dotted] == [(2.0, 2.0), (4.0, 4.0)], name
+        (drawn,) = [c for c in ax.collections if c.get_label() == figures.BOUNDARY_LABEL]
+        # Axes.vlines in the x-axis transform: x in epochs, y from the bottom (0) to the top (1).
+        assert drawn.get_transform() == ax.get_xaxis_transform(), name
+        assert [s.tolist() for s in drawn.get_segments()] == [[[2.0, 0.0], [2.0, 1.0]],
+                                                               [[4.0, 0.0], [4.0, 1.0]]], name
+        if figures.FIGURES[name][1] != tags.EPOCH_ACCURACY and name != "piecewise_factor":
+            assert ax.get_ylim()[0] > 100, name     # data 500..900: the lines leave y alone
         legend = [t.get_text() for t in ax.get_legend().get_texts()]
         assert legend.count(figures.BOUNDARY_LABEL) == 1, name
 

@@ -145,8 +145,10 @@ def f32(values):
     return np.asarray(values, dtype=np.float32).astype(np.float64)
 
 
-def write_run(run_dir, config, relative, layers):
-    """A run folder with conv_relative_step and its per-layer tags at steps 1..E."""
+def write_run(run_dir, config, relative, layers, steps_per_epoch=None):
+    """A run folder with conv_relative_step and its per-layer tags at steps 1..E; its
+    run_config.json records `steps_per_epoch` as training does, or (None) nothing, as
+    older code."""
     writer = tf.summary.create_file_writer(os.path.join(run_dir, tags.TRAIN_DIR))
     with writer.as_default():
         for e, value in enumerate(relative, start=1):
@@ -154,8 +156,11 @@ def write_run(run_dir, config, relative, layers):
             for layer, values in layers.items():
                 tf.summary.scalar(tags.per_layer(tags.CONV_RELATIVE_STEP, layer), values[e - 1], step=e)
     writer.close()
+    record = {"config": config}
+    if steps_per_epoch is not None:
+        record["steps_per_epoch"] = steps_per_epoch
     with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
-        json.dump({"config": config}, f)
+        json.dump(record, f)
     return run_dir
 
 
@@ -213,17 +218,21 @@ def test_relative_step_figures_show_the_predicted_levels(make):
 
     ax = make(data, levels=levels, log_y=True).axes[0]
 
-    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
     runs = 2 if make is figures.relative_step else 3
-    assert [line.get_label() for line in ax.lines[:2]] == ["Baseline", "NoConvL2"]
-    assert len(dashed) == 3 and ax.lines[runs:] == dashed
-    for line, (start, end, _), value in zip(dashed, theory.phases(POST_CONFIG),
+    assert [line.get_label() for line in ax.lines] == ["Baseline", "NoConvL2", "ConvLRScale"][:runs]
+    (drawn,) = ax.collections                    # Axes.hlines: one collection of segments
+    assert drawn.get_label() == figures.LEVEL_LABEL
+    segments = drawn.get_segments()
+    assert len(segments) == 3
+    # sqrt(2 * lr * 2e-4 / 1.9) over each phase of the post's schedule
+    for segment, (start, end), value in zip(segments, [(0, 50), (50, 100), (100, 150)],
                                             [4.588e-3, 1.451e-3, 4.588e-4]):
-        np.testing.assert_array_equal(line.get_xdata(), [start, end])
-        np.testing.assert_allclose(line.get_ydata(), [value, value], rtol=1e-3)
+        np.testing.assert_array_equal(segment[:, 0], [start, end])
+        np.testing.assert_allclose(segment[:, 1], [value, value], rtol=1e-3)
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend.count(figures.LEVEL_LABEL) == 1
     assert ax.get_yscale() == "log"
+    assert ax.get_ylim()[0] > 1e-4 and ax.get_ylim()[1] < 1e-2    # the levels and runs, no more
 
 
 def test_levels_without_prediction_are_skipped():
@@ -231,7 +240,7 @@ def test_levels_without_prediction_are_skipped():
     data = {figures.BASELINE: [(steps, np.full(6, 3e-3))], figures.NOCONV_L2: [(steps, np.full(6, 1e-3))]}
     noconv = theory.predicted_levels(dict(POST_CONFIG, conv_l2=False, train_epochs=6))
     ax = figures.relative_step(data, levels=noconv).axes[0]
-    assert len(ax.lines) == 2 and ax.get_yscale() == "linear"
+    assert len(ax.lines) == 2 and not ax.collections and ax.get_yscale() == "linear"
 
 
 # --- the command line's theory tables ---------------------------------------------------
@@ -253,7 +262,7 @@ def test_cli_writes_theory_tables_and_level_lines(tmp_path):
             folder = root / name / f"seed_{k}" if len(configs) > 1 else root / name
             folder.mkdir(parents=True)
             relative, layers = fake_relative(rng, 10)
-            write_run(str(folder), config, relative, layers)
+            write_run(str(folder), config, relative, layers, steps_per_epoch=390)
             logs[name].append((relative, layers))
     out = tmp_path / "figs"
 
@@ -306,8 +315,9 @@ def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
     root = tmp_path / "results"
     config = dict(CLI_CONFIG, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05)
     rng = np.random.default_rng(3)
-    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10))
-    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10))
+    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
+    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
+              steps_per_epoch=390)
     out = tmp_path / "figs"
 
     assert make_figures.main([str(root), "--out", str(out)]) == 0
@@ -331,7 +341,100 @@ def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
 def test_steps_per_epoch_is_what_the_run_recorded_not_50000_over_the_batch(tmp_path):
     """A run on other data (run_config.json: 7 steps per epoch) is not assumed to have 390."""
     config = {"batch_size": 128, "steps_per_epoch": None}
-    (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "steps_per_epoch": 7}))
+    (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "steps_per_epoch": 7,
+                                                            "num_train_images": 1000}))
     assert theory.steps_per_epoch(config, str(tmp_path)) == 7
-    assert theory.steps_per_epoch(config) == 50000 // 128          # nothing recorded: a CIFAR-10 epoch
+    # Only the training-set size recorded: size // batch, as training computes it.
+    (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "num_train_images": 1000}))
+    assert theory.steps_per_epoch(config, str(tmp_path)) == 7            # 1000 // 128
+    assert theory.steps_per_epoch(dict(config, batch_size=100), str(tmp_path)) == 10
     assert theory.steps_per_epoch(dict(config, steps_per_epoch=160)) == 160
+    assert theory.steps_per_epoch(config) is None                     # nothing recorded: unknown
+
+
+def test_a_run_without_recorded_steps_per_epoch_says_so(tmp_path):
+    """A run_config.json written by older code (no steps_per_epoch, no num_train_images): the
+    table names the run and leaves phase / τ blank instead of assuming a CIFAR-10 epoch."""
+    rng = np.random.default_rng(6)
+    old = events.load_run(write_run(str(tmp_path / "old"), SMALL_CONFIG, *fake_relative(rng, 20)))
+    new = events.load_run(write_run(str(tmp_path / "new"), dict(SMALL_CONFIG, conv_l2=False),
+                                    *fake_relative(rng, 20), steps_per_epoch=195))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    theory.write_theory({figures.BASELINE: [old], figures.NOCONV_L2: [new]}, str(out))
+
+    with open(out / "theory.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r["name"] == figures.BASELINE:
+            assert r["steps_per_epoch"] == r["phase_steps"] == r["phase_over_tau"] == ""
+        else:
+            assert r["steps_per_epoch"] == "195"
+            assert float(r["phase_steps"]) == (float(r["end_epoch"]) - float(r["start_epoch"])) * 195
+    md = (out / "theory.md").read_text()
+    assert "**Steps per epoch not recorded** for Baseline:" in md
+    baseline_rows = [line for line in md.splitlines() if line.startswith("| Baseline |")]
+    assert len(baseline_rows) == 3 and all(line.endswith("| — |") for line in baseline_rows)
+
+
+def test_theory_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A failure half-way through theory.csv leaves the previous file, and no partial one."""
+    rng = np.random.default_rng(5)
+    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, *fake_relative(rng, 20)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "theory.csv").write_text("old\n")
+
+    def fail(_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(theory, "_num", fail)
+    with pytest.raises(OSError, match="disk full"):
+        theory.write_theory({figures.BASELINE: [run]}, str(out))
+    assert (out / "theory.csv").read_text() == "old\n"
+    assert sorted(p.name for p in out.iterdir()) == ["theory.csv", "theory.md"]
+
+
+def test_cli_says_there_is_no_theory_for_an_unknown_optimizer(tmp_path):
+    """A run of an optimizer the theory has no entry for ('sgd'): no level, no τ, and the
+    table, its notes and the figures' legends say so; nothing of momentum's shows."""
+    root = tmp_path / "results"
+    config = dict(CLI_CONFIG, optimizer="sgd")
+    rng = np.random.default_rng(7)
+    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
+    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
+              steps_per_epoch=390)
+    out = tmp_path / "figs"
+
+    assert make_figures.main([str(root), "--out", str(out)]) == 0
+
+    with open(out / "theory.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4                                 # 2 runs × 2 phases
+    for r in rows:
+        assert r["optimizer"] == "sgd"
+        assert r["basis"] == "none: no theory for optimizer 'sgd'"
+        assert r["predicted"] == r["ratio"] == r["tau_steps"] == r["phase_over_tau"] == ""
+        assert float(r["phase_steps"]) == 5 * 390         # known: the run recorded its steps
+    md = (out / "theory.md").read_text()
+    assert "**No theory for optimizer 'sgd'** (Baseline, NoConvL2)" in md
+    for momentum_text in ("sqrt(2·lr·wd/(1+m))", "(1−m)/(2·lr·wd)", "Equilibrium needs time",
+                          "AdamW"):
+        assert momentum_text not in md
+    table = [line for line in md.splitlines() if line.startswith("| Baseline |")]
+    assert len(table) == 2 and all(line.count("| — |") >= 2 for line in table)
+
+    svg = (out / "relative_step.svg").read_text()
+    assert "no theory for optimizer" in svg and figures.LEVEL_LABEL not in svg
+    loaded = make_figures.load_results(events.find_runs(str(root)))
+    assert theory.baseline_segments(loaded) == []
+    label = theory.baseline_level_label(loaded)
+    assert label == "no predicted level: no theory for optimizer 'sgd'"
+    steps = np.arange(1, 11)
+    data = {figures.BASELINE: [(steps, np.full(10, 3e-3))], figures.NOCONV_L2: [(steps, np.full(10, 1e-3))]}
+    ax = figures.relative_step(data, levels=[], level_label=label).axes[0]
+    legend = ax.get_legend()
+    assert legend.get_title().get_text() == label
+    assert [t.get_text() for t in legend.get_texts()] == ["Baseline", "NoConvL2"]
+    assert len(ax.lines) == 2 and not ax.collections          # no level drawn

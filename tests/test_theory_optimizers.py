@@ -91,6 +91,40 @@ def test_angular_update_figure_draws_the_baselines_level(tmp_path):
     fig = angular.angular_update(make_figures.curves(
         make_figures.load_results(events.find_runs(str(tmp_path))), tags.CONV_ANGULAR_UPDATE, tags.TRAIN_DIR),
         levels=levels)
-    dashed = [l for l in fig.axes[0].get_lines() if l.get_linestyle() == "--"]
-    assert [l.get_ydata()[0] for l in dashed] == pytest.approx(
+    (levels_drawn,) = fig.axes[0].collections          # Axes.hlines, one segment per phase
+    segments = levels_drawn.get_segments()
+    assert [tuple(s[:, 0]) for s in segments] == [(0, 2), (2, 4), (4, 6)]
+    assert [s[0, 1] for s in segments] == [s[1, 1] for s in segments] == pytest.approx(
         [math.sqrt(2 * r * 0.01 * 0.1 / 1.9) for r in (1e-3, 1e-4, 1e-5)])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lion"])
+def test_an_optimizer_without_an_entry_gets_no_prediction_and_no_time_constant(optimizer):
+    config = {"batch_size": 128, "boundary_epochs": [2], "decay_rates": [1, 0.1], "train_epochs": 4,
+              "weight_decay": 2e-4, "conv_l2": True, "optimizer": optimizer}
+    assert theory.equilibrium_angular_update(optimizer, 0.1, 2e-4) is None
+    assert math.isnan(theory.time_constant(optimizer, 0.1, 2e-4))
+    assert theory.prediction_basis(config) == f"none: no theory for optimizer {optimizer!r}"
+    assert [lv.predicted for lv in theory.predicted_levels(config)] == [None, None]
+    assert theory.level_label(config) == f"no predicted level: no theory for optimizer {optimizer!r}"
+    # Adam (an entry without a level) has no τ either, not momentum's.
+    assert math.isnan(theory.time_constant("adam", 1e-3, 2e-4))
+
+
+def test_adding_an_optimizers_theory_is_one_entry(monkeypatch):
+    """Plain SGD as a new entry: its levels sqrt(2·lr·wd) and τ = 1/(2·lr·wd) (the m = 0
+    case of the momentum formulas, by hand) reach the levels, the basis and the legend."""
+    sgd = theory.OptimizerTheory(basis="SGD equilibrium", formula="SGD equilibrium sqrt(2·lr·wd)",
+                                 level=lambda lr, wd, m: math.sqrt(2 * lr * wd),
+                                 time_constant=lambda lr, wd, m: 1 / (2 * lr * wd))
+    monkeypatch.setitem(theory.THEORIES, "sgd", sgd)
+    config = {"batch_size": 128, "boundary_epochs": [2], "decay_rates": [1, 0.1], "train_epochs": 4,
+              "weight_decay": 5e-4, "conv_l2": True, "optimizer": "sgd", "learning_rate": 0.2}
+    assert [lv.predicted for lv in theory.predicted_levels(config)] == pytest.approx(
+        [math.sqrt(2 * 0.2 * 5e-4), math.sqrt(2 * 0.02 * 5e-4)])
+    assert theory.time_constant("sgd", 0.2, 5e-4) == pytest.approx(5000)
+    assert theory.prediction_basis(config) == "SGD equilibrium"
+    assert theory.level_label(config) == "SGD equilibrium sqrt(2·lr·wd)"
+    # Gradient-scaled runs take the baseline's level only where the entry says so.
+    scaled = dict(config, conv_l2=False, conv_grad_scale=True)
+    assert all(lv.predicted is None for lv in theory.predicted_levels(scaled))
