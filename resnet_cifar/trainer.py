@@ -84,8 +84,8 @@ def build_model(config, steps_per_epoch, baseline=None):
             raise config_lib.ConfigError(
                 "--conv_lr_factor=per_layer: the baseline run lacks per-layer "
                 f"{tags.per_layer(tags.CONV_SQSUM, '<layer>')} curves for the {len(names)} conv layers") from None
-    # adamw decays the weights in the optimizer (decoupled): no L2 term in the loss.
-    decoupled = config.optimizer == "adamw"
+    # An optimizer with decoupled decay (adamw) decays the weights itself: no L2 term in the loss.
+    decoupled = optim.OPTIMIZERS[config.optimizer].decoupled_decay
     model.configure(weight_decay=0.0 if decoupled else config.weight_decay, conv_l2=config.conv_l2,
                     conv_lr_factor=conv_scaling.ConvLRFactor(
                         mode, baseline, models.expected_initial_conv_sqsum(model)),
