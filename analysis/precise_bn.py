@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from analysis import output
-from resnet_cifar import atomic, events, fidelity, tags
+from resnet_cifar import atomic, cifar_data, events, fidelity, tags
 
 RESULT_FILE = "precise_bn.json"
 DEFAULT_BN_BATCHES = 100
@@ -100,7 +100,7 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     reused unless `again`."""
     import tensorflow as tf
 
-    from resnet_cifar import cifar_data, input_pipeline
+    from resnet_cifar import input_pipeline
 
     try:
         config = events.read_config(run_dir)
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
                         help="run folders, or folders to search for them (e.g. a sweep's results)")
     parser.add_argument("--bn_batches", type=int, default=DEFAULT_BN_BATCHES,
                         help=f"training batches the statistics are averaged over (default {DEFAULT_BN_BATCHES})")
-    parser.add_argument("--data_source", choices=("tfds", "binary", "synthetic"), default=None,
+    parser.add_argument("--data_source", choices=list(cifar_data.SOURCES), default=None,
                         help="default: each run's own")
     parser.add_argument("--data_dir", default=None, help="default: each run's own")
     parser.add_argument("--again", action="store_true",

@@ -40,8 +40,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from resnet_cifar import cifar_data  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("data_source", "synthetic", ["tfds", "binary", "synthetic"], "Data for all measurements.")
+flags.DEFINE_enum("data_source", "synthetic", list(cifar_data.SOURCES), "Data for all measurements.")
 flags.DEFINE_string("data_dir", None, "As for resnet_cifar.train.")
 flags.DEFINE_integer("batch_size", 128, "Batch size of every measurement.")
 flags.DEFINE_integer("steps", 40, "Train steps per timed repetition.")
@@ -141,7 +143,7 @@ def worker(setting):
     import numpy as np
     import tensorflow as tf
 
-    from resnet_cifar import callbacks, cifar_data, input_pipeline, provenance, trainer
+    from resnet_cifar import callbacks, input_pipeline, provenance, trainer
     from resnet_cifar import config as config_lib
 
     intra, inter = setting.get("threads", (0, 0))

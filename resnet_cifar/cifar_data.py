@@ -1,17 +1,17 @@
-"""CIFAR-10 as uint8 arrays, from one of three sources (`--data_source`).
+"""CIFAR-10 as uint8 arrays, from the sources in `SOURCES` (`--data_source`).
 
-- `tfds`: `tfds.load("cifar10")`, TFDS's own download and cache.
-- `binary`: the official binary release the original code read: the
-  `cifar-10-batches-bin` folder, or the `cifar-10-binary.tar.gz` archive itself.
-- `synthetic`: random images of the right shapes (the original `--use_synthetic_data`).
+`SOURCES` is the one list of data sources: `load_arrays` calls its loaders,
+`TrainConfig` accepts its names and the `--data_source` help is generated from it.
+A new source is one loader and one entry here.
 
 NumPy only (TFDS is imported when used), so bad data is reported before
-TensorFlow starts. Anything that is not CIFAR-10 raises `DataError` with a
-one-line message naming the file.
+TensorFlow starts, and `config` can import this module. Anything that is not
+CIFAR-10 raises `DataError` with a one-line message naming the file.
 """
 
 import dataclasses
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -35,18 +35,9 @@ class Arrays:
 
 # ----------------------------------------------------------------------------- sources
 
-def load_arrays(data_source, data_dir=None, seed=0):
-    if data_source == "tfds":
-        return _load_tfds(data_dir)
-    if data_source == "binary":
-        return _load_binary(data_dir)
-    if data_source == "synthetic":
-        return synthetic_arrays(fidelity.NUM_TRAIN_IMAGES, fidelity.NUM_TEST_IMAGES, seed)
-    raise DataError(f"unknown data source {data_source!r}: use tfds, binary or synthetic")
-
-
-def _load_tfds(data_dir):
-    """`tfds.load("cifar10")`; a failure becomes one line that says whose fault it is."""
+def _load_tfds(data_dir, seed):
+    """`tfds.load("cifar10")`, TFDS's own download and cache (seed unused: the data is
+    fixed); a failure becomes one line that says whose fault it is."""
     if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"--data_dir={data_dir} is a file: TFDS keeps CIFAR-10 in a folder (for the "
                         f"{fidelity.ARCHIVE_NAME} archive itself use --data_source=binary)")
@@ -229,7 +220,9 @@ def read_binary_archive(path):
     return found
 
 
-def _load_binary(data_dir):
+def _load_binary(data_dir, seed):
+    """The official binary release the original code read: the `cifar-10-batches-bin`
+    folder, its parent, or the `cifar-10-binary.tar.gz` archive itself (seed unused)."""
     if data_dir and os.path.isfile(data_dir):
         parts = read_binary_archive(data_dir)
     else:
@@ -255,3 +248,30 @@ def synthetic_arrays(num_train, num_test, seed=0):
         rng.integers(0, 256, (num_test,) + SHAPE, dtype=np.uint8),
         rng.integers(0, fidelity.NUM_CLASSES, num_test, dtype=np.int32),
     )
+
+
+def _load_synthetic(data_dir, seed):
+    """Random images of CIFAR-10's sizes (the original `--use_synthetic_data`); no data_dir."""
+    return synthetic_arrays(fidelity.NUM_TRAIN_IMAGES, fidelity.NUM_TEST_IMAGES, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """One choice of `--data_source`: load(data_dir, seed) -> `Arrays` of both splits,
+    raising `DataError` for unusable data; description: one line for --help."""
+    load: Callable
+    description: str
+
+
+SOURCES = {
+    "tfds": DataSource(_load_tfds, "TFDS downloads and prepares CIFAR-10 once"),
+    "binary": DataSource(_load_binary, "the official binary release"),
+    "synthetic": DataSource(_load_synthetic, "random images, for smoke runs and benchmarks"),
+}
+
+
+def load_arrays(data_source, data_dir=None, seed=0):
+    """The `Arrays` of source `data_source` of `SOURCES`."""
+    if data_source not in SOURCES:
+        raise DataError(f"unknown data source {data_source!r}: choose one of {', '.join(SOURCES)}")
+    return SOURCES[data_source].load(data_dir, seed)

@@ -9,15 +9,14 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
-from resnet_cifar import fidelity
+from resnet_cifar import cifar_data, fidelity, optim
 from resnet_cifar.runs import CONV_LR_FACTORS, REPLAY_FACTORS  # noqa: F401  (the factor modes, with the runs)
 
-DATA_SOURCES = ("tfds", "binary", "synthetic")
-OPTIMIZERS = ("momentum", "adam", "adamw")
+# The registries themselves (the same dicts), so a source or optimizer added there is valid here.
+DATA_SOURCES = cifar_data.SOURCES       # name -> DataSource
+OPTIMIZERS = optim.OPTIMIZERS           # name -> OptimizerSpec
 RESNET_SIZES = (20, 32, 44, 56, 110)   # 6n+2; any 6n+2 builds, these are the documented ones
 # Base learning rate per optimizer at batch 128 (scaled by batch/128 like the original's 0.1).
-# momentum: the post's; adam / adamw: Kingma & Ba's and Keras' default 1e-3.
-DEFAULT_LEARNING_RATES = {"momentum": fidelity.BASE_LEARNING_RATE, "adam": 1e-3, "adamw": 1e-3}
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
 MAX_SEED = 2**31 - 1       # NumPy seeds stop at 2**32 - 1, TF's int32 seeds at 2**31 - 1
 
@@ -67,7 +66,7 @@ class TrainConfig:
     verbose: int = 1                        # Keras progress output: 0, 1 (bar), 2 (line)
     # Beyond the post: depth, optimizer, its rate.
     resnet_size: int = fidelity.RESNET_SIZE  # 6n+2
-    optimizer: str = "momentum"             # momentum (TF1, the post), adam (L2 in loss), adamw (decoupled)
+    optimizer: str = "momentum"             # a name in optim.OPTIMIZERS; momentum (TF1) is the post's
     learning_rate: Optional[float] = None   # base rate at batch 128; None: the optimizer's default
 
     def __post_init__(self):
@@ -167,7 +166,8 @@ def base_learning_rate(optimizer, learning_rate=None, batch_size=fidelity.BATCH_
     """
     rate = learning_rate
     if rate is None:
-        rate = DEFAULT_LEARNING_RATES.get(optimizer, fidelity.BASE_LEARNING_RATE)
+        spec = OPTIMIZERS.get(optimizer)     # a run of an optimizer this code no longer has: 0.1
+        rate = spec.default_learning_rate if spec else fidelity.BASE_LEARNING_RATE
     return rate * batch_size / fidelity.BATCH_DENOM
 
 

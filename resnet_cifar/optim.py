@@ -1,46 +1,88 @@
-"""The original optimizer: TF1 momentum and a piecewise-constant rate by epoch."""
+"""The optimizers of `--optimizer`, by name, and the piecewise-constant rate by epoch.
 
+`OPTIMIZERS` is the one list of optimizers: `TrainConfig` accepts its names and takes
+their default rates from it, the `--optimizer` and `--learning_rate` help is generated
+from it, and the trainer asks it whether weight decay leaves the loss. A new optimizer
+is one entry here.
+
+Keras is imported inside the functions: `config` imports this module, and a run's flags
+and data are checked before TensorFlow starts (tests/test_train_cli.py checks that the
+entry point imports neither).
+"""
+
+import dataclasses
 import math
-
-import keras
-from keras import ops
+from typing import Callable
 
 from resnet_cifar import fidelity
 
 
-class TF1Momentum(keras.optimizers.Optimizer):
-    """`tf.compat.v1.train.MomentumOptimizer` semantics in Keras 3.
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """One choice of `--optimizer`.
 
-        accum = momentum * accum + grad
-        var  -= lr * accum
-
-    Keras' SGD folds the rate into its velocity (v = m*v - lr*g), so after a
-    learning-rate drop it keeps moving with the old rate's momentum for a while;
-    TF1 multiplies the whole accumulator by the current rate, so a drop takes
-    effect at once. The post's runs used TF1's rule, so this does too.
+    build(learning_rate, weight_decay, no_decay) returns the Keras optimizer on the
+    rate (or schedule) given; weight_decay and no_decay (variables out of the L2 set,
+    e.g. conv kernels under --noconv_l2) matter only to one that decays the weights.
+    default_learning_rate: the base rate at batch 128, scaled by batch/128 like the
+    post's 0.1. decoupled_decay: the optimizer applies weight decay itself, so the
+    trainer leaves the L2 term out of the loss; otherwise weight_decay is the loss's L2
+    coefficient, as in the post. description: one line for --help.
     """
+    build: Callable
+    default_learning_rate: float
+    decoupled_decay: bool
+    description: str
 
-    def __init__(self, learning_rate, momentum=fidelity.MOMENTUM, name="tf1_momentum", **kwargs):
-        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.momentum = float(momentum)
 
-    def build(self, variables):
-        if self.built:
-            return
-        super().build(variables)
-        self.accumulators = self.add_optimizer_variables(variables, "accumulator")
+def _tf1_momentum(learning_rate, weight_decay, no_decay):
+    """`TF1Momentum` (the post); L2 is in the loss."""
+    from resnet_cifar.tf1_momentum import TF1Momentum
 
-    def update_step(self, gradient, variable, learning_rate):
-        lr = ops.cast(learning_rate, variable.dtype)
-        gradient = ops.cast(gradient, variable.dtype)
-        accum = self.accumulators[self._get_variable_index(variable)]
-        self.assign(accum, ops.add(ops.multiply(accum, ops.cast(self.momentum, variable.dtype)), gradient))
-        self.assign_sub(variable, ops.multiply(accum, lr))
+    return TF1Momentum(learning_rate, momentum=fidelity.MOMENTUM)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update({"momentum": self.momentum})
-        return config
+
+def _adam(learning_rate, weight_decay, no_decay):
+    """`keras.optimizers.Adam` (beta_1 0.9, beta_2 0.999, epsilon 1e-7 outside the bias
+    correction: w -= lr·sqrt(1-b2^t)/(1-b1^t) · m/(sqrt(v)+eps)); the L2 term stays in
+    the loss as in the post, so Adam normalizes it with the rest of the gradient."""
+    import keras
+
+    return keras.optimizers.Adam(learning_rate)
+
+
+def _adamw(learning_rate, weight_decay, no_decay):
+    """`keras.optimizers.AdamW`, decoupled decay (Loshchilov & Hutter, ICLR 2019,
+    arXiv:1711.05101) applied before the Adam step: w -= lr·weight_decay·w.
+
+    Keras multiplies by the *scheduled* rate lr = alpha·eta_t, so in their notation
+    (w -= eta_t·(alpha·adam + lambda·w)) lambda = alpha·weight_decay: the decay follows
+    the schedule, as their eta_t does. Variables in `no_decay` are not decayed.
+    """
+    import keras
+
+    optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=float(weight_decay))
+    optimizer.exclude_from_weight_decay(var_list=list(no_decay))
+    return optimizer
+
+
+# Default rates: momentum the post's; adam / adamw Kingma & Ba's and Keras' default 1e-3.
+OPTIMIZERS = {
+    "momentum": OptimizerSpec(_tf1_momentum, fidelity.BASE_LEARNING_RATE, decoupled_decay=False,
+                              description="TF1 momentum 0.9 (the post)"),
+    "adam": OptimizerSpec(_adam, 1e-3, decoupled_decay=False,
+                          description="Adam with the L2 term in the loss"),
+    "adamw": OptimizerSpec(_adamw, 1e-3, decoupled_decay=True,
+                           description="Adam with decoupled weight decay w -= lr*weight_decay*w "
+                                       "(no L2 in the loss)"),
+}
+
+
+def make_optimizer(name, learning_rate, weight_decay=0.0, no_decay=()):
+    """The optimizer `name` of `OPTIMIZERS`, on the learning rate (or schedule) given."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name].build(learning_rate, weight_decay, no_decay)
 
 
 def piecewise_by_epoch(base_rate, boundary_epochs, decay_rates, steps_per_epoch):
@@ -52,32 +94,8 @@ def piecewise_by_epoch(base_rate, boundary_epochs, decay_rates, steps_per_epoch)
     on the global step. Keras' PiecewiseConstantDecay keeps values[i] while
     step <= boundaries[i], hence the - 1.
     """
+    import keras
+
     boundaries = [math.ceil(float(b) * steps_per_epoch) - 1 for b in boundary_epochs]
     return keras.optimizers.schedules.PiecewiseConstantDecay(
         boundaries, [float(base_rate) * float(r) for r in decay_rates])
-
-
-def make_optimizer(name, learning_rate, weight_decay=0.0, no_decay=()):
-    """The optimizer of `--optimizer`, on the learning rate (or schedule) given.
-
-    - momentum: `TF1Momentum` (the post); L2 is in the loss.
-    - adam: `keras.optimizers.Adam` (beta_1 0.9, beta_2 0.999, epsilon 1e-7 outside
-      the bias correction: w -= lr·sqrt(1-b2^t)/(1-b1^t) · m/(sqrt(v)+eps)); the L2
-      term stays in the loss as in the post, so Adam normalizes it with the rest
-      of the gradient.
-    - adamw: `keras.optimizers.AdamW`, decoupled decay (Loshchilov & Hutter, ICLR
-      2019, arXiv:1711.05101) applied before the Adam step: w -= lr·weight_decay·w.
-      Keras multiplies by the *scheduled* rate lr = alpha·eta_t, so in their
-      notation (w -= eta_t·(alpha·adam + lambda·w)) lambda = alpha·weight_decay:
-      the decay follows the schedule, as their eta_t does. Variables in `no_decay`
-      (those out of the L2 set, e.g. conv kernels under --noconv_l2) are not decayed.
-    """
-    if name == "momentum":
-        return TF1Momentum(learning_rate, momentum=fidelity.MOMENTUM)
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
-    if name == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=float(weight_decay))
-        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
-        return optimizer
-    raise ValueError(f"unknown optimizer {name!r}")

@@ -24,10 +24,22 @@ from resnet_cifar import fidelity, interrupt
 
 FLAGS = flags.FLAGS
 
+
+def choices_help(registry):
+    """'name: description; ...' of a registry (`cifar_data.SOURCES`, `optim.OPTIMIZERS`):
+    an enum flag's help lists exactly the choices the code has, from the one list."""
+    return "; ".join(f"{name}: {entry.description}" for name, entry in registry.items()) + "."
+
+
+def default_rates_help(optimizers):
+    """--learning_rate's help: each optimizer's default rate, from `optim.OPTIMIZERS`."""
+    rates = ", ".join(f"{spec.default_learning_rate:g} for {name}" for name, spec in optimizers.items())
+    return f"Base learning rate at batch 128 (scaled by batch/128); default: {rates}."
+
+
 flags.DEFINE_string("model_dir", None, "Run folder: event files, checkpoints, run_config.json.")
 flags.DEFINE_enum("data_source", "tfds", list(config_lib.DATA_SOURCES),
-                  "tfds (downloads CIFAR-10), binary (the official binary release), "
-                  "or synthetic (random images, for smoke runs and benchmarks).")
+                  choices_help(config_lib.DATA_SOURCES))
 flags.DEFINE_string("data_dir", None, "TFDS data folder; for binary: the cifar-10-batches-bin "
                     "folder, its parent, or the cifar-10-binary.tar.gz archive itself.")
 flags.DEFINE_integer("train_epochs", fidelity.TRAIN_EPOCHS, "Total epochs.")
@@ -70,10 +82,8 @@ flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress 
 flags.DEFINE_integer("resnet_size", fidelity.RESNET_SIZE,
                      "ResNet depth 6n+2 (20: the post; 32, 44, 56, 110), n blocks per stage.")
 flags.DEFINE_enum("optimizer", "momentum", list(config_lib.OPTIMIZERS),
-                  "momentum: TF1 momentum 0.9 (the post); adam: Adam with the L2 term in the loss; "
-                  "adamw: Adam with decoupled weight decay w -= lr*weight_decay*w (no L2 in the loss).")
-flags.DEFINE_float("learning_rate", None, "Base learning rate at batch 128 (scaled by batch/128); "
-                   "default: 0.1 for momentum, 1e-3 for adam and adamw.")
+                  choices_help(config_lib.OPTIMIZERS))
+flags.DEFINE_float("learning_rate", None, default_rates_help(config_lib.OPTIMIZERS))
 
 # Every number flag refuses nan, inf and what float32 cannot hold, at parsing: one line, exit 2.
 for _flag in FLAGS.get_flags_for_module(__name__):

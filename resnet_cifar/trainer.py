@@ -57,8 +57,8 @@ def build_model(config, steps_per_epoch, baseline=None):
     keras.mixed_precision.set_dtype_policy(config.dtype)
     model = models.build_resnet(config.resnet_size, bn_decay=config.bn_decay, model_cls=ReproductionModel)
     mode = config.conv_lr_factor if config.conv_grad_scale else None
-    # adamw decays the weights in the optimizer (decoupled): no L2 term in the loss.
-    decoupled = config.optimizer == "adamw"
+    # An optimizer with decoupled decay (adamw) decays the weights itself: no L2 term in the loss.
+    decoupled = optim.OPTIMIZERS[config.optimizer].decoupled_decay
     model.configure(weight_decay=0.0 if decoupled else config.weight_decay, conv_l2=config.conv_l2,
                     conv_lr_factor=conv_scaling.for_model(mode, baseline, model),
                     steps_per_epoch=steps_per_epoch)

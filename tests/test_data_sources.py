@@ -213,3 +213,45 @@ def test_bad_archives_are_one_line_errors(archive, case, expect):
     with pytest.raises(cifar_data.DataError) as e:
         cifar_data.load_arrays("binary", str(path))
     assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+def fake_source(calls):
+    """A source that records what load_arrays passed it and returns tiny arrays."""
+    def load(data_dir, seed):
+        calls.append((data_dir, seed))
+        return cifar_data.synthetic_arrays(4, 2, seed)
+    return cifar_data.DataSource(load, "a source added by the test")
+
+
+def test_a_new_source_is_loaded_accepted_and_listed(monkeypatch):
+    """One entry in cifar_data.SOURCES: load_arrays calls it, TrainConfig accepts its name,
+    and the --data_source help lists it."""
+    from resnet_cifar import config as config_lib
+    from resnet_cifar import train
+
+    calls = []
+    monkeypatch.setitem(cifar_data.SOURCES, "fake", fake_source(calls))
+    arrays = cifar_data.load_arrays("fake", "/some/dir", seed=7)
+    assert calls == [("/some/dir", 7)]
+    np.testing.assert_array_equal(arrays.train_images, cifar_data.synthetic_arrays(4, 2, 7).train_images)
+    assert config_lib.TrainConfig(model_dir="/x", data_source="fake").data_source == "fake"
+    assert "fake: a source added by the test" in train.choices_help(config_lib.DATA_SOURCES)
+
+
+@pytest.mark.parametrize("added", [False, True])
+def test_unknown_source_error_lists_exactly_the_registered_names(monkeypatch, added):
+    from resnet_cifar import config as config_lib
+
+    if added:
+        monkeypatch.setitem(cifar_data.SOURCES, "fake", fake_source([]))
+    want = ["tfds", "binary", "synthetic"] + (["fake"] if added else [])
+    with pytest.raises(cifar_data.DataError) as e:
+        cifar_data.load_arrays("imagenet")
+    message = str(e.value)
+    assert "'imagenet'" in message and "\n" not in message
+    assert message.split("choose one of ")[1].split(", ") == want
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.TrainConfig(model_dir="/x", data_source="imagenet")
+    assert str(e.value).split("choose one of ")[1].split(", ") == want

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from resnet_cifar import config as config_lib
+from resnet_cifar import optim
 from tests.test_train_step import assert_close_in_norm, batch, data_gradients, make_model
 
 B1, B2, EPS = 0.9, 0.999, 1e-7
@@ -127,7 +128,6 @@ def test_optimizer_rule_against_numpy(name):
     separates them: elementwise within 1e-4 of the step plus 2 eps32 |w|. One
     variable is excluded from the decay (as conv kernels under --noconv_l2)."""
     import keras
-    from resnet_cifar import optim
 
     rng = np.random.default_rng(3)
     shapes = [(3, 3, 4, 5), (5,), (7, 2)]
@@ -161,6 +161,73 @@ def test_optimizer_rule_against_numpy(name):
             assert np.all(np.abs(got - w[i]) <= bound), (name, t, i, np.max(np.abs(got - w[i]) / bound))
 
 
+# ----------------------------------------------------------------------------- the registry
+
+def test_registered_optimizers_build_what_they_say():
+    """momentum: TF1 momentum 0.9, weight decay in the loss; adam: plain Adam, decay in the
+    loss; adamw: AdamW, decay decoupled, on the L2 set only."""
+    import keras
+    from resnet_cifar.tf1_momentum import TF1Momentum
+
+    assert list(optim.OPTIMIZERS) == ["momentum", "adam", "adamw"]
+    assert {n: o.decoupled_decay for n, o in optim.OPTIMIZERS.items()} == {
+        "momentum": False, "adam": False, "adamw": True}
+    kept, excluded = keras.Variable(np.ones(3, np.float32)), keras.Variable(np.ones(2, np.float32))
+    momentum = optim.make_optimizer("momentum", 0.1, weight_decay=0.5, no_decay=[excluded])
+    assert type(momentum) is TF1Momentum and momentum.momentum == pytest.approx(0.9)
+    adam = optim.make_optimizer("adam", 1e-3, weight_decay=0.5)
+    assert type(adam) is keras.optimizers.Adam and not adam.weight_decay
+    adamw = optim.make_optimizer("adamw", 1e-3, weight_decay=0.5, no_decay=[excluded])
+    assert type(adamw) is keras.optimizers.AdamW and adamw.weight_decay == pytest.approx(0.5)
+    adamw.build([kept, excluded])
+    assert adamw._use_weight_decay(kept) and not adamw._use_weight_decay(excluded)
+
+
+def sgd_spec(decoupled):
+    """A new optimizer as one registry entry: Keras SGD, with its own (decoupled) decay or not."""
+    def build(learning_rate, weight_decay, no_decay):
+        import keras
+
+        optimizer = keras.optimizers.SGD(learning_rate, weight_decay=weight_decay if decoupled else None)
+        if decoupled:
+            optimizer.exclude_from_weight_decay(var_list=list(no_decay))
+        return optimizer
+    return optim.OptimizerSpec(build, default_learning_rate=0.05, decoupled_decay=decoupled,
+                               description=f"SGD, decoupled={decoupled}")
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_a_new_optimizer_is_one_registry_entry(monkeypatch, decoupled):
+    """Registered at test time: TrainConfig accepts it with its default rate, the --optimizer
+    and --learning_rate help list it, the trainer builds it, and its decoupled_decay alone
+    decides whether the L2 term stays in the loss."""
+    import keras
+    from resnet_cifar import train
+
+    monkeypatch.setitem(optim.OPTIMIZERS, "sgd", sgd_spec(decoupled))
+    cfg = config_lib.TrainConfig(model_dir="/x", optimizer="sgd", batch_size=256)
+    assert cfg.base_learning_rate == pytest.approx(0.05 * 2)
+    assert f"sgd: SGD, decoupled={decoupled}" in train.choices_help(optim.OPTIMIZERS)
+    assert "0.05 for sgd" in train.default_rates_help(optim.OPTIMIZERS)
+    model, _ = make_model(10, optimizer="sgd", weight_decay=1e-2)
+    assert type(model.optimizer) is keras.optimizers.SGD
+    if decoupled:
+        assert float(model.l2_penalty()) == 0.0
+        assert model.optimizer.weight_decay == pytest.approx(1e-2)
+    else:
+        assert float(model.l2_penalty()) > 0
+        assert not model.optimizer.weight_decay
+
+
+def test_unknown_optimizer_error_lists_the_registered_names(monkeypatch):
+    monkeypatch.setitem(optim.OPTIMIZERS, "sgd", sgd_spec(False))
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.TrainConfig(model_dir="/x", optimizer="lion")
+    assert str(e.value).split("choose one of ")[1].split(", ") == ["momentum", "adam", "adamw", "sgd"]
+    with pytest.raises(ValueError, match="choose one of momentum, adam, adamw, sgd"):
+        optim.make_optimizer("lion", 0.1)
+
+
 def test_bad_optimizer_and_rate_are_refused():
     with pytest.raises(config_lib.ConfigError, match="--optimizer='sgd'"):
         config_lib.TrainConfig(model_dir="/x", optimizer="sgd")
@@ -173,8 +240,6 @@ def test_bad_optimizer_and_rate_are_refused():
     ((1,), (1, 0.1), 1)])
 def test_rate_schedule_drops_at_the_first_step_of_each_boundary_epoch(boundaries, rates, steps_per_epoch):
     """The rate at optimizer step s (0-based) is base * rates[number of boundaries <= s / steps_per_epoch]."""
-    from resnet_cifar import optim
-
     schedule = optim.piecewise_by_epoch(0.1, boundaries, rates, steps_per_epoch)
     last = int(max(boundaries) * steps_per_epoch) + 3
     for step in sorted({0, last} | {int(b * steps_per_epoch) + d for b in boundaries for d in (-1, 0, 1)}):

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from resnet_cifar import config as config_lib
-from resnet_cifar import events, models, tags, train, trainer
+from resnet_cifar import cifar_data, config as config_lib
+from resnet_cifar import events, models, optim, tags, train, trainer
 from tests.cifar_files import write_binary_cifar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,39 @@ def test_flags_reach_the_step():
     baseline = trainer.build_model(parse(["--model_dir=/tmp/x", "--batch_size=8"]), 10)
     assert len(baseline.l2_variables()) == len(baseline.trainable_variables)
     np.testing.assert_allclose(baseline.conv_factor().numpy(), 1.0)
+
+
+def cli_doc_row(flag):
+    """The cells (flag, default, meaning) of the row of `--flag` in docs/cli.md's flag table."""
+    with open(os.path.join(ROOT, "docs", "cli.md"), encoding="utf-8") as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cells[0] == f"`--{flag}`":
+                return cells
+    raise AssertionError(f"docs/cli.md has no row for --{flag}")
+
+
+@pytest.mark.parametrize("flag,registry", [("data_source", cifar_data.SOURCES),
+                                           ("optimizer", optim.OPTIMIZERS)])
+def test_choice_flags_list_their_registry(flag, registry):
+    """--data_source and --optimizer accept, and their help describes, exactly the registry's
+    entries; docs/cli.md's row names exactly these, in backticks."""
+    assert train.FLAGS[flag].parser.enum_values == list(registry)
+    help_text = train.FLAGS[flag].help
+    for name, entry in registry.items():
+        assert f"{name}: {entry.description}" in help_text
+    assert sorted(re.findall(r"`([^`]+)`", cli_doc_row(flag)[2])) == sorted(registry)
+
+
+def test_learning_rate_defaults_in_help_and_doc_are_the_registrys():
+    want = {name: spec.default_learning_rate for name, spec in optim.OPTIMIZERS.items()}
+    help_text = train.FLAGS["learning_rate"].help
+    assert all(f"{rate:g} for {name}" in help_text for name, rate in want.items()), help_text
+    # docs/cli.md: "0.1 (momentum), 1e-3 (adam, adamw)"
+    documented = {name.strip(): float(rate)
+                  for rate, names in re.findall(r"([0-9.e+-]+) \(([^)]*)\)", cli_doc_row("learning_rate")[1])
+                  for name in names.split(",")}
+    assert documented == want
 
 
 @pytest.mark.parametrize("args,needle", [
