@@ -16,7 +16,6 @@ from resnet_cifar.runs import CONV_LR_FACTORS, REPLAY_FACTORS  # noqa: F401  (th
 DATA_SOURCES = cifar_data.SOURCES       # name -> DataSource
 OPTIMIZERS = optim.OPTIMIZERS           # name -> OptimizerSpec
 RESNET_SIZES = (20, 32, 44, 56, 110)   # 6n+2; any 6n+2 builds, these are the documented ones
-# Base learning rate per optimizer at batch 128 (scaled by batch/128 like the original's 0.1).
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
 MAX_SEED = 2**31 - 1       # NumPy seeds stop at 2**32 - 1, TF's int32 seeds at 2**31 - 1
 
