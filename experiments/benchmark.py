@@ -40,7 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from resnet_cifar import cifar_data  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
+from resnet_cifar import atomic, cifar_data  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("data_source", "synthetic", list(cifar_data.SOURCES), "Data for all measurements.")
@@ -315,8 +315,7 @@ def main(argv):
         results["concurrent_images_per_s"] = {n: concurrent_runs(int(n), data_args) for n in FLAGS.concurrency}
     report(results)
     if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic.write_json(FLAGS.json_out, results)
 
 
 def report(r):

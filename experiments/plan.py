@@ -10,11 +10,10 @@ import dataclasses
 import decimal
 import itertools
 import os
-import re
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-from resnet_cifar import checkpoints, tags
+from resnet_cifar import checkpoints, events, tags
 from resnet_cifar.runs import BASELINE, POST_RUNS, REPLAY_FACTORS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -246,7 +245,7 @@ def check_folders(results_dir: str, runs: Sequence[Run]) -> None:
     from resnet_cifar import run_dir
     from resnet_cifar import train
 
-    todo = [r for r in runs if not is_done(r.run_dir)]
+    todo = [r for r in runs if not events.is_done(r.run_dir)]
     base = results_dir
     while todo and not os.path.exists(base):
         base = os.path.dirname(base)
@@ -276,13 +275,7 @@ def check_folders(results_dir: str, runs: Sequence[Run]) -> None:
                             f"({'; '.join(diffs)}); use another --results_dir")
 
 
-def is_done(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, tags.DONE_FILE))
-
-
 def checkpoint_epoch(run_dir: str) -> int:
     """The last completed epoch of a run: its latest checkpoint's number (0 if none)."""
-    indexed = checkpoints.indexed(os.path.join(run_dir, tags.CHECKPOINTS_DIR)) or ""
-    match = re.fullmatch(rf"{checkpoints.PREFIX}-(\d+)", indexed)
-    return int(match.group(1)) if match else 0
+    return checkpoints.indexed_number(os.path.join(run_dir, tags.CHECKPOINTS_DIR)) or 0
 

@@ -25,6 +25,7 @@ import time
 from experiments import plan as plan_lib
 from experiments import progress as progress_lib
 from experiments import sweep
+from resnet_cifar import events
 
 EXAMPLES = """\
 examples:
@@ -252,7 +253,7 @@ def main(argv=None):
         fail(str(e))
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)   # noqa: E731
 
-    todo = [r for r in plan if not plan_lib.is_done(r.run_dir)]
+    todo = [r for r in plan if not events.is_done(r.run_dir)]
     if not todo:
         log(f"all {len(plan)} runs in {results_dir} have finished; nothing to do")
         return 0

@@ -22,9 +22,9 @@ from typing import Optional, Sequence
 
 import ray
 
-from experiments.plan import ROOT, Run, checkpoint_epoch, is_done
+from experiments.plan import ROOT, Run, checkpoint_epoch
 from experiments.progress import Progress
-from resnet_cifar import run_lock
+from resnet_cifar import events, run_lock
 
 LOCK_POLL_SECONDS = 2.0
 WATCH_SECONDS = 2.0
@@ -94,7 +94,7 @@ def train_run(run: Run, board, *baseline):
             board.update.remote(run.label, state="elsewhere", holder=holder)
             time.sleep(LOCK_POLL_SECONDS)
             continue
-        if is_done(run.run_dir):
+        if events.is_done(run.run_dir):
             return _result(run, "done", node=node, seconds=time.time() - start, note="finished elsewhere")
         offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -122,7 +122,7 @@ def train_run(run: Run, board, *baseline):
         with open(log_path, errors="replace") as f:
             f.seek(offset)
             out = f.read()
-        if code == 0 and is_done(run.run_dir):
+        if code == 0 and events.is_done(run.run_dir):
             return _result(run, "done", node=node, seconds=time.time() - start)
         if code == 2 and run_lock.holder(run.run_dir):
             continue                     # another trainer took the folder first: wait for it
@@ -219,7 +219,7 @@ def check_shared_folder(path: str) -> Optional[str]:
 def execute(runs: Sequence[Run], resources: dict, max_retries: int = 3, log=print,
             status_every: float = 30.0, poll: float = 1.0) -> Progress:
     """Submits every unfinished run as a Ray task and reports until all have ended."""
-    done_before = [r.label for r in runs if is_done(r.run_dir)]
+    done_before = [r.label for r in runs if events.is_done(r.run_dir)]
     progress = Progress(runs, done_before, log=log, every=status_every)
     board = Board.remote()
     refs, by_dir = {}, {}

@@ -51,6 +51,12 @@ def indexed(directory: str) -> Optional[str]:
     return os.path.basename(found.group(1)) if found else None
 
 
+def indexed_number(directory: str) -> Optional[int]:
+    """The number of the checkpoint the index names (7 for ckpt-7), or None."""
+    match = re.fullmatch(rf"{PREFIX}-(\d+)", indexed(directory) or "")
+    return int(match.group(1)) if match else None
+
+
 def numbers_on_disk(directory: str) -> List[int]:
     """Numbers of every checkpoint with any file on disk, newest first."""
     try:

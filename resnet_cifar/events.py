@@ -115,6 +115,12 @@ def read_scalars(run_dir: str, tag: str, subdir: str = tags.TRAIN_DIR) -> Series
     return _to_series(events[tag])
 
 
+def is_done(run_dir: str) -> bool:
+    """The trainer wrote done.json: the run finished all its epochs (the runner's and the
+    trainer's test; `is_complete` also checks that the event files hold those epochs)."""
+    return os.path.isfile(os.path.join(run_dir, tags.DONE_FILE))
+
+
 def done_epochs(run_dir: str) -> Optional[int]:
     """The epochs a finished run's done.json names; None if it has none (or an unreadable one)."""
     try:

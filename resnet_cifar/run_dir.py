@@ -17,7 +17,7 @@ import sys
 import time
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import atomic, provenance, run_lock, tags
+from resnet_cifar import atomic, events, provenance, run_lock, tags
 
 CHECKPOINTS = tags.CHECKPOINTS_DIR
 MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 x ~3.3 MB) and event files, with margin
@@ -99,7 +99,7 @@ def _stored_run(config):
             "use --overwrite to replace it, or another --model_dir")
     if diffs:
         return RunDirState(finished=False, replace=True)
-    if os.path.exists(os.path.join(d, tags.DONE_FILE)):
+    if events.is_done(d):
         return RunDirState(finished=True)
     damage = damaged(d)
     if damage:
@@ -119,7 +119,6 @@ def damaged(d):
             return f"{path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}"
     path = os.path.join(d, tags.CHANNEL_SQSUM_FILE)
     if os.path.exists(path):
-        from resnet_cifar import events
         try:
             events.read_channel_sqsum(d)
         except events.EventsError as e:
