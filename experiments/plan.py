@@ -213,9 +213,8 @@ def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
                 probe = Run(name, seed, point, run_dir, args, 0)
                 where = f"run {probe.label}"
                 try:
-                    train.FLAGS.unparse_flags()
-                    train.FLAGS(["train", *probe.command()[3:]])
-                    replays = train.FLAGS.conv_grad_scale and train.FLAGS.conv_lr_factor in REPLAY_FACTORS
+                    parsed = train.parsed_copy(["train", *probe.command()[3:]])
+                    replays = parsed.conv_grad_scale and parsed.conv_lr_factor in REPLAY_FACTORS
                     needs = None
                     if replays:
                         if name == BASELINE:
@@ -223,14 +222,12 @@ def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
                         if BASELINE not in runs:
                             raise PlanError(f"run {name!r} replays the baseline: include {BASELINE} in --runs")
                         needs = os.path.join(base, BASELINE, f"seed_{seed}")
-                        train.FLAGS["replay_from"].parse(needs)
-                    config = train.config_from_flags()
+                        parsed["replay_from"].parse(needs)
+                    config = train.config_from_flags(parsed)
                 except flags.Error as e:
                     raise PlanError(f"{where}: {str(e).splitlines()[0]}") from None
                 except config_lib.ConfigError as e:
                     raise PlanError(f"{where}: {e}") from None
-                finally:
-                    train.FLAGS.unparse_flags()
                 out.append(dataclasses.replace(probe, needs=needs, train_epochs=config.train_epochs))
     out.sort(key=lambda r: r.needs is not None)        # stable: baselines and independent runs first
     return out
@@ -253,12 +250,7 @@ def check_folders(results_dir: str, runs: Sequence[Run]) -> None:
         raise PlanError(f"--results_dir={results_dir}: {base} is "
                         f"{'not a folder' if not os.path.isdir(base) else 'not writable'}")
     for r in runs:
-        try:
-            train.FLAGS.unparse_flags()
-            train.FLAGS(["train", *r.command()[3:]])
-            config = train.config_from_flags()
-        finally:
-            train.FLAGS.unparse_flags()
+        config = train.config_from_flags(train.parsed_copy(["train", *r.command()[3:]]))
         try:
             if r in todo:
                 run_dir.check(config, locked=True)

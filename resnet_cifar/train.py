@@ -5,6 +5,7 @@ This module only parses flags (names fixed by docs/cli.md) into a
 or diverged run ends with one line on stderr and a non-zero exit code.
 """
 
+import copy
 import dataclasses
 import os
 import re
@@ -113,6 +114,16 @@ def config_from_flags(f=FLAGS):
     same = {field.name: f[field.name].value for field in dataclasses.fields(config_lib.TrainConfig)
             if field.name not in special}
     return config_lib.TrainConfig(**same, **special)
+
+
+def parsed_copy(argv):
+    """The training flags parsed from `argv` (argv[0]: the program) on a private copy of
+    FLAGS, for code that checks many command lines (the sweep runner's plan) without
+    touching this process's own flags. absl errors (`flags.Error`) propagate."""
+    private = copy.deepcopy(FLAGS)
+    private.unparse_flags()
+    private(argv)
+    return private
 
 
 def fail(message, code=2):
