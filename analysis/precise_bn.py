@@ -113,7 +113,8 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     if (not again and cached and cached.get("checkpoint") == os.path.basename(path)
             and cached.get("bn_batches") == bn_batches and cached.get("data_source") == source):
         return dict(cached, cached=True)
-    folder = data_dir if data_dir is not None else config.get("data_dir")
+    # The run's data folder goes with the run's data source only (TFDS's default otherwise).
+    folder = data_dir if data_dir is not None else (config.get("data_dir") if own_data else None)
     key = (source, folder)
     cache = arrays_cache if arrays_cache is not None else {}
     if key not in cache:

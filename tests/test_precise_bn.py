@@ -144,3 +144,27 @@ def test_a_finished_run_keeps_final_weights_that_evaluate_without_its_checkpoint
         precise_bn.export_final_weights(str(shared))
     assert precise_bn.main([str(shared)]) == 1
     assert capsys.readouterr().err.strip() == f"error: {shared}: no checkpoint to evaluate"
+
+
+def test_other_data_source_does_not_take_the_runs_data_folder(tiny_run, tmp_path, monkeypatch):
+    """--data_source other than the run's: its data folder is that source's default (None),
+    not the run's (a binary folder handed to TFDS would become a download target), and the
+    result is labelled as evaluated on other data."""
+    import shutil
+
+    from resnet_cifar import cifar_data
+
+    _, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(precise_bn.RESULT_FILE))
+    asked = []
+    real = cifar_data.load_arrays
+
+    def recording(source, folder=None, seed=0):
+        asked.append((source, folder))
+        return real("synthetic", None, seed)
+
+    monkeypatch.setattr(cifar_data, "load_arrays", recording)
+    result = precise_bn.evaluate(str(copy), bn_batches=1, data_source="tfds")
+    assert asked == [("tfds", None)]
+    assert result["own_data"] is False and result["data_source"] == "tfds"
