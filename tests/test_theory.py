@@ -14,10 +14,9 @@ import os
 import numpy as np
 import pytest
 
-import tensorflow as tf
-
 from analysis import figures, make_figures, theory
 from resnet_cifar import events, tags
+from tests.helpers import f32, write_events
 
 LAYERS = ("conv2d", "conv2d_1", "conv2d_2")
 
@@ -141,19 +140,14 @@ def test_phase_epochs_and_late_windows():
 
 # --- late-phase measurements of fabricated logs ------------------------------------------
 
-def f32(values):
-    return np.asarray(values, dtype=np.float32).astype(np.float64)
-
-
-def write_run(run_dir, config, relative, layers):
-    """A run folder with conv_relative_step and its per-layer tags at steps 1..E."""
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, tags.TRAIN_DIR))
-    with writer.as_default():
-        for e, value in enumerate(relative, start=1):
-            tf.summary.scalar(tags.CONV_RELATIVE_STEP, value, step=e)
-            for layer, values in layers.items():
-                tf.summary.scalar(tags.per_layer(tags.CONV_RELATIVE_STEP, layer), values[e - 1], step=e)
-    writer.close()
+def write_relative_run(run_dir, config, relative, layers):
+    """A run folder with conv_relative_step and its per-layer tags at steps 1..E; run_config.json
+    holds `config` as given."""
+    epochs = range(1, len(relative) + 1)
+    scalars = {tags.CONV_RELATIVE_STEP: list(zip(epochs, relative))}
+    for layer, values in layers.items():
+        scalars[tags.per_layer(tags.CONV_RELATIVE_STEP, layer)] = list(zip(epochs, values))
+    write_events(os.path.join(run_dir, tags.TRAIN_DIR), scalars)
     with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
         json.dump({"config": config}, f)
     return run_dir
@@ -171,7 +165,7 @@ SMALL_CONFIG = {"batch_size": 256, "boundary_epochs": [10.0, 15.0], "decay_rates
 def test_late_phase_measurements_match_hand_computation(tmp_path):
     rng = np.random.default_rng(0)
     relative, layers = fake_relative(rng, 20)
-    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
+    run = events.load_run(write_relative_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
 
     got = theory.late_phase_measurements(run)
 
@@ -195,7 +189,7 @@ def test_late_phase_measurements_match_hand_computation(tmp_path):
 def test_late_phase_of_an_unfinished_run_is_nan_where_not_logged(tmp_path):
     rng = np.random.default_rng(1)
     relative, layers = fake_relative(rng, 12)   # stopped during the second phase
-    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
+    run = events.load_run(write_relative_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
     first, second, third = theory.late_phase_measurements(run)
     assert first.mean == pytest.approx(f32(relative)[8:10].mean(), rel=1e-12)
     assert math.isnan(second.mean) and math.isnan(third.mean) and math.isnan(second.layer_min)
@@ -253,7 +247,7 @@ def test_cli_writes_theory_tables_and_level_lines(tmp_path):
             folder = root / name / f"seed_{k}" if len(configs) > 1 else root / name
             folder.mkdir(parents=True)
             relative, layers = fake_relative(rng, 10)
-            write_run(str(folder), config, relative, layers)
+            write_relative_run(str(folder), config, relative, layers)
             logs[name].append((relative, layers))
     out = tmp_path / "figs"
 
@@ -306,8 +300,8 @@ def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
     root = tmp_path / "results"
     config = dict(CLI_CONFIG, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05)
     rng = np.random.default_rng(3)
-    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10))
-    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10))
+    write_relative_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10))
+    write_relative_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10))
     out = tmp_path / "figs"
 
     assert make_figures.main([str(root), "--out", str(out)]) == 0
