@@ -5,10 +5,7 @@ so the whole file runs in seconds and never trains anything.
 """
 
 import csv
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,43 +14,12 @@ import tensorflow as tf
 
 from analysis import figures, make_figures, summary
 from resnet_cifar import events, fidelity, tags
+from tests.helpers import f32, python, write_events, write_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = sys.executable
 EPOCHS = 6
 PER_LAYER = "conv_lr_scale_per_layer"
 ALL_NAMES = [figures.BASELINE, figures.NOCONV_L2, figures.CONV_LR_SCALE,
              figures.CONV_LR_SCALE_BN098, PER_LAYER]
-
-
-def f32(values):
-    """What a logged value reads back as: tf.summary stores float32."""
-    return np.asarray(values, dtype=np.float32).astype(np.float64)
-
-
-def write_events(folder, scalars):
-    """Write tag -> list of (step, value) with one TF2 summary writer, in list order."""
-    writer = tf.summary.create_file_writer(folder)
-    with writer.as_default():
-        for tag, points in scalars.items():
-            for step, value in points:
-                tf.summary.scalar(tag, value, step=step)
-    writer.close()
-
-
-def write_run(run_dir, train=None, validation=None, config=None, done=False):
-    """A fake run folder: train/ and validation/ as tag -> (steps, values), plus JSON files."""
-    os.makedirs(run_dir, exist_ok=True)
-    for subdir, scalars in ((tags.TRAIN_DIR, train), (tags.VALIDATION_DIR, validation)):
-        if scalars:
-            write_events(os.path.join(run_dir, subdir),
-                         {tag: list(zip(s, v)) for tag, (s, v) in scalars.items()})
-    with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
-        json.dump({"config": dict({"train_epochs": EPOCHS, "seed": 0}, **(config or {}))}, f)
-    if done:
-        with open(os.path.join(run_dir, tags.DONE_FILE), "w") as f:
-            json.dump({"epochs": EPOCHS}, f)
-    return run_dir
 
 
 def fake_logs(rng, epochs=EPOCHS):
@@ -91,7 +57,7 @@ def results(tmp_path_factory):
         for k, run_dir in enumerate(dirs):
             train, validation = fake_logs(rng, epochs)
             write_run(run_dir, train, validation, {"seed": k},
-                      done=name != figures.CONV_LR_SCALE_BN098)
+                      done=name != figures.CONV_LR_SCALE_BN098, epochs=EPOCHS)
             logs[name].append((train, validation))
     return root, logs
 
@@ -101,7 +67,7 @@ def results(tmp_path_factory):
 def test_read_scalars_round_trips_values(tmp_path):
     values = np.random.default_rng(1).normal(size=EPOCHS + 1) * 1000
     steps = np.arange(EPOCHS + 1)
-    run = write_run(str(tmp_path / "run"), train={tags.CONV_SQSUM: (steps, values)})
+    run = write_run(str(tmp_path / "run"), train={tags.CONV_SQSUM: (steps, values)}, epochs=EPOCHS)
 
     got_steps, got_values = events.read_scalars(run, tags.CONV_SQSUM)
 
@@ -116,7 +82,7 @@ def test_read_scalars_keeps_last_value_of_a_repeated_step(tmp_path):
     # Out of step order, step 1 twice in one file, then a "resumed" writer redoes step 2.
     write_events(train, {tags.CONV_SQSUM: [(0, 800.0), (2, 1.5), (1, 10.0), (1, 11.0)]})
     write_events(train, {tags.CONV_SQSUM: [(2, 2.5), (3, 3.5)]})
-    write_run(run)
+    write_run(run, epochs=EPOCHS)
 
     steps, values = events.read_scalars(run, tags.CONV_SQSUM)
 
@@ -125,7 +91,7 @@ def test_read_scalars_keeps_last_value_of_a_repeated_step(tmp_path):
 
 
 def test_read_scalars_errors_are_one_line_and_name_run_and_tag(tmp_path):
-    run = write_run(str(tmp_path / "run"), train={tags.EPOCH_LOSS: ([1], [0.5])})
+    run = write_run(str(tmp_path / "run"), train={tags.EPOCH_LOSS: ([1], [0.5])}, epochs=EPOCHS)
     with pytest.raises(events.EventsError) as missing_tag:
         events.read_scalars(run, tags.CONV_SQSUM)
     with pytest.raises(events.EventsError) as missing_dir:
@@ -139,10 +105,10 @@ def test_read_scalars_errors_are_one_line_and_name_run_and_tag(tmp_path):
 def test_tags_and_is_complete(tmp_path):
     layer_tag = tags.per_layer(tags.CONV_SQSUM, "conv2d_3")
     run = write_run(str(tmp_path / "a"), train={tags.CONV_SQSUM: ([0, EPOCHS], [800.0, 700.0]),
-                                                layer_tag: ([0, EPOCHS], [16.0, 15.0])}, done=True)
-    unfinished = write_run(str(tmp_path / "b"), train={tags.CONV_SQSUM: ([0], [800.0])})
+                                                layer_tag: ([0, EPOCHS], [16.0, 15.0])}, done=True, epochs=EPOCHS)
+    unfinished = write_run(str(tmp_path / "b"), train={tags.CONV_SQSUM: ([0], [800.0])}, epochs=EPOCHS)
     # done.json names EPOCHS, the events stop at epoch 0: an event file cut short, not a finished run
-    short = write_run(str(tmp_path / "c"), train={tags.CONV_SQSUM: ([0], [800.0])}, done=True)
+    short = write_run(str(tmp_path / "c"), train={tags.CONV_SQSUM: ([0], [800.0])}, done=True, epochs=EPOCHS)
     assert sorted(events.read_all_scalars(run)) == sorted([tags.CONV_SQSUM, layer_tag])
     assert events.is_complete(run) and not events.is_complete(unfinished)
     assert not events.is_complete(short) and not events.load_run(short).complete
@@ -151,7 +117,7 @@ def test_tags_and_is_complete(tmp_path):
 def test_find_runs_groups_seeds(tmp_path):
     root = tmp_path / "results"
     for d in ("baseline/seed_0", "baseline/seed_2", "baseline/seed_10", "noconv_l2"):
-        write_run(str(root / d))
+        write_run(str(root / d), epochs=EPOCHS)
     (root / "figures").mkdir()                 # output folder: not a run
     (root / "pending" / "seed_0").mkdir(parents=True)   # no run_config.json yet
     runs = events.find_runs(str(root))
@@ -371,7 +337,7 @@ def test_events_skip_the_custom_scalars_layout(tmp_path):
     from resnet_cifar import callbacks
     from tensorboard.plugins.custom_scalar import summary as cs_summary
 
-    run = write_run(str(tmp_path / "run"), train={tags.CONV_SQSUM: ([0, 1], [800.0, 900.0])})
+    run = write_run(str(tmp_path / "run"), train={tags.CONV_SQSUM: ([0, 1], [800.0, 900.0])}, epochs=EPOCHS)
     writer = tf.summary.create_file_writer(os.path.join(run, tags.TRAIN_DIR))
     with writer.as_default():
         tf.summary.experimental.write_raw_pb(cs_summary.pb(callbacks.scalars_layout()).SerializeToString(),
@@ -418,7 +384,7 @@ def test_summary_adds_recomputed_bn_accuracy_where_evaluated(tmp_path):
     rng = np.random.default_rng(5)
     for name, values in ((figures.BASELINE, (0.70, 0.74)), (figures.NOCONV_L2, (0.66, None))):
         for seed, value in enumerate(values):
-            run = write_run(str(tmp_path / name / f"seed_{seed}"), *fake_logs(rng), done=True)
+            run = write_run(str(tmp_path / name / f"seed_{seed}"), *fake_logs(rng), done=True, epochs=EPOCHS)
             if value is not None:
                 epoch = EPOCHS if name == figures.BASELINE else EPOCHS - 1   # NoConvL2: stale
                 with open(os.path.join(run, precise_bn.RESULT_FILE), "w") as f:
@@ -447,8 +413,7 @@ def test_summary_marks_incomplete_runs(results):
 # --- the command line ---------------------------------------------------------------------
 
 def run_cli(*args):
-    return subprocess.run([PYTHON, "-m", "analysis.make_figures", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return python("-m", "analysis.make_figures", *args, timeout=120)
 
 
 def test_cli_writes_every_figure_and_the_table(results, tmp_path):
@@ -476,7 +441,7 @@ def test_cli_writes_no_figure_about_a_missing_run(tmp_path):
     root = tmp_path / "results"
     for name in (figures.BASELINE, figures.CONV_LR_SCALE):
         train, validation = fake_logs(rng)
-        write_run(str(root / name), train, validation, done=True)
+        write_run(str(root / name), train, validation, done=True, epochs=EPOCHS)
     out = tmp_path / "figs"
     proc = run_cli(str(root), "--out", str(out))
     assert proc.returncode == 0, proc.stderr

@@ -7,10 +7,9 @@ import pytest
 
 from resnet_cifar import config as config_lib
 from resnet_cifar import tags
-from tests.test_train_cli import parse, run_cli
+from tests.helpers import ROOT, hand_parameter_count, parse, train_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXP = os.path.join(REPO, "experiments")
+EXP = os.path.join(ROOT, "experiments")
 
 
 def test_new_flags_reach_the_config():
@@ -49,8 +48,8 @@ def test_flagfiles(name, want):
 
 def test_cli_refuses_piecewise_beyond_the_post_in_one_line(tmp_path):
     model_dir = tmp_path / "run"
-    r = run_cli(f"--model_dir={model_dir}", "--data_source=synthetic", "--resnet_size=32",
-                "--noconv_l2", "--conv_grad_scale")
+    r = train_cli(f"--model_dir={model_dir}", "--data_source=synthetic", "--resnet_size=32",
+                  "--noconv_l2", "--conv_grad_scale", timeout=120)
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--conv_lr_factor=replay" in err[0]
@@ -60,15 +59,13 @@ def test_cli_refuses_piecewise_beyond_the_post_in_one_line(tmp_path):
 
 def test_run_config_records_the_new_flags(tmp_path):
     model_dir = tmp_path / "run"
-    r = run_cli(f"--model_dir={model_dir}", "--data_source=synthetic", "--resnet_size=8", "--optimizer=adam",
-                "--train_epochs=1", "--steps_per_epoch=2", "--eval_steps=1", "--batch_size=8", "--verbose=0",
-                timeout=300)
+    r = train_cli(f"--model_dir={model_dir}", "--data_source=synthetic", "--resnet_size=8", "--optimizer=adam",
+                  "--train_epochs=1", "--steps_per_epoch=2", "--eval_steps=1", "--batch_size=8", "--verbose=0",
+                  timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with open(model_dir / tags.RUN_CONFIG_FILE) as f:
         saved = json.load(f)
     assert (saved["config"]["resnet_size"], saved["config"]["optimizer"]) == (8, "adam")
-    from tests.test_depth import hand_parameter_count
-
     assert saved["trainable_parameters"] == hand_parameter_count(8)
     from resnet_cifar import events
 

@@ -9,17 +9,14 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from analysis import claims, figures
 from resnet_cifar import fidelity, tags
+from tests.helpers import ROOT, python, write_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = fidelity.TRAIN_EPOCHS
 ZIGZAG_ACC = 0.001       # ±0.1 points of test accuracy, epoch to epoch
 ZIGZAG_LOSS = 0.0005
@@ -52,27 +49,11 @@ def curves(name, levels, epochs=EPOCHS):
     return train, test
 
 
-def write_run(run_dir, train, test, done):
-    os.makedirs(run_dir)
-    for subdir, scalars in ((tags.TRAIN_DIR, train), (tags.VALIDATION_DIR, test)):
-        writer = tf.summary.create_file_writer(os.path.join(run_dir, subdir))
-        with writer.as_default():
-            for tag, (steps, values) in scalars.items():
-                for s, v in zip(steps, values):
-                    tf.summary.scalar(tag, float(v), step=int(s))
-        writer.close()
-    with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
-        json.dump({"config": {"train_epochs": EPOCHS, "seed": 0}}, f)
-    if done:
-        with open(os.path.join(run_dir, tags.DONE_FILE), "w") as f:
-            json.dump({"epochs": EPOCHS}, f)
-
-
 def make_results(root, levels=None, epochs=None):
     levels = dict(LEVELS, **(levels or {}))
     for name, lv in levels.items():
         n = (epochs or {}).get(name, EPOCHS)
-        write_run(os.path.join(root, name, "seed_0"), *curves(name, lv, n), done=n == EPOCHS)
+        write_run(os.path.join(root, name, "seed_0"), *curves(name, lv, n), done=n == EPOCHS, epochs=EPOCHS)
     return root
 
 
@@ -146,20 +127,18 @@ def test_nothing_is_claimed_before_it_is_measured(tmp_path):
 
 def test_command_prints_one_line_per_claim_and_refuses_a_folder_without_runs(tmp_path):
     root = make_results(str(tmp_path / "r"), epochs={"conv_lr_scale_bn098": 10})
-    out = subprocess.run([sys.executable, "-m", "analysis.claims", root], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = python("-m", "analysis.claims", root, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == len(fidelity.POST_CLAIMS)
     assert all(re.match(r"^(holds|within noise|does not hold|not measured) +\S", line) for line in lines)
     os.makedirs(tmp_path / "empty")
-    out = subprocess.run([sys.executable, "-m", "analysis.claims", str(tmp_path / "empty")], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = python("-m", "analysis.claims", str(tmp_path / "empty"), timeout=120)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_the_fidelity_doc_lists_the_claims():
-    with open(os.path.join(REPO, "docs", "fidelity.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "docs", "fidelity.md"), encoding="utf-8") as f:
         rows = re.findall(r"^\| `([a-z0-9_]+)` \| ([^|]+?) \|", f.read(), flags=re.M)
     assert rows == list(fidelity.POST_CLAIMS)
 

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from resnet_cifar import events, tags
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, python
 IMAGE = "resnet-cifar"
 ENTRYPOINT = os.path.join(ROOT, "docker", "entrypoint.sh")
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
@@ -304,9 +303,7 @@ def test_prepare_cifar10_without_a_network_fails_fast_in_one_line(tmp_path):
 def python_with_quiet_tf(code, level):
     """A Python process that imports resnet_cifar first, as the image's .pth line does (m: quiet_tf)."""
     boot = "from resnet_cifar import quiet_tf as m\n"
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL=str(level))
-    return subprocess.run([sys.executable, "-c", boot + code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return python("-c", boot + code, log_level=level)
 
 
 def test_quiet_tf_drops_the_cpp_lines_below_the_level_and_keeps_the_rest():

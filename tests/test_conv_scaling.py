@@ -1,8 +1,5 @@
 """Replayed and per-layer conv factors against hand computations on fabricated event logs."""
 
-import json
-import os
-
 import keras
 import numpy as np
 import pytest
@@ -10,41 +7,13 @@ import tensorflow as tf
 
 from resnet_cifar import config as config_lib
 from resnet_cifar import conv_scaling, models, tags, trainer
-from tests.test_train_step import assert_close_update
-
-LAYERS = ["conv2d"] + [f"conv2d_{i}" for i in range(1, 22)]
-EPOCHS = np.array([0, 1, 2, 3, 4])
-TOTAL = np.array([800.0, 1000.0, 1200.0, 1100.0, 1000.0])
-
-
-def layer_curve(i):
-    """A distinct trajectory per layer: starts at its share, grows by (i+1)% per epoch."""
-    return (10.0 + i) * (1.0 + 0.01 * (i + 1)) ** EPOCHS
+from tests.helpers import (BASELINE_EPOCHS, BASELINE_TOTAL, LAYERS, assert_close_update, fabricate_baseline,
+                           layer_curve)
 
 
 def old_per_layer(tag, layer):
     """Per-layer tag names of runs logged before the `per_layer/` prefix."""
     return f"{tag}/{layer}"
-
-
-def fabricate_baseline(path, done=True, with_sqsum=True, epochs=EPOCHS, per_layer=tags.per_layer):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, tags.RUN_CONFIG_FILE), "w") as f:
-        json.dump({"config": {"conv_l2": True}}, f)
-    if done:
-        with open(os.path.join(path, tags.DONE_FILE), "w") as f:
-            json.dump({"epochs": int(epochs[-1])}, f)
-    writer = tf.summary.create_file_writer(os.path.join(path, tags.TRAIN_DIR))
-    with writer.as_default():
-        for e in epochs:
-            tf.summary.scalar(tags.EPOCH_LOSS, 1.0, step=int(e))
-            if with_sqsum:
-                tf.summary.scalar(tags.CONV_SQSUM, TOTAL[e], step=int(e))
-                # Written in reverse order: the reader must align by name, not by position.
-                for i in reversed(range(len(LAYERS))):
-                    tf.summary.scalar(per_layer(tags.CONV_SQSUM, LAYERS[i]), layer_curve(i)[e], step=int(e))
-    writer.close()
-    return path
 
 
 def test_replay_factor_by_hand(tmp_path):
@@ -121,4 +90,4 @@ def test_bad_replay_input_is_a_clear_error(tmp_path, make, needle):
 
 def test_interpolate_clamps_and_is_linear():
     for e, want in [(-1.0, 800.0), (0.5, 900.0), (3.5, 1050.0), (7.0, 1000.0)]:
-        assert float(conv_scaling.interpolate(e, EPOCHS, TOTAL)) == pytest.approx(want)
+        assert float(conv_scaling.interpolate(e, BASELINE_EPOCHS, BASELINE_TOTAL)) == pytest.approx(want)

@@ -9,10 +9,7 @@ sha256 (TFDS would rightly refuse it under the real archive's checksum).
 
 import hashlib
 import io
-import os
 import socket
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -21,8 +18,7 @@ import requests
 
 from resnet_cifar import cifar_data, fidelity
 from tests import cifar_files
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import python
 
 
 def expected_arrays(contents):
@@ -120,8 +116,7 @@ def test_a_real_connection_error_out_of_tfds_reads_as_no_network(monkeypatch):
 def run_train(args, prelude=""):
     """The entry point in a fresh process; `prelude` runs first (to break the machine)."""
     code = f"{prelude}\nimport sys\nfrom resnet_cifar import train\nsys.argv = ['train'] + {args!r}\ntrain.run()"
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"))
+    return python("-c", code, log_level=2)
 
 
 BLOCK_IMPORTLIB_RESOURCES = """

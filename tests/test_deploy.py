@@ -13,8 +13,7 @@ import pytest
 import yaml
 
 from experiments import plan, run_all
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 SBATCH = os.path.join(ROOT, "deploy", "slurm", "sweep.sbatch")
 RAYJOB = os.path.join(ROOT, "deploy", "kubernetes", "rayjob.yaml")
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))

@@ -14,10 +14,9 @@ import pytest
 
 from resnet_cifar import config as config_lib
 from resnet_cifar import fidelity, models
-from tests.test_models import truncated_normal_square_moments
+from tests.helpers import STAGES, hand_parameter_count, truncated_normal_square_moments
 
 DEPTHS = (20, 32, 44, 56, 110)
-STAGES = (16, 32, 64)
 
 
 def hand_convs(resnet_size):
@@ -29,19 +28,6 @@ def hand_convs(resnet_size):
         convs += [(1, c_in, f), (3, c_in, f)] + [(3, f, f)] * (2 * n - 1)
         c_in = f
     return convs
-
-
-def hand_parameter_count(resnet_size):
-    """Closed form: 432 + sum over stages of (10·c_in·f + 9·(2n-1)·f²) conv weights,
-    2·(16 + (2n+1)·(16+32+64)) BN parameters, 650 dense."""
-    n = (resnet_size - 2) // 6
-    conv = 3 * 3 * 3 * 16
-    c_in = 16
-    for f in STAGES:
-        conv += 10 * c_in * f + 9 * (2 * n - 1) * f * f
-        c_in = f
-    bn = 2 * (16 + (2 * n + 1) * sum(STAGES))
-    return conv + bn + 64 * 10 + 10
 
 
 @pytest.fixture(scope="module")

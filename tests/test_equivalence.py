@@ -6,18 +6,12 @@ import pytest
 
 from analysis import equivalence
 from resnet_cifar import tags
-from tests import test_analysis
+from tests.helpers import write_run
 
 E1 = np.arange(1, 5)
-
-
-def write_run(run_dir, train, validation, config, done=False):
-    """test_analysis.write_run, with a done.json naming the 4 epochs these runs log."""
-    test_analysis.write_run(run_dir, train, validation, config, done=done)
-    if done:
-        with open(f"{run_dir}/{tags.DONE_FILE}", "w") as f:
-            f.write(f'{{"epochs": {len(E1)}}}')
-    return run_dir
+# run_config.json's train_epochs (and so the epoch precise_bn.json must name); done.json
+# names the 4 epochs the runs log.
+TRAIN_EPOCHS = 6
 LAYERS = ["conv2d", "conv2d_1"]
 WDS = (1e-4, 5e-4)
 
@@ -36,7 +30,8 @@ def fabricate(root):
         # Two baseline seeds: seed 1 is seed 0 x1.04 in every step (layers: x1.04 and x0.9), 1 point apart.
         for seed, (scale, layer_k, acc) in enumerate([(1.0, (1.0, 1.0), 0.60), (1.04, (1.04, 0.90), 0.61)]):
             train, val = logs(base * scale, layer_k, acc)
-            write_run(str(folder / "baseline" / f"seed_{seed}"), train, val, {"weight_decay": wd}, done=True)
+            write_run(str(folder / "baseline" / f"seed_{seed}"), train, val,
+                      {"weight_decay": wd, "train_epochs": TRAIN_EPOCHS}, done=True, epochs=len(E1))
         # Global replay: mean step x1.10 at one epoch, layers x0.8 / x1.2; accuracy 2 points off.
         # Per layer: x1.02, layers x1.02 / x0.99; per channel: x1.01, layers exact; same accuracy.
         for name, mult, layer_k, acc_off in [
@@ -50,7 +45,8 @@ def fabricate(root):
                     for name_l, k_base, k in zip(LAYERS, (1.04, 0.90), layer_k):
                         train[tags.per_layer(tags.CONV_RELATIVE_STEP, name_l)] = (E1, base * scale * mult * k_base * k)
                 write_run(str(folder / name / f"seed_{seed}"), train, val,
-                          {"weight_decay": wd, "conv_grad_scale": True}, done=True)
+                          {"weight_decay": wd, "conv_grad_scale": True, "train_epochs": TRAIN_EPOCHS},
+                          done=True, epochs=len(E1))
     return root
 
 
@@ -141,7 +137,6 @@ def test_recomputed_bn_accuracy_is_used_where_every_run_has_it(tmp_path):
     import json
 
     from analysis import precise_bn
-    from tests.test_analysis import EPOCHS
 
     root = fabricate(tmp_path / "grid")
     for config_path in root.rglob("run_config.json"):
@@ -149,7 +144,7 @@ def test_recomputed_bn_accuracy_is_used_where_every_run_has_it(tmp_path):
         seed = int(run.name.split("_")[1])
         accuracy = 0.70 + 0.01 * seed + (0.003 if run.parent.name != "baseline" else 0.0)
         (run / precise_bn.RESULT_FILE).write_text(json.dumps(
-            dict(epoch=EPOCHS, train_epochs=EPOCHS, logged=None, stored_bn=0.6, precise_bn=accuracy)))
+            dict(epoch=TRAIN_EPOCHS, train_epochs=TRAIN_EPOCHS, logged=None, stored_bn=0.6, precise_bn=accuracy)))
     rows = {(r["weight_decay"], r["granularity"]): r
             for r in equivalence.study_rows(equivalence.load_grid(str(root)))}
     assert rows[(1e-4, "global")]["precise_diff"] == pytest.approx(0.003, rel=1e-6)

@@ -5,12 +5,12 @@ a failed write in one line and leave no half-written file; every module the READ
 and docs name as a command runs as one.
 """
 
+import functools
 import glob
 import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,32 +18,14 @@ import pytest
 from analysis import precise_bn
 from resnet_cifar import events, run_dir, tags
 from tests.cifar_files import write_binary_cifar
-from tests.test_faults_train import finished  # noqa: F401 (the fixture: a finished ResNet-8 run)
-from tests.test_reliability import meaningful
+from tests.helpers import ROOT, one_error_line, python, tmpfs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def env():
-    return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-
-
-def command(module, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(r, code, *needles):
-    lines = [line for line in meaningful(r.stderr) if not line.startswith("note: ")]
-    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+# `python -m module *args`, TensorFlow's C++ log level 2.
+command = functools.partial(python, "-m", log_level=2)
 
 
 @pytest.fixture
-def run(finished, tmp_path):  # noqa: F811
+def run(finished, tmp_path):
     path = str(tmp_path / "results" / "baseline")
     shutil.copytree(finished, path)
     return path
@@ -105,15 +87,8 @@ def test_precise_bn_and_equivalence_refuse_an_out_that_is_a_file(run, tmp_path):
 @pytest.fixture
 def disk(tmp_path):
     """A small tmpfs; skipped where mounting is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "disk", "32m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
@@ -151,7 +126,7 @@ def test_precise_bn_labels_evaluation_on_other_data(run, tmp_path):
     assert np.isnan(precise_bn.accuracy_at(run, 2))      # never tabled as the run's own number
 
 
-def test_equivalence_skips_a_run_with_garbage_run_config(finished, tmp_path):  # noqa: F811
+def test_equivalence_skips_a_run_with_garbage_run_config(finished, tmp_path):
     results = tmp_path / "results"
     for seed in (0, 1):
         shutil.copytree(finished, results / "weight_decay=2e-4" / "baseline" / f"seed_{seed}")
@@ -183,7 +158,7 @@ def test_every_named_command_runs_as_one(module):
     assert "--" in r.stdout and len(r.stdout) > 200, (module, r.stdout, r.stderr[-2000:])
 
 
-def test_analysis_grid_draws_the_grid(finished, tmp_path):  # noqa: F811
+def test_analysis_grid_draws_the_grid(finished, tmp_path):
     results = tmp_path / "results"
     for wd in ("1e-4", "2e-4"):
         shutil.copytree(finished, results / f"weight_decay={wd}" / "baseline" / "seed_0")

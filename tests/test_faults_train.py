@@ -18,39 +18,8 @@ import types
 import pytest
 
 from resnet_cifar import console, run_dir, tags
-from tests.test_reliability import meaningful, snapshot
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--data_source=synthetic", "--steps_per_epoch=2", "--eval_steps=1", "--resnet_size=8",
-         "--train_epochs=2", "--batch_size=16", "--boundary_epochs=1", "--decay_rates=1,0.1", "--verbose=0"]
-
-
-def env():
-    return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-
-
-def train(model_dir, *extra, timeout=300):
-    return subprocess.run([sys.executable, "-m", "resnet_cifar.train", f"--model_dir={model_dir}", *SMALL, *extra],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(r, code, *needles):
-    lines = meaningful(r.stderr)
-    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished ResNet-8 baseline: 2 epochs, checkpoints ckpt-1 and ckpt-2."""
-    path = str(tmp_path_factory.mktemp("faults") / "baseline")
-    r = train(path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return path
+from tests.helpers import ROOT, SMALL, env, meaningful, one_error_line, python, snapshot, tmpfs
+from tests.helpers import train_small as train
 
 
 @pytest.fixture
@@ -173,7 +142,7 @@ def test_a_checkpoint_index_that_is_a_folder_is_rewritten(held):
 def test_sigterm_during_start_up_stops_the_run(tmp_path, delay):
     model_dir = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", f"--model_dir={model_dir}", *SMALL],
-                         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
@@ -205,8 +174,7 @@ def test_a_signal_that_a_library_swallows_still_stops_the_run(tmp_path):
         sys.argv = ["train", "--model_dir={tmp_path / 'run'}"] + {SMALL!r}
         train.run()
     """)
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=300)
+    r = python("-c", script, log_level=2)
     assert r.returncode == 143, (r.returncode, r.stderr[-3000:])
     assert meaningful(r.stderr)[-1].startswith("stopped by SIGTERM"), r.stderr[-3000:]
     assert not os.path.exists(tmp_path / "run" / tags.DONE_FILE)
@@ -259,19 +227,12 @@ def test_tfds_data_dir_that_is_a_file_is_named(tmp_path):
 
 
 def test_a_finished_run_on_a_read_only_mount_is_finished(finished, tmp_path):
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "ro", "64m") as mount:
         shutil.copytree(finished, mount / "run")
         assert subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True).returncode == 0
         r = train(mount / "run")
         assert r.returncode == 0, r.stderr[-3000:]
         assert "already finished" in r.stdout
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 # ------------------------------------------------------------------ short runs: BN's lag

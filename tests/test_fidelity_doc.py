@@ -6,8 +6,9 @@ import re
 import pytest
 
 from resnet_cifar import fidelity
+from tests.helpers import ROOT
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "fidelity.md")
+DOC = os.path.join(ROOT, "docs", "fidelity.md")
 
 
 def doc_text():

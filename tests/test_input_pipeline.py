@@ -7,19 +7,13 @@ NumPy, independently of resnet_cifar/input_pipeline.py.
 """
 
 import os
-import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:   # `pytest tests/...` does not put the checkout on the path
-    sys.path.insert(0, REPO)
-
-import tensorflow as tf  # noqa: E402
-
-from resnet_cifar import cifar_data, fidelity, input_pipeline  # noqa: E402
-from resnet_cifar.cifar_data import DataError  # noqa: E402
+from resnet_cifar import cifar_data, input_pipeline
+from resnet_cifar.cifar_data import DataError
 
 TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]   # written out, not read from fidelity
 TEST_FILE = "test_batch.bin"

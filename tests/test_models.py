@@ -8,20 +8,14 @@ a model builds in well under a second, so the file runs in a few seconds.
 """
 
 import math
-import os
-import sys
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:   # `pytest tests/...` does not put the checkout on the path
-    sys.path.insert(0, REPO)
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from resnet_cifar import fidelity, models  # noqa: E402
+from resnet_cifar import fidelity, models
+from tests.helpers import truncated_normal_square_moments
 
 STAGES = ((16, 1), (32, 2), (64, 2))   # (filters, stride) written out, not read from fidelity
 BLOCKS = 3
@@ -75,19 +69,6 @@ def graph_of(model):
             inputs += _keras_tensor_sources(node)
         graph[layer["name"]] = (layer["class_name"], layer["config"], inputs)
     return graph
-
-
-def truncated_normal_square_moments(a=2.0):
-    """E[Z^2], E[Z^4] of a standard normal truncated to [-a, a] (closed form).
-
-    With P = Phi(a) - Phi(-a) and phi the density, integrating by parts:
-    int_{-a}^{a} z^2 phi = P - 2 a phi(a),  int z^4 phi = 3 P - 2 (a^3 + 3 a) phi(a).
-    """
-    phi = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
-    p = math.erf(a / math.sqrt(2))
-    m2 = 1 - 2 * a * phi / p
-    m4 = 3 - 2 * (a ** 3 + 3 * a) * phi / p
-    return m2, m4
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from resnet_cifar import config as config_lib
 from resnet_cifar import optim
-from tests.test_train_step import assert_close_in_norm, batch, data_gradients, make_model
+from tests.helpers import assert_close_in_norm, batch, data_gradients, make_model
 
 B1, B2, EPS = 0.9, 0.999, 1e-7
 

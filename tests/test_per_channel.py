@@ -15,8 +15,7 @@ import tensorflow as tf
 
 from resnet_cifar import callbacks, config as config_lib, conv_scaling, events, models, tags, trainer
 from resnet_cifar.train_step import StepStats, angular_update
-from tests.test_conv_scaling import EPOCHS, LAYERS, fabricate_baseline
-from tests.test_train_step import assert_close_in_norm
+from tests.helpers import BASELINE_EPOCHS, LAYERS, assert_close_in_norm, fabricate_baseline
 
 # ResNet-20's output channels per conv layer in creation order (stem, then per stage:
 # projection, first conv, 5 more), written out.
@@ -26,10 +25,10 @@ COUT = [16] + [16] * 7 + [32] * 7 + [64] * 7
 def channel_curve(i, cout):
     """(epochs, cout): channel c of layer i starts at 0.5 + 0.1·c and grows by (1 + 0.02·(c % 5))^e."""
     c = np.arange(cout)
-    return (0.5 + 0.1 * c)[None, :] * (1.0 + 0.02 * (c % 5))[None, :] ** EPOCHS[:, None]
+    return (0.5 + 0.1 * c)[None, :] * (1.0 + 0.02 * (c % 5))[None, :] ** BASELINE_EPOCHS[:, None]
 
 
-def fabricate_channel_log(path, epochs=EPOCHS):
+def fabricate_channel_log(path, epochs=BASELINE_EPOCHS):
     layers = {name: channel_curve(i, COUT[i])[: len(epochs)] for i, name in enumerate(LAYERS)}
     np.savez(os.path.join(path, tags.CHANNEL_SQSUM_FILE), epochs=np.asarray(epochs), **layers)
 
@@ -43,7 +42,7 @@ def baseline_dir(tmp_path):
 
 def test_reader_returns_the_log(baseline_dir):
     epochs, layers = events.read_channel_sqsum(baseline_dir)
-    np.testing.assert_array_equal(epochs, EPOCHS)
+    np.testing.assert_array_equal(epochs, BASELINE_EPOCHS)
     assert sorted(layers) == sorted(LAYERS)
     np.testing.assert_allclose(layers["conv2d_9"], channel_curve(9, 32))
 
@@ -57,7 +56,7 @@ def test_channel_factors_by_hand(baseline_dir):
         got = factor.channel_factors(tf.constant(epoch), [tf.constant(s) for s in sq])
         for i, (g, s) in enumerate(zip(got, sq)):
             curve = channel_curve(i, COUT[i])
-            base = np.array([np.interp(epoch, EPOCHS, curve[:, c]) for c in range(COUT[i])])
+            base = np.array([np.interp(epoch, BASELINE_EPOCHS, curve[:, c]) for c in range(COUT[i])])
             np.testing.assert_allclose(g.numpy(), s / base, rtol=1e-5, err_msg=f"{LAYERS[i]} epoch {epoch}")
 
 
@@ -97,7 +96,7 @@ def test_baseline_without_channel_log_is_a_clear_error(tmp_path):
         conv_scaling.load_baseline(path, 4, per_channel=True)
     msg = str(err.value)
     assert "\n" not in msg and tags.CHANNEL_SQSUM_FILE in msg and "per_channel" in msg
-    fabricate_channel_log(path, epochs=EPOCHS[:3])
+    fabricate_channel_log(path, epochs=BASELINE_EPOCHS[:3])
     with pytest.raises(config_lib.ConfigError, match="ends at epoch 2, this run needs 4"):
         conv_scaling.load_baseline(path, 4, per_channel=True)
 

@@ -3,16 +3,14 @@ accuracy, and the recomputed statistics are the mean of the batches' statistics 
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from analysis import precise_bn
 from tests.cifar_files import write_binary_cifar
+from tests.helpers import train_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TEST = 64
 
 
@@ -22,12 +20,9 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pbn")
     write_binary_cifar(str(tmp / "data"), per_train_file=16, num_test=NUM_TEST)
     run = tmp / "results" / "baseline" / "seed_0"
-    r = subprocess.run([sys.executable, "-m", "resnet_cifar.train", f"--model_dir={run}",
-                        "--data_source=binary", f"--data_dir={tmp / 'data'}", "--train_epochs=3",
-                        "--steps_per_epoch=4", "--batch_size=16", "--boundary_epochs=2",
-                        "--decay_rates=1,0.1", "--verbose=0"],
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                       timeout=300)
+    r = train_cli(f"--model_dir={run}", "--data_source=binary", f"--data_dir={tmp / 'data'}", "--train_epochs=3",
+                  "--steps_per_epoch=4", "--batch_size=16", "--boundary_epochs=2", "--decay_rates=1,0.1",
+                  "--verbose=0")
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp, run
 

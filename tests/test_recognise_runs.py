@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from resnet_cifar import runs, tags
+from tests.helpers import python, write_events
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = {"optimizer": "momentum", "conv_l2": True, "conv_grad_scale": False, "bn_decay": 0.997,
         "conv_lr_factor": "piecewise"}
 
@@ -33,22 +31,16 @@ def test_name_of_a_config(flags, want):
 def test_make_figures_names_folders_by_their_runs(tmp_path):
     """runs/a (NoConvL2) and runs/b (baseline): the figures and the summary call them so."""
     import numpy as np
-    import tensorflow as tf
 
     for folder, flags in (("a", {"conv_l2": False}), ("b", {})):
         run_dir = tmp_path / folder
         for subdir, tag_values in ((tags.TRAIN_DIR, {tags.EPOCH_LOSS: 1.0, tags.CONV_SQSUM: 900.0,
                                                       tags.CONV_RELATIVE_STEP: 0.01}),
                                    (tags.VALIDATION_DIR, {tags.EPOCH_ACCURACY: 0.5, tags.EPOCH_LOSS: 1.2})):
-            writer = tf.summary.create_file_writer(str(run_dir / subdir))
-            with writer.as_default():
-                for step in (1, 2):
-                    for tag, value in tag_values.items():
-                        tf.summary.scalar(tag, value * np.float32(step), step=step)
-            writer.close()
+            write_events(str(run_dir / subdir), {tag: [(step, value * np.float32(step)) for step in (1, 2)]
+                                                 for tag, value in tag_values.items()})
         (run_dir / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": dict(BASE, train_epochs=2, **flags)}))
-    r = subprocess.run([sys.executable, "-m", "analysis.make_figures", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = python("-m", "analysis.make_figures", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "a: recognised as NoConvL2 (noconv_l2)" in r.stderr
     summary = (tmp_path / "figures" / "summary.md").read_text()

@@ -5,9 +5,10 @@ import pytest
 
 from analysis import make_figures, replay_match
 from resnet_cifar import events, tags
-from tests.test_analysis import write_run
+from tests.helpers import write_run
 
 EPOCHS = np.arange(0, 5)
+RUN_EPOCHS = 6          # the train_epochs of run_config.json and the epochs of done.json
 LAYERS = ["conv2d", "conv2d_1", "conv2d_2"]
 
 
@@ -25,21 +26,21 @@ def fabricate(tmp_path, old_baseline=False):
     base_names = (lambda tag, layer: f"{tag}/{layer}") if old_baseline else tags.per_layer
     write_run(str(tmp_path / "baseline" / "seed_0"),
               run_logs(base_rel, base_layers, np.full(5, 900.0), base_names),
-              config={"conv_grad_scale": False}, done=True)
+              config={"conv_grad_scale": False}, done=True, epochs=RUN_EPOCHS)
     # Global replay: the mean matches within 10%, layers are off by x0.8 .. x1.3.
     glob_rel = base_rel * np.array([1.0, 1.1, 0.95, 1.05])
     glob_layers = [base_layers[0] * 0.8, base_layers[1] * 1.0, base_layers[2] * 1.3]
     write_run(str(tmp_path / "conv_lr_scale" / "seed_0"),
               run_logs(glob_rel, glob_layers, np.linspace(800, 2700, 5)),
-              config={"conv_grad_scale": True, "conv_lr_factor": "replay"}, done=True)
+              config={"conv_grad_scale": True, "conv_lr_factor": "replay"}, done=True, epochs=RUN_EPOCHS)
     # Per-layer replay: every layer within 2%.
     pl_layers = [v * 1.02 for v in base_layers]
     write_run(str(tmp_path / "conv_lr_scale_per_layer" / "seed_0"),
               run_logs(base_rel * 1.02, pl_layers, np.linspace(800, 1800, 5)),
-              config={"conv_grad_scale": True, "conv_lr_factor": "per_layer"}, done=True)
+              config={"conv_grad_scale": True, "conv_lr_factor": "per_layer"}, done=True, epochs=RUN_EPOCHS)
     # NoConvL2 does not scale gradients: not in the comparison.
     write_run(str(tmp_path / "noconv_l2" / "seed_0"), run_logs(base_rel / 3, base_layers, np.full(5, 5e3)),
-              config={"conv_grad_scale": False}, done=True)
+              config={"conv_grad_scale": False}, done=True, epochs=RUN_EPOCHS)
     return make_figures.load_results(events.find_runs(str(tmp_path)))
 
 
@@ -79,7 +80,7 @@ def test_two_baseline_seeds_give_a_noise_floor_row(tmp_path):
     rel = np.array([4e-3, 2e-3, 1e-3, 5e-4])
     layers = [rel * k * 1.1 for k in (0.5, 1.0, 2.0)]          # seed 1: every layer 10% higher
     write_run(str(tmp_path / "baseline" / "seed_1"), run_logs(rel * 1.1, layers, np.full(5, 990.0)),
-              config={"conv_grad_scale": False}, done=True)
+              config={"conv_grad_scale": False}, done=True, epochs=RUN_EPOCHS)
     loaded = make_figures.load_results(events.find_runs(str(tmp_path)))
     table = {r["run"]: r for r in replay_match.rows(loaded)}
     floor = table[replay_match.NOISE_FLOOR]

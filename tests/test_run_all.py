@@ -19,33 +19,20 @@ import tempfile
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from experiments import plan, run_all, sweep
 from experiments.progress import Progress
 from resnet_cifar import config as config_lib
-from resnet_cifar import events, run_lock, tags, train
+from resnet_cifar import events, run_lock, tags
+from tests.helpers import ROOT, TINY, assert_same_curves, parse
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_RUNS = list(plan.POST_RUNS) + ["conv_lr_scale_per_layer"]
 REPLAYING = ("conv_lr_scale", "conv_lr_scale_bn098", "conv_lr_scale_per_layer")
-TINY = ["--data_source=synthetic", "--train_epochs=2", "--steps_per_epoch=2", "--eval_steps=1",
-        "--batch_size=8", "--boundary_epochs=1", "--decay_rates=1,0.1", "--deterministic"]
 WEIGHT_DECAYS = ("2e-4", "1e-3")
 # 2 grid points x 2 runs (the baseline and a run replaying it), 2 runs at a time on 2 CPUs.
 SWEEP = ["--preset=quick", "--runs=baseline,conv_lr_scale", f"--grid=weight_decay={','.join(WEIGHT_DECAYS)}",
          "--cpus_per_run=1", "--status_every=1"]
-
-
-def parse(argv):
-    """The training program's own flag definitions, parsed afresh from `argv`, as a TrainConfig."""
-    train.FLAGS.unparse_flags()
-    try:
-        train.FLAGS(["train"] + list(argv))
-        return train.config_from_flags()
-    finally:
-        train.FLAGS.unparse_flags()
 
 
 def main(argv, out=None):
@@ -264,19 +251,6 @@ def local_sweep(local_ray, tmp_path_factory):
 def sweep_dirs(results):
     return {(wd, name): results / f"weight_decay={wd}" / name / "seed_0"
             for wd in WEIGHT_DECAYS for name in ("baseline", "conv_lr_scale")}
-
-
-def curves(run_dir):
-    run = events.load_run(str(run_dir))
-    return {(sub, tag): series for sub, tags_ in run.scalars.items() for tag, series in tags_.items()}
-
-
-def assert_same_curves(a, b):
-    ca, cb = curves(a), curves(b)
-    assert sorted(ca) == sorted(cb) and ca
-    for key in ca:
-        np.testing.assert_array_equal(ca[key][0], cb[key][0], err_msg=str(key))
-        np.testing.assert_array_equal(ca[key][1], cb[key][1], err_msg=str(key))
 
 
 def test_local_sweep_grid_seeds_and_replay_order(local_sweep):

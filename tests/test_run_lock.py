@@ -10,6 +10,7 @@ import time
 import pytest
 
 from resnet_cifar import run_lock
+from tests.helpers import ROOT
 
 HOLD = """
 import sys, time
@@ -22,7 +23,7 @@ time.sleep(120)
 
 def start_holder(model_dir):
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(model_dir)], stdout=subprocess.PIPE,
-                            text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            text=True, cwd=ROOT)
     assert proc.stdout.readline().strip() == "held"
     return proc
 

@@ -7,17 +7,12 @@ head that wants a token, Ctrl-C) are in tests/test_run_all.py, beside its Ray fi
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from experiments import plan
 from resnet_cifar import tags, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--data_source=synthetic", "--train_epochs=2", "--steps_per_epoch=2", "--eval_steps=1",
-        "--batch_size=8", "--boundary_epochs=1", "--decay_rates=1,0.1", "--deterministic"]
+from tests.helpers import TINY, parse, python
 
 
 def planned(results, *grid, runs=("baseline", "noconv_l2"), extra=()):
@@ -25,12 +20,8 @@ def planned(results, *grid, runs=("baseline", "noconv_l2"), extra=()):
 
 
 def config(run):
-    train.FLAGS.unparse_flags()
-    try:
-        train.FLAGS(["train", *run.command()[3:]])
-        return train.config_from_flags()
-    finally:
-        train.FLAGS.unparse_flags()
+    """The TrainConfig of a planned run's command."""
+    return parse(run.command()[3:])
 
 
 @pytest.mark.parametrize("spellings, name", [
@@ -68,9 +59,8 @@ def test_grid_over_the_conv_l2_switch_in_each_documented_spelling(tmp_path, flag
 
 
 def run_all(results, *argv, timeout=300):
-    return subprocess.run([sys.executable, "-m", "experiments.run_all", f"--results_dir={results}",
-                           "--preset=quick", "--runs=baseline", *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return python("-m", "experiments.run_all", f"--results_dir={results}", "--preset=quick", "--runs=baseline",
+                  *argv, timeout=timeout)
 
 
 def assert_refused_before_ray(r, message):

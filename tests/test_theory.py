@@ -14,10 +14,9 @@ import os
 import numpy as np
 import pytest
 
-import tensorflow as tf
-
 from analysis import figures, make_figures, theory
 from resnet_cifar import events, tags
+from tests.helpers import f32, write_events
 
 LAYERS = ("conv2d", "conv2d_1", "conv2d_2")
 
@@ -141,21 +140,15 @@ def test_phase_epochs_and_late_windows():
 
 # --- late-phase measurements of fabricated logs ------------------------------------------
 
-def f32(values):
-    return np.asarray(values, dtype=np.float32).astype(np.float64)
-
-
-def write_run(run_dir, config, relative, layers, steps_per_epoch=None):
+def write_relative_run(run_dir, config, relative, layers, steps_per_epoch=None):
     """A run folder with conv_relative_step and its per-layer tags at steps 1..E; its
-    run_config.json records `steps_per_epoch` as training does, or (None) nothing, as
-    older code."""
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, tags.TRAIN_DIR))
-    with writer.as_default():
-        for e, value in enumerate(relative, start=1):
-            tf.summary.scalar(tags.CONV_RELATIVE_STEP, value, step=e)
-            for layer, values in layers.items():
-                tf.summary.scalar(tags.per_layer(tags.CONV_RELATIVE_STEP, layer), values[e - 1], step=e)
-    writer.close()
+    run_config.json holds `config` as given, and records `steps_per_epoch` as training does,
+    or (None) nothing, as older code."""
+    epochs = range(1, len(relative) + 1)
+    scalars = {tags.CONV_RELATIVE_STEP: list(zip(epochs, relative))}
+    for layer, values in layers.items():
+        scalars[tags.per_layer(tags.CONV_RELATIVE_STEP, layer)] = list(zip(epochs, values))
+    write_events(os.path.join(run_dir, tags.TRAIN_DIR), scalars)
     record = {"config": config}
     if steps_per_epoch is not None:
         record["steps_per_epoch"] = steps_per_epoch
@@ -176,7 +169,7 @@ SMALL_CONFIG = {"batch_size": 256, "boundary_epochs": [10.0, 15.0], "decay_rates
 def test_late_phase_measurements_match_hand_computation(tmp_path):
     rng = np.random.default_rng(0)
     relative, layers = fake_relative(rng, 20)
-    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
+    run = events.load_run(write_relative_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
 
     got = theory.late_phase_measurements(run)
 
@@ -200,7 +193,7 @@ def test_late_phase_measurements_match_hand_computation(tmp_path):
 def test_late_phase_of_an_unfinished_run_is_nan_where_not_logged(tmp_path):
     rng = np.random.default_rng(1)
     relative, layers = fake_relative(rng, 12)   # stopped during the second phase
-    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
+    run = events.load_run(write_relative_run(str(tmp_path / "run"), SMALL_CONFIG, relative, layers))
     first, second, third = theory.late_phase_measurements(run)
     assert first.mean == pytest.approx(f32(relative)[8:10].mean(), rel=1e-12)
     assert math.isnan(second.mean) and math.isnan(third.mean) and math.isnan(second.layer_min)
@@ -262,7 +255,7 @@ def test_cli_writes_theory_tables_and_level_lines(tmp_path):
             folder = root / name / f"seed_{k}" if len(configs) > 1 else root / name
             folder.mkdir(parents=True)
             relative, layers = fake_relative(rng, 10)
-            write_run(str(folder), config, relative, layers, steps_per_epoch=390)
+            write_relative_run(str(folder), config, relative, layers, steps_per_epoch=390)
             logs[name].append((relative, layers))
     out = tmp_path / "figs"
 
@@ -315,8 +308,8 @@ def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
     root = tmp_path / "results"
     config = dict(CLI_CONFIG, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05)
     rng = np.random.default_rng(3)
-    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
-    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
+    write_relative_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
+    write_relative_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
               steps_per_epoch=390)
     out = tmp_path / "figs"
 
@@ -356,8 +349,8 @@ def test_a_run_without_recorded_steps_per_epoch_says_so(tmp_path):
     """A run_config.json written by older code (no steps_per_epoch, no num_train_images): the
     table names the run and leaves phase / τ blank instead of assuming a CIFAR-10 epoch."""
     rng = np.random.default_rng(6)
-    old = events.load_run(write_run(str(tmp_path / "old"), SMALL_CONFIG, *fake_relative(rng, 20)))
-    new = events.load_run(write_run(str(tmp_path / "new"), dict(SMALL_CONFIG, conv_l2=False),
+    old = events.load_run(write_relative_run(str(tmp_path / "old"), SMALL_CONFIG, *fake_relative(rng, 20)))
+    new = events.load_run(write_relative_run(str(tmp_path / "new"), dict(SMALL_CONFIG, conv_l2=False),
                                     *fake_relative(rng, 20), steps_per_epoch=195))
     out = tmp_path / "out"
     out.mkdir()
@@ -381,7 +374,7 @@ def test_a_run_without_recorded_steps_per_epoch_says_so(tmp_path):
 def test_theory_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A failure half-way through theory.csv leaves the previous file, and no partial one."""
     rng = np.random.default_rng(5)
-    run = events.load_run(write_run(str(tmp_path / "run"), SMALL_CONFIG, *fake_relative(rng, 20)))
+    run = events.load_run(write_relative_run(str(tmp_path / "run"), SMALL_CONFIG, *fake_relative(rng, 20)))
     out = tmp_path / "out"
     out.mkdir()
     (out / "theory.csv").write_text("old\n")
@@ -402,8 +395,8 @@ def test_cli_says_there_is_no_theory_for_an_unknown_optimizer(tmp_path):
     root = tmp_path / "results"
     config = dict(CLI_CONFIG, optimizer="sgd")
     rng = np.random.default_rng(7)
-    write_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
-    write_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
+    write_relative_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
+    write_relative_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
               steps_per_epoch=390)
     out = tmp_path / "figs"
 

@@ -76,13 +76,13 @@ def test_levels_of_adam_configs():
 def test_angular_update_figure_draws_the_baselines_level(tmp_path):
     from analysis import make_figures
     from resnet_cifar import events, tags
-    from tests.test_analysis import write_run
+    from tests.helpers import write_run
 
     e1 = np.arange(1, 7)
     config = {"batch_size": 128, "boundary_epochs": [2, 4], "decay_rates": [1, 0.1, 0.01], "train_epochs": 6,
               "weight_decay": 0.01, "conv_l2": True, "conv_grad_scale": False, "optimizer": "adamw"}
     write_run(str(tmp_path / "baseline"), {tags.CONV_ANGULAR_UPDATE: (e1, np.full(6, 1e-3))}, config=config,
-              done=True)
+              done=True, epochs=6)
     paths = make_figures.write_all(make_figures.load_results(events.find_runs(str(tmp_path))), str(tmp_path / "f"))
     assert any(p.endswith("angular_update.png") for p in paths)
     from analysis import angular

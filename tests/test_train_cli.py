@@ -13,25 +13,7 @@ import pytest
 from resnet_cifar import cifar_data, config as config_lib
 from resnet_cifar import events, models, optim, tags, train, trainer
 from tests.cifar_files import write_binary_cifar
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = ["conv2d"] + [f"conv2d_{i}" for i in range(1, 22)]
-
-
-def parse(argv):
-    """The program's own flag definitions, parsed afresh from `argv`, as a TrainConfig."""
-    train.FLAGS.unparse_flags()
-    try:
-        train.FLAGS(["train"] + argv)
-        return train.config_from_flags()
-    finally:
-        train.FLAGS.unparse_flags()
-
-
-def run_cli(*args, timeout=120):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "-m", "resnet_cifar.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from tests.helpers import LAYERS, ROOT, env, parse, train_cli
 
 
 # ----------------------------------------------------------------------------- flags
@@ -133,7 +115,7 @@ def test_learning_rate_defaults_in_help_and_doc_are_the_registrys():
 ])
 def test_bad_flags_fail_in_one_line_before_training(tmp_path, args, needle):
     model_dir = tmp_path / "run"
-    r = run_cli(f"--model_dir={model_dir}", *args, timeout=60)
+    r = train_cli(f"--model_dir={model_dir}", *args, timeout=60)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
@@ -147,7 +129,7 @@ def test_undecodable_flagfile_fails_in_one_line(tmp_path, content):
     flagfile.write_bytes(content)
     model_dir = tmp_path / "run"
     for path in (flagfile, tmp_path):            # not text; a folder
-        r = run_cli(f"--model_dir={model_dir}", f"--flagfile={path}", timeout=60)
+        r = train_cli(f"--model_dir={model_dir}", f"--flagfile={path}", timeout=60)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
         assert "flagfile" in lines[0] and "Traceback" not in r.stderr
@@ -155,7 +137,7 @@ def test_undecodable_flagfile_fails_in_one_line(tmp_path, content):
 
 
 def test_missing_model_dir_flag():
-    r = run_cli("--data_source=synthetic", timeout=60)
+    r = train_cli("--data_source=synthetic", timeout=60)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --model_dir is required"]
 
 
@@ -168,9 +150,9 @@ def short_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("short")
     write_binary_cifar(str(tmp / "data"), per_train_file=52, num_test=64)
     model_dir = tmp / "run"
-    r = run_cli(f"--model_dir={model_dir}", "--data_source=binary", f"--data_dir={tmp / 'data'}",
-                "--train_epochs=4", "--steps_per_epoch=8", "--batch_size=32", "--boundary_epochs=3",
-                "--decay_rates=1,0.1", "--seed=3", timeout=400)
+    r = train_cli(f"--model_dir={model_dir}", "--data_source=binary", f"--data_dir={tmp / 'data'}",
+                  "--train_epochs=4", "--steps_per_epoch=8", "--batch_size=32", "--boundary_epochs=3",
+                  "--decay_rates=1,0.1", "--seed=3", timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     return model_dir, r
 
@@ -301,13 +283,13 @@ def test_run_config_records_the_run(short_run):
 def test_entry_point_chooses_onednn_before_tensorflow_is_imported(preset, want):
     """oneDNN is fixed when TF is imported: importing the entry point must set the
     default (keeping the user's value) and must not import TensorFlow itself."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    environ = env()
+    environ.pop("TF_ENABLE_ONEDNN_OPTS", None)
     if preset is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = preset
+        environ["TF_ENABLE_ONEDNN_OPTS"] = preset
     code = ("import os, sys; import resnet_cifar.train; "
             "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), 'tensorflow' in sys.modules, 'keras' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [want, "False", "False"]
@@ -357,8 +339,8 @@ def test_final_block(short_run):
 def test_progress_bar_and_epoch_summary_on_separate_lines(tmp_path):
     """verbose=1: Keras' progress bar rewrites its line with \\r; the summary starts a new one."""
     model_dir = tmp_path / "run"
-    r = run_cli(f"--model_dir={model_dir}", "--data_source=synthetic", "--train_epochs=2",
-                "--steps_per_epoch=3", "--eval_steps=1", "--batch_size=8", "--verbose=1", timeout=300)
+    r = train_cli(f"--model_dir={model_dir}", "--data_source=synthetic", "--train_epochs=2",
+                  "--steps_per_epoch=3", "--eval_steps=1", "--batch_size=8", "--verbose=1", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.split("\n")
     at = [i for i, line in enumerate(lines) if ", ETA " in line]
@@ -371,18 +353,18 @@ def test_progress_bar_and_epoch_summary_on_separate_lines(tmp_path):
 def test_finished_run_rerun_is_a_no_op(short_run):
     model_dir, _ = short_run
     before = sorted(os.listdir(model_dir / tags.TRAIN_DIR))
-    r = run_cli(f"--model_dir={model_dir}", "--data_source=binary", "--data_dir=/nonexistent",
-                "--train_epochs=4", "--steps_per_epoch=8", "--batch_size=32", "--boundary_epochs=3",
-                "--decay_rates=1,0.1", "--seed=3", timeout=120)
+    r = train_cli(f"--model_dir={model_dir}", "--data_source=binary", "--data_dir=/nonexistent",
+                  "--train_epochs=4", "--steps_per_epoch=8", "--batch_size=32", "--boundary_epochs=3",
+                  "--decay_rates=1,0.1", "--seed=3", timeout=120)
     assert r.returncode == 0 and "already finished" in r.stdout, r.stderr
     assert sorted(os.listdir(model_dir / tags.TRAIN_DIR)) == before
 
 
 def test_other_flags_on_same_model_dir_are_refused(short_run):
     model_dir, _ = short_run
-    r = run_cli(f"--model_dir={model_dir}", "--data_source=binary", "--data_dir=/nonexistent",
-                "--train_epochs=4", "--steps_per_epoch=8", "--batch_size=32", "--boundary_epochs=3",
-                "--decay_rates=1,0.1", "--seed=3", "--noconv_l2", "--bn_decay=0.98", timeout=120)
+    r = train_cli(f"--model_dir={model_dir}", "--data_source=binary", "--data_dir=/nonexistent",
+                  "--train_epochs=4", "--steps_per_epoch=8", "--batch_size=32", "--boundary_epochs=3",
+                  "--decay_rates=1,0.1", "--seed=3", "--noconv_l2", "--bn_decay=0.98", timeout=120)
     line = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(line) == 1, r.stderr
     assert "--conv_l2: True -> False" in line[0] and "--bn_decay: 0.997 -> 0.98" in line[0]
@@ -400,8 +382,8 @@ def test_deterministic_runs_are_bit_identical(tmp_path):
 
     dirs = [tmp_path / "a", tmp_path / "b"]
     for d in dirs:
-        r = run_cli(f"--model_dir={d}", "--data_source=synthetic", "--deterministic", "--train_epochs=1",
-                    "--steps_per_epoch=3", "--eval_steps=1", "--verbose=0", timeout=600)
+        r = train_cli(f"--model_dir={d}", "--data_source=synthetic", "--deterministic", "--train_epochs=1",
+                      "--steps_per_epoch=3", "--eval_steps=1", "--verbose=0", timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
 
     def weights(d):

@@ -7,34 +7,9 @@ import tensorflow as tf
 
 from resnet_cifar import config as config_lib
 from resnet_cifar import conv_scaling, fidelity, models, trainer
+from tests.helpers import BATCH, assert_close_update, batch, data_gradients, make_model
 
 MOMENTUM = fidelity.MOMENTUM
-BATCH = 8
-
-
-def make_model(steps_per_epoch=10, seed=1, **overrides):
-    keras.utils.set_random_seed(seed)
-    cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, jit_compile=False, **overrides)
-    return trainer.build_model(cfg, steps_per_epoch), cfg
-
-
-def batch(seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((BATCH, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, 10, BATCH).astype(np.int32)
-    return x, y
-
-
-def data_gradients(model, x, y):
-    """Gradient of the mean cross entropy alone (no L2, no scaling), by plain autodiff.
-
-    BN in training mode uses batch statistics, so this forward pass is the one the
-    train step will make; its moving-average update does not touch trainables.
-    """
-    with tf.GradientTape() as tape:
-        logits = model(x, training=True)
-        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
-    return [g.numpy().astype(np.float64) for g in tape.gradient(loss, model.trainable_variables)]
 
 
 def hand_piecewise(e):
@@ -53,7 +28,7 @@ def expected_update(model, cfg, grads_data, weights, accum, step, steps_per_epoc
 
     Returns (new weights, new accum, factor, new data_accum): data_accum is the momentum
     accumulator of the data gradients alone (scaled like them), the part of the update that
-    carries float32 rounding (see `tolerance`).
+    carries float32 rounding (see assert_close_update in tests/helpers.py).
     """
     names = [v.path for v in model.trainable_variables]
     is_conv = ["conv2d" in n for n in names]         # the post's name-based selection
@@ -70,53 +45,6 @@ def expected_update(model, cfg, grads_data, weights, accum, step, steps_per_epoc
         new_a.append(a)
         new_d.append(MOMENTUM * d + scale * g)
     return new_w, new_a, factor, new_d, rate
-
-
-# Float32 error analysis of the comparison (u = 2**-24, unit roundoff).
-#
-# The update is rate * accum with accum = momentum * accum + factor * (g + wd * w). Everything
-# but the data gradient g is elementwise arithmetic, exact to a few u relative to each
-# element, and reading the update back as a difference of float32 weights rounds it by at
-# most u * |w| per element (2 u |w| in norm, with margin). The data gradient is where two
-# float32 computations (the test's autodiff, and the graph inside the train step, whose
-# kernels differ between CPUs and with oneDNN on or off) legitimately differ:
-#  - each weight or BN-parameter gradient is a reduction over the N = 8 * 32 * 32 = 8192
-#    positions of a batch of 8 (the longest reduction of the network; the conv reductions
-#    of the backward pass are 3 * 3 * 64 = 576 long at most);
-#  - a float32 sum of n terms errs by at most gamma_n * sum|t_i|, gamma_n ~ n u (Higham,
-#    "Accuracy and Stability of Numerical Algorithms", Thm 4.3), and errors entering at each
-#    of the L = 20 layers of the backward chain add up to first order: L * N * u = 9.8e-3;
-#  - the terms' magnitudes sum|t_i| exceed |g| where terms cancel (BN's backward pass
-#    subtracts the batch means); worst-case n u overestimates random-sign rounding by ~sqrt(n)
-#    (Higham & Mary, SISC 2019), a factor 90 that covers such cancellation.
-# So |error| <= L * N * u * rate * |accum of data gradients| + 2 u |w|, per tensor. Measured
-# worst ratio error / (rate * |data accum|) on an AVX-512 CPU: 3.5e-3 with
-# TF_ENABLE_ONEDNN_OPTS=0, 2.7e-4 with =1, i.e. 2.8x and 36x inside the bound. The test's
-# weight decay (0.1) makes the L2 part 10% of a conv kernel's update and most of a BN
-# scale's, so an L2 mistake exceeds the bound: twice the coefficient, or the conv kernels
-# wrongly in or out of the sum, gave errors 15x the bound on the first conv kernel and
-# 130x on a BN scale.
-U32 = 2.0 ** -24
-REDUCTION = BATCH * 32 * 32
-DEPTH = fidelity.RESNET_SIZE
-TAU = DEPTH * REDUCTION * U32
-
-
-def assert_close_update(actual, desired, weights, name, data_part):
-    """`actual` update within float32 rounding of `desired`: see the analysis above."""
-    err = np.linalg.norm(actual - desired)
-    bound = TAU * np.linalg.norm(data_part) + 2 * U32 * np.linalg.norm(weights) + 1e-12
-    assert err <= bound, (f"{name}: |error| {err:.3g} > {bound:.3g} (|update| {np.linalg.norm(desired):.3g}, "
-                          f"|data part| {np.linalg.norm(data_part):.3g})")
-
-
-def assert_close_in_norm(actual, desired, weights, name, tol=1e-3):
-    """`actual` within `tol` of `desired`'s norm, plus the 2 u |w| of reading an update back
-    as a difference of float32 weights: for comparisons that involve no independent
-    autodiff (two train steps of one graph), or that bound what they compare themselves."""
-    err = np.linalg.norm(actual - desired)
-    bound = tol * np.linalg.norm(desired) + 2 * U32 * np.linalg.norm(weights) + 1e-12
-    assert err <= bound, f"{name}: |error| {err:.3g} > {bound:.3g} (|update| {np.linalg.norm(desired):.3g})"
 
 
 def check_steps(n_steps, steps_per_epoch=10, weight_decay=0.1, **overrides):
