@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")      # as the package: no C++ start-up lines
 
 from absl import app, flags  # noqa: E402
 
@@ -238,7 +238,7 @@ def settings():
 
 
 def start_worker(setting):
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting["env"], TF_CPP_MIN_LOG_LEVEL="2",
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting["env"],
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     args = [f"--data_source={FLAGS.data_source}", f"--batch_size={FLAGS.batch_size}", f"--steps={FLAGS.steps}",
             f"--pipeline_batches={FLAGS.pipeline_batches}", f"--matmul_size={FLAGS.matmul_size}",
