@@ -170,27 +170,23 @@ def load_baseline(path, train_epochs, per_channel=False, resnet_size=fidelity.RE
     if not os.path.isdir(path):
         raise config_lib.ConfigError(f"--replay_from={path}: no such run folder")
     try:
-        source = events.read_config(path)
+        run = events.load_run(path, (tags.TRAIN_DIR,))      # its config and train events, read once
     except events.EventsError as e:
         raise config_lib.ConfigError(f"--replay_from={path}: {e}") from None
-    not_baseline = describe_non_baseline(source)
+    not_baseline = describe_non_baseline(run.config)
     if not_baseline:
         raise config_lib.ConfigError(f"--replay_from={path} is not a baseline run: it is {not_baseline}; "
                                      "replay needs a baseline (conv kernels in L2, no gradient scaling)")
-    if not events.is_complete(path, (tags.TRAIN_DIR,)):
+    if run.damaged:
+        raise config_lib.ConfigError(f"--replay_from={path}: damaged event file {run.damaged[0]}")
+    if not run.complete:
         raise config_lib.ConfigError(f"--replay_from={path}: that run has not finished (no {tags.DONE_FILE}, "
                                      "or its events stop before the epoch it names); let the baseline finish first")
-    depth = source.get("resnet_size", fidelity.RESNET_SIZE)
+    depth = run.config.get("resnet_size", fidelity.RESNET_SIZE)
     if depth != resnet_size:
         raise config_lib.ConfigError(f"--replay_from={path} is a ResNet-{depth} run: this ResNet-{resnet_size} "
                                      "can only replay a baseline of its own depth (--resnet_size)")
-    try:
-        scalars = events.read_all_scalars(path)
-        damaged = events.damaged_event_files(path, (tags.TRAIN_DIR,))
-    except events.EventsError as e:
-        raise config_lib.ConfigError(f"--replay_from={path}: {e}") from None
-    if damaged:
-        raise config_lib.ConfigError(f"--replay_from={path}: damaged event file {damaged[0]}")
+    scalars = run.scalars[tags.TRAIN_DIR]
     if tags.CONV_SQSUM not in scalars or len(scalars[tags.CONV_SQSUM][0]) == 0:
         raise config_lib.ConfigError(f"--replay_from={path}: no {tags.CONV_SQSUM} logged in it")
     epochs, total = scalars[tags.CONV_SQSUM]
