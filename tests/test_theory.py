@@ -157,6 +157,13 @@ def write_relative_run(run_dir, config, relative, layers, steps_per_epoch=None):
     return run_dir
 
 
+def write_baseline_and_noconv(root, config, rng, epochs=10):
+    """A baseline and a NoConvL2 run of `config` under `root`, 390 steps per epoch recorded."""
+    write_relative_run(str(root / figures.BASELINE), config, *fake_relative(rng, epochs), steps_per_epoch=390)
+    write_relative_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, epochs),
+                       steps_per_epoch=390)
+
+
 def fake_relative(rng, epochs):
     layers = {name: rng.uniform(1e-4, 1e-2, epochs) for name in LAYERS}
     return np.mean([layers[n] for n in LAYERS], axis=0), layers
@@ -308,9 +315,7 @@ def test_cli_names_the_adamw_formula_and_its_time_constant(tmp_path):
     root = tmp_path / "results"
     config = dict(CLI_CONFIG, optimizer="adamw", learning_rate=1e-3, weight_decay=0.05)
     rng = np.random.default_rng(3)
-    write_relative_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
-    write_relative_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
-              steps_per_epoch=390)
+    write_baseline_and_noconv(root, config, rng)
     out = tmp_path / "figs"
 
     assert make_figures.main([str(root), "--out", str(out)]) == 0
@@ -395,9 +400,7 @@ def test_cli_says_there_is_no_theory_for_an_unknown_optimizer(tmp_path):
     root = tmp_path / "results"
     config = dict(CLI_CONFIG, optimizer="sgd")
     rng = np.random.default_rng(7)
-    write_relative_run(str(root / figures.BASELINE), config, *fake_relative(rng, 10), steps_per_epoch=390)
-    write_relative_run(str(root / figures.NOCONV_L2), dict(config, conv_l2=False), *fake_relative(rng, 10),
-              steps_per_epoch=390)
+    write_baseline_and_noconv(root, config, rng)
     out = tmp_path / "figs"
 
     assert make_figures.main([str(root), "--out", str(out)]) == 0
