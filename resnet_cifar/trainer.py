@@ -70,7 +70,10 @@ def build_model(config, steps_per_epoch, baseline=None):
             config.optimizer, schedule, weight_decay=config.weight_decay,
             no_decay=[v for v in model.trainable_variables if id(v) not in decayed]),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+        # A metric object, not the string "accuracy": Keras (TF backend, no distribution
+        # strategy) builds a metric named by a string inside the first trace of the step, and
+        # a variable created there makes TensorFlow trace the whole step a second time.
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=use_xla(config),
         steps_per_execution=config.steps_per_execution,
     )

@@ -58,9 +58,9 @@ def train_small(model_dir, *extra, timeout=300):
     return train_cli(f"--model_dir={model_dir}", *SMALL, *extra, log_level=2, timeout=timeout)
 
 
-# Tiny deterministic synthetic runs for the runner (after its `--`).
+# Tiny deterministic synthetic ResNet-8 runs for the runner (after its `--`).
 TINY = ["--data_source=synthetic", "--train_epochs=2", "--steps_per_epoch=2", "--eval_steps=1",
-        "--batch_size=8", "--boundary_epochs=1", "--decay_rates=1,0.1", "--deterministic"]
+        "--batch_size=8", "--boundary_epochs=1", "--decay_rates=1,0.1", "--deterministic", "--resnet_size=8"]
 
 
 # TensorFlow's C++ start-up lines (I0000 00:00:..., E0000 ..., absl W1125 03:37:21...).

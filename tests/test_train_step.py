@@ -218,3 +218,23 @@ def test_diagnostics_restart_at_each_epochs_first_step():
         assert model.diagnostics.means()["steps"] == [1, 2, 1][i]
     want = [np.linalg.norm(k.numpy() - b) / np.linalg.norm(b) for k, b in zip(conv, before)]
     np.testing.assert_allclose(model.diagnostics.means()["relative_step"], want, rtol=1e-3)
+
+
+def test_fit_traces_the_step_once(monkeypatch):
+    """Every variable exists before the first trace (a variable created inside it makes
+    TensorFlow trace the whole step a second time, seconds of start-up per run)."""
+    from resnet_cifar.train_step import ReproductionModel
+
+    traces = {"train": 0, "test": 0}
+    for kind in traces:
+        original = getattr(ReproductionModel, f"{kind}_step")
+
+        def counting(self, data, kind=kind, original=original):
+            traces[kind] += 1                      # Python runs only while TensorFlow traces
+            return original(self, data)
+        monkeypatch.setattr(ReproductionModel, f"{kind}_step", counting)
+    model, _ = make_model(steps_per_epoch=2, resnet_size=8)
+    x, y = batch()
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    model.fit(data, epochs=2, steps_per_epoch=2, validation_data=data, validation_steps=1, verbose=0)
+    assert traces == {"train": 1, "test": 1}
