@@ -5,7 +5,8 @@ created and locked for the run's lifetime (`open_run`, `run_lock`).
 
 A run folder belongs to one configuration. Re-running the same command resumes
 it (or says it is finished); a different configuration is refused, naming the
-flags that differ, unless `--overwrite`. Files are written atomically
+flags that differ. `--overwrite` replaces whatever run the folder holds, finished
+or not, with a fresh one (other files in the folder stay). Files are written atomically
 (temporary file + rename), so a kill never leaves half a JSON file.
 """
 
@@ -28,7 +29,7 @@ OPERATIONAL = ("model_dir", "overwrite", "verbose", "data_dir", "steps_per_execu
 @dataclasses.dataclass(frozen=True)
 class RunDirState:
     finished: bool
-    replace: bool = False       # --overwrite of a run with other flags (or unreadable ones)
+    replace: bool = False       # --overwrite of a folder holding a run: cleared before training
 
 
 def _nearest_existing(path):
@@ -82,31 +83,27 @@ def _stored_run(config):
                 f"--model_dir={d} holds {', '.join(leftovers)} but no {tags.RUN_CONFIG_FILE}: which run "
                 "they belong to is unknown; use --overwrite to start this run afresh, or another --model_dir")
         return RunDirState(finished=False, replace=bool(leftovers))
+    if config.overwrite:          # whatever run is here, finished or not, same flags or not
+        return RunDirState(finished=False, replace=True)
     try:
         with open(path) as f:
             old = json.load(f)["config"]
         if not isinstance(old, dict):
             raise TypeError("its config is not a JSON object")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        if not config.overwrite:
-            raise config_lib.ConfigError(f"{path} is unreadable ({type(e).__name__}); "
-                                         "use --overwrite to start this run afresh") from None
-        old = None
-    diffs = differing_flags(old, config.to_dict()) if old is not None else ["(unreadable)"]
-    if diffs and not config.overwrite:
+        raise config_lib.ConfigError(f"{path} is unreadable ({type(e).__name__}); "
+                                     "use --overwrite to start this run afresh") from None
+    diffs = differing_flags(old, config.to_dict())
+    if diffs:
         raise config_lib.ConfigError(
             f"--model_dir={d} holds a run with other flags ({'; '.join(diffs)}); "
             "use --overwrite to replace it, or another --model_dir")
-    if diffs:
-        return RunDirState(finished=False, replace=True)
     if events.is_done(d):
         return RunDirState(finished=True)
     damage = damaged(d)
     if damage:
-        if not config.overwrite:
-            raise config_lib.ConfigError(f"--model_dir={d} is damaged: {damage}; repair it, or use "
-                                         "--overwrite to start this run afresh")
-        return RunDirState(finished=False, replace=True)
+        raise config_lib.ConfigError(f"--model_dir={d} is damaged: {damage}; repair it, or use "
+                                     "--overwrite to start this run afresh")
     return RunDirState(finished=False)
 
 

@@ -146,17 +146,12 @@ def _run(config, arrays, progress):
         if state.finished:
             print(run_dir.finished_message(config), flush=True)
             return
+        if state.replace:
+            print(f"{config.model_dir}: starting afresh (--overwrite); the run it held is deleted", flush=True)
         try:
             _train(config, arrays, progress, model, steps_per_epoch)
         except checkpoints.NothingReadable as e:
-            if not config.overwrite:
-                raise config_lib.ConfigError(f"{e}; use --overwrite to start this run afresh") from None
-            print(f"{e}; starting afresh (--overwrite)", flush=True)
-            run_dir.clear(config.model_dir)
-            keras.utils.set_random_seed(config.seed)   # failed restores may have assigned some weights
-            model = build_model(config, steps_per_epoch, baseline)
-            progress.model = model
-            _train(config, arrays, progress, model, steps_per_epoch)
+            raise config_lib.ConfigError(f"{e}; use --overwrite to start this run afresh") from None
     except (config_lib.ConfigError, cifar_data.DataError):
         if created:
             lock.release()

@@ -807,6 +807,21 @@ def test_damaged_checkpoint_then_resume_is_exact(data, reference, held_run):
     assert checkpoint_numbers(held_run) == [2, 3]
 
 
+def test_overwrite_of_the_same_run_starts_it_afresh(data, reference, finished_run, held_run):
+    """Same flags, --overwrite: a finished run is trained again and an unfinished one is not
+    resumed; each starts at epoch 1 and, deterministic, ends with the reference's weights."""
+    for model_dir in (finished_run, held_run):
+        old_events = set(os.listdir(os.path.join(model_dir, tags.TRAIN_DIR)))
+        r = run_cli(*train_args(model_dir, data), "--overwrite")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "starting afresh (--overwrite)" in r.stdout and "resuming" not in r.stdout, r.stdout
+        assert [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("epoch ")] == \
+            [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+        assert not set(os.listdir(os.path.join(model_dir, tags.TRAIN_DIR))) & old_events
+        assert_every_epoch_once(curves(model_dir))
+        assert_same_weights(reference, model_dir)
+
+
 def test_no_readable_checkpoint_refuses_and_overwrite_restarts(data, reference, held_run):
     folder = os.path.join(held_run, run_dir.CHECKPOINTS)
     for n in (2, 3):
