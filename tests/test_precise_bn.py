@@ -153,11 +153,10 @@ def test_other_data_source_does_not_take_the_runs_data_folder(tiny_run, tmp_path
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns(precise_bn.RESULT_FILE))
     asked = []
-    real = cifar_data.load_arrays
 
     def recording(source, folder=None, seed=0):
         asked.append((source, folder))
-        return real("synthetic", None, seed)
+        return cifar_data.synthetic_arrays(64, NUM_TEST, seed)     # small: only the call is checked
 
     monkeypatch.setattr(cifar_data, "load_arrays", recording)
     result = precise_bn.evaluate(str(copy), bn_batches=1, data_source="tfds")
