@@ -3,9 +3,8 @@
 #   bash results/post/sync.sh CAMPAIGN_RESULTS DATA_DIR SOURCE_CHECKOUT
 # CAMPAIGN_RESULTS is the runner's --results_dir, DATA_DIR the --data_dir given to the runs,
 # SOURCE_CHECKOUT the checkout the runner ran from. Event files, run_config.json, done.json,
-# train.log and conv_channel_sqsum.npz are copied; of the checkpoints, only an unfinished run's
-# latest (about 2 MB), so that the campaign resumes on another machine; a finished run keeps its
-# final weights (final.weights.h5) instead.
+# train.log, conv_channel_sqsum.npz and a finished run's final weights (final.weights.h5) are
+# copied; checkpoints are not (2 MB each, and a new one every epoch): they stay with the campaign.
 set -euo pipefail
 src=${1:?CAMPAIGN_RESULTS}; data=${2:?DATA_DIR}; code=${3:?SOURCE_CHECKOUT}
 dst=$(cd "$(dirname "$0")" && pwd)
@@ -18,13 +17,6 @@ for run_dir in "$src"/*/seed_*; do
   out="$dst/$rel"
   mkdir -p "$out"
   rsync -a --delete --exclude .lock --exclude 'checkpoints/' --exclude '*.tmp*' "$run_dir/" "$out/"
-  if [ -f "$run_dir/done.json" ]; then
-    rm -rf "$out/checkpoints"
-  elif [ -f "$run_dir/checkpoints/checkpoint" ]; then
-    latest=$(sed -n 's/^model_checkpoint_path: "\(.*\)"$/\1/p' "$run_dir/checkpoints/checkpoint")
-    rm -rf "$out/checkpoints"; mkdir -p "$out/checkpoints"
-    cp "$run_dir/checkpoints/checkpoint" "$run_dir/checkpoints/$latest".* "$out/checkpoints/"
-  fi
   for f in "$out/run_config.json" "$out/train.log" "$out/done.json"; do
     [ -f "$f" ] && sed -i -e "s#$src/#results/post/#g" -e "s#$data#DATA_DIR#g" -e "s#$code/#./#g" "$f"
   done
