@@ -75,7 +75,8 @@ flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
 flags.DEFINE_integer("steps_per_execution", 1, "Train steps per tf.function call.")
 flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
                   "float32 (faithful) or a mixed-precision policy; the conv factor stays float32.")
-flags.DEFINE_boolean("overwrite", False, "Start afresh: delete the run --model_dir holds (finished or not, any flags) and train anew.")
+flags.DEFINE_boolean("overwrite", False, "Start afresh: delete the run --model_dir holds (finished or not, "
+                     "any flags) and train anew.")
 flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch. "
                      "Not given, and the output is not a terminal (a file, a pipe): 2, so logs hold no "
                      "progress-bar escape codes.")
