@@ -109,7 +109,8 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     path, done = weights_to_evaluate(run_dir)
     source = data_source or config.get("data_source", "tfds")
     own_data = source == config.get("data_source", "tfds")
-    cached = read_result(run_dir)
+    other = None if own_data else source
+    cached = read_result(run_dir, other)
     if (not again and cached and cached.get("checkpoint") == os.path.basename(path)
             and cached.get("bn_batches") == bn_batches and cached.get("data_source") == source):
         return dict(cached, cached=True)
@@ -147,9 +148,9 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
                   data_source=source, own_data=own_data, eval_steps=config.get("eval_steps"),
                   checkpoint=os.path.basename(path))
     try:
-        atomic.write_json(os.path.join(run_dir, RESULT_FILE), result)   # whole or absent
+        atomic.write_json(os.path.join(run_dir, result_file(other)), result)   # whole or absent
     except OSError as e:
-        raise EvaluationError(f"{run_dir}: cannot write {RESULT_FILE}: {e.strerror or e}") from None
+        raise EvaluationError(f"{run_dir}: cannot write {result_file(other)}: {e.strerror or e}") from None
     return result
 
 
@@ -226,10 +227,17 @@ def newest_checkpoint(run_dir: str) -> str:
     raise EvaluationError(f"{run_dir}: no checkpoint to evaluate")
 
 
-def read_result(run_dir: str) -> Optional[dict]:
-    """A run's `precise_bn.json`, or None if it has not been evaluated (or it is unreadable)."""
+def result_file(other_source: Optional[str] = None) -> str:
+    """`precise_bn.json` for the run's own data; `precise_bn.<source>.json` for another data
+    source, so that evaluating shared weights on other data (the official CIFAR-10 of TFDS, say)
+    never replaces the number the run's tables report."""
+    return RESULT_FILE if other_source is None else f"precise_bn.{other_source}.json"
+
+
+def read_result(run_dir: str, other_source: Optional[str] = None) -> Optional[dict]:
+    """A run's result on its own data (or on `other_source`), None if not evaluated (or unreadable)."""
     try:
-        with open(os.path.join(run_dir, RESULT_FILE)) as f:
+        with open(os.path.join(run_dir, result_file(other_source))) as f:
             result = json.load(f)
     except (OSError, ValueError):
         return None
@@ -267,7 +275,8 @@ def main(argv=None) -> int:
         prog="python -m analysis.precise_bn",
         description="Test accuracy of runs' last checkpoints with their stored BN moving averages and "
                     "with BN statistics recomputed from training batches (precise BN); writes "
-                    f"{RESULT_FILE} into each run folder.")
+                    f"{RESULT_FILE} into each run folder ({result_file('SOURCE')} for another "
+                    "--data_source than the run's).")
     parser.add_argument("paths", nargs="+", metavar="RESULTS_OR_RUN_DIR",
                         help="run folders, or folders to search for them (e.g. a sweep's results)")
     parser.add_argument("--bn_batches", type=int, default=DEFAULT_BN_BATCHES,
@@ -304,7 +313,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{row['run']}{_other_data(row)}: epoch {row['epoch']}, logged {_pct(row['logged'])}, stored BN "
               f"{_pct(row['stored_bn'])}, recomputed BN {_pct(row['precise_bn'])}"
-              + (f" (from its {RESULT_FILE}; --again to redo)" if cached else ""), flush=True)
+              + (f" (from its {result_file(None if row['own_data'] else row['data_source'])}; "
+                 "--again to redo)" if cached else ""), flush=True)
     if rows:
         print(to_markdown(rows), end="")
         if args.out_dir:

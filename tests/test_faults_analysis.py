@@ -121,9 +121,26 @@ def test_precise_bn_labels_evaluation_on_other_data(run, tmp_path):
     r = command("analysis.precise_bn", run, "--bn_batches=2", "--data_source=binary", f"--data_dir={data}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(on binary data, not the run's)" in r.stdout, r.stdout
-    result = precise_bn.read_result(run)
-    assert result["own_data"] is False
-    assert np.isnan(precise_bn.accuracy_at(run, 2))      # never tabled as the run's own number
+    result = precise_bn.read_result(run, "binary")
+    assert result["own_data"] is False and result["data_source"] == "binary"
+    assert os.path.isfile(os.path.join(run, "precise_bn.binary.json"))
+    assert precise_bn.read_result(run) is None and np.isnan(precise_bn.accuracy_at(run, 2))
+
+
+def test_precise_bn_on_other_data_keeps_the_runs_own_result(run, tmp_path):
+    """A run shared with its precise_bn.json, evaluated by a user on other data: the run's
+    own number (what the tables report) stays as it was, byte for byte."""
+    r = command("analysis.precise_bn", run, "--bn_batches=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    own_file = os.path.join(run, precise_bn.RESULT_FILE)
+    with open(own_file, "rb") as f:
+        own = f.read()
+    data = write_binary_cifar(str(tmp_path / "data"), per_train_file=16, num_test=16)
+    r = command("analysis.precise_bn", run, "--bn_batches=2", "--data_source=binary", f"--data_dir={data}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(own_file, "rb") as f:
+        assert f.read() == own
+    assert precise_bn.read_result(run, "binary")["own_data"] is False
 
 
 def test_equivalence_skips_a_run_with_garbage_run_config(finished, tmp_path):
