@@ -86,7 +86,8 @@ class Progress:
         eta = self.eta()
         self.log(f"{len(self.status)} runs: {c['done']} done, {c['running']} running, {c['waiting']} waiting, "
                  f"{c['failed']} failed | elapsed {hms(now - self.start)} | "
-                 + (f"ETA {hms(eta)}" if eta is not None else "ETA after the first timed epoch"))
+                 + (f"time left {hms(eta)}, ETA {clock(now + eta)}" if eta is not None
+                    else "ETA after the first timed epoch"))
         width = max((len(k) for k in self.status), default=0)
         for label, state in sorted(self.status.items()):
             if state not in ("running", "elsewhere", "retrying"):
@@ -99,6 +100,12 @@ class Progress:
                 what += f" on {info['node']}" if info.get("node") else ""
                 what += " (retrying)" if state == "retrying" else ""
             self.log(f"  {state:<9} {label:<{width}}  {what}")
+
+
+def clock(when: float) -> str:
+    """A local time of day, with the weekday when it is not today: 'Tue 20:16' or '14:05'."""
+    fmt = "%H:%M" if time.localtime(when)[:3] == time.localtime()[:3] else "%a %H:%M"
+    return time.strftime(fmt, time.localtime(when))
 
 
 def describe(result: dict) -> str:

@@ -23,6 +23,7 @@ import pytest
 
 from experiments import plan, run_all, sweep
 from experiments.progress import Progress
+from experiments.progress import clock as progress_clock
 from resnet_cifar import config as config_lib
 from resnet_cifar import events, run_lock, tags
 from tests.helpers import ROOT, TINY, assert_same_curves, parse
@@ -194,6 +195,10 @@ def test_progress_eta_and_table_on_change():
     assert progress.eta() == pytest.approx(60 + 2 * 100, abs=1.0)
     progress.table(force=True)
     assert lines[0].startswith("3 runs: 0 done, 1 running, 2 waiting, 0 failed")
+    # The time left is a duration, the ETA the clock time it ends at (here 260 s from now).
+    assert re.search(r"\| time left 0:04:(19|20), ETA ((Mon|Tue|Wed|Thu|Fri|Sat|Sun) )?\d\d:\d\d$", lines[0]), lines[0]
+    assert lines[0].endswith(time.strftime("%H:%M", time.localtime(now + 260))), lines[0]
+    assert progress_clock(now + 2 * 86400) == time.strftime("%a %H:%M", time.localtime(now + 2 * 86400))
     assert re.match(r"  running +a/seed_0 +epoch 4/10 on 10\.0\.0\.1$", lines[1]), lines
     progress.table()                      # nothing changed (and too soon): no new lines
     assert len(lines) == 2
