@@ -17,13 +17,16 @@ TAG = tags.CONV_ANGULAR_UPDATE
 
 
 def angular_update(angle: figures.Curves, labels=None, levels=None,
-                   level_label: str = figures.LEVEL_LABEL) -> Optional[Figure]:
+                   level_label: str = figures.LEVEL_LABEL,
+                   configs: Optional[figures.Configs] = None) -> Optional[Figure]:
     """Every run's mean conv angular update per step (log scale), with the predicted levels
-    (named in the legend by level_label, the formula of the baseline's optimizer)."""
+    (named in the legend by level_label, the formula of the baseline's optimizer); the runs'
+    configs give the subtitle (data, schedule) and the learning-rate boundaries, as on the
+    post's figures."""
     names = [n for n in figures.ordered_names(angle) if angle.get(n)]
     if not names:
         return None      # runs from before this diagnostic existed: nothing to draw, no note
     return figures._runs_figure("angular_update", angle, names,
                                 "Angular update of conv layers", "mean angle per step (rad)",
                                 labels, log_y=True, start_epoch=1, levels=levels,
-                                level_label=level_label)
+                                level_label=level_label, configs=configs)

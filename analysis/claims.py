@@ -34,7 +34,6 @@ The noise, and why:
 Test accuracy here is the logged one (BN moving averages), as the post plotted it.
 """
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -44,6 +43,7 @@ import numpy as np
 
 from analysis import figures
 from resnet_cifar import events, fidelity, tags
+from resnet_cifar.command_line import ArgumentParser
 
 SEED_STD_ACCURACY = 0.2    # points: seed-to-seed std of a run's final test accuracy (see above)
 LAST_EPOCHS = 10           # epochs whose fluctuation measures a final value's epoch noise
@@ -296,14 +296,19 @@ def to_text(verdicts: List[Verdict]) -> str:
                      f"{'' if v.verdict == MISSING else 'measured '}{v.measured}" for v in verdicts)
 
 
+def _cell(text) -> str:
+    """A Markdown table cell: a bar in the text (|ratio-1|) escaped, not a column."""
+    return str(text).replace("|", "\\|")
+
+
 def to_markdown(verdicts: List[Verdict]) -> str:
     lines = ["| the post's claim | post | measured here | verdict |", "|---|---|---|---|"]
-    lines += [f"| {v.claim} | {v.post} | {v.measured} | {v.verdict} |" for v in verdicts]
+    lines += [f"| {_cell(v.claim)} | {_cell(v.post)} | {_cell(v.measured)} | {v.verdict} |" for v in verdicts]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.claims",
         description="Measure the post's claims on a results folder holding its four runs.")
     parser.add_argument("results_dir", metavar="RESULTS_DIR",
@@ -314,10 +319,10 @@ def main(argv=None) -> int:
     try:
         runs = load(args.results_dir)
     except events.EventsError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if not runs:
-        print(f"{parser.prog}: error: none of the post's runs ({', '.join(figures.POST_RUNS)}) "
+        print(f"error: none of the post's runs ({', '.join(figures.POST_RUNS)}) "
               f"in {args.results_dir}", file=sys.stderr)
         return 2
     verdicts = measure(runs)

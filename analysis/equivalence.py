@@ -25,7 +25,6 @@ writes equivalence.png/.svg (one panel per measure, weight decay on the x axis)
 and equivalence.md/.csv.
 """
 
-import argparse
 import math
 import os
 import re
@@ -38,6 +37,7 @@ from matplotlib.ticker import PercentFormatter
 
 from analysis import figures, output, precise_bn, replay_match
 from resnet_cifar import events, tags
+from resnet_cifar.command_line import ArgumentParser, not_a_folder
 from resnet_cifar.runs import REPLAY_GRANULARITY
 
 GRID_FLAG = "weight_decay"
@@ -65,7 +65,7 @@ def decay_label(wd: float) -> str:
 def load_grid(results_dir: str) -> Dict[float, Dict[str, List[events.Run]]]:
     """weight decay -> run name -> runs (seed order), from RESULTS/weight_decay=<wd>/."""
     if not os.path.isdir(results_dir):
-        raise events.EventsError(f"no such folder: {results_dir}")
+        raise events.EventsError(not_a_folder(results_dir))
     grid = {}
     for entry in sorted(os.listdir(results_dir)):
         match = GRID_DIR.match(entry)
@@ -251,7 +251,7 @@ def write(results_dir: str, out_dir: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.equivalence",
         description="The equivalence study's figure and table: how closely each replay granularity "
                     "matches the baseline at each weight decay, against the seed-to-seed noise floor.")

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from analysis import figures, output
 from resnet_cifar import events, tags
 from resnet_cifar.atomic import atomic_open
+from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
 Point = Tuple[Tuple[str, str], ...]    # ((flag, value), ...) in folder-name order
 
@@ -153,12 +154,11 @@ def write(loaded: Mapping[Point, Mapping[str, Sequence[events.Run]]], out_dir: s
 def main(argv=None) -> int:
     """`python -m analysis.grid RESULTS [--out DIR]`: the grid figure and table alone
     (`analysis.make_figures` draws them too, with every point's own figures)."""
-    import argparse
     import sys
 
     from analysis import make_figures
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.grid",
         description="Final test accuracy against each grid flag's value, from a grid sweep's results "
                     "(RESULTS_DIR/<flag>=<value>[,...]/<run>/seed_<k>/): grid.md, grid.csv and "
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         return code
 
     if not os.path.isdir(args.results_dir):
-        return fail(f"no such folder: {args.results_dir}", 2)
+        return fail(not_a_folder(args.results_dir), 2)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         return fail(f"--out={out_dir} is a file, not a folder", 2)
     try:

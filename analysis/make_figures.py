@@ -16,7 +16,6 @@ gets all of the above per grid point in DIR/<flag>=<value>[,...]/, and in DIR th
 test accuracy of every run against each grid flag's value (analysis/grid.py).
 """
 
-import argparse
 import os
 import sys
 from typing import Dict, List
@@ -24,6 +23,7 @@ from typing import Dict, List
 from analysis import angular, figures, grid, output, replay_match, summary, theory
 from resnet_cifar import events, tags
 from resnet_cifar import runs as run_registry
+from resnet_cifar.command_line import ArgumentParser
 
 EXIT_NO_RUNS = 2
 
@@ -99,7 +99,7 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
         if fig is not None:
             written += save(fig, out_dir, fig_name)
     fig = angular.angular_update(curves(loaded, angular.TAG, tags.TRAIN_DIR), labels, levels,
-                                 level_label)
+                                 level_label, configs)
     if fig is not None:
         written += save(fig, out_dir, "angular_update")
     fig = replay_match.replay_match_figure(loaded, labels)
@@ -112,7 +112,7 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.make_figures",
         description="Draw the post's figures and a summary table from a results folder.")
     parser.add_argument("results_dir", metavar="RESULTS_DIR",
@@ -122,8 +122,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def fail(message: str, code: int) -> int:
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return code
+
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        return fail(f"--out={args.out} is a file, not a folder", 2)      # as the other analysis commands
 
     try:
         runs = events.find_runs(args.results_dir)

@@ -24,7 +24,6 @@ in the run folder, which `analysis.equivalence` adds to its table.
 Data: the run's own `data_source` and `data_dir` (from run_config.json) unless given.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 
 from analysis import output
 from resnet_cifar import atomic, cifar_data, events, fidelity, tags
+from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
 RESULT_FILE = "precise_bn.json"
 DEFAULT_BN_BATCHES = 100
@@ -44,6 +44,11 @@ class EvaluationError(RuntimeError):
     """A run that cannot be evaluated; the message is one line."""
 
 
+class NothingToEvaluate(EvaluationError):
+    """A run folder with neither final weights nor checkpoints (e.g. a shared folder of a run
+    still training elsewhere): skipped with a note when found in a results folder."""
+
+
 def run_folders(paths: List[str]) -> List[Tuple[str, str]]:
     """(run folder, its name) of the run folders (those holding run_config.json) under
     each path, sorted; a path that is a run folder is itself. Names are relative to
@@ -51,7 +56,7 @@ def run_folders(paths: List[str]) -> List[Tuple[str, str]]:
     found = []
     for path in paths:
         if not os.path.isdir(path):
-            raise EvaluationError(f"no such folder: {path}")
+            raise EvaluationError(not_a_folder(path))
         for folder, dirs, files in os.walk(path):
             dirs.sort()
             if tags.RUN_CONFIG_FILE in files:
@@ -96,8 +101,8 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
              data_dir: Optional[str] = None, arrays_cache: Optional[Dict] = None,
              again: bool = False) -> dict:
     """{epoch, logged, stored_bn, precise_bn, bn_batches, ...} of one run (accuracies in
-    [0, 1]). A `precise_bn.json` of the same checkpoint, batches and data source is
-    reused unless `again`."""
+    [0, 1]). A `precise_bn.json` of the same weights (the same epoch: a finished run's final
+    weights are its last checkpoint's), batches and data source is reused unless `again`."""
     import tensorflow as tf
 
     from resnet_cifar import input_pipeline
@@ -111,7 +116,7 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
     own_data = source == config.get("data_source", "tfds")
     other = None if own_data else source
     cached = read_result(run_dir, other)
-    if (not again and cached and cached.get("checkpoint") == os.path.basename(path)
+    if (not again and cached and cached.get("epoch") == weights_epoch(path, done)
             and cached.get("bn_batches") == bn_batches and cached.get("data_source") == source):
         return dict(cached, cached=True)
     # The run's data folder goes with the run's data source only (TFDS's default otherwise).
@@ -122,7 +127,8 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
         try:
             cache[key] = cifar_data.load_arrays(source, folder, seed=int(config.get("seed", 0)))
         except cifar_data.DataError as e:
-            raise EvaluationError(f"{run_dir}: data: {e}") from None
+            hint = "" if data_dir is not None else "; --data_dir=DIR names the data to evaluate on"
+            raise EvaluationError(f"{run_dir}: data: {e}{hint}") from None
     arrays = cache[key]
 
     model, done = restore_model(run_dir, config, path, done)
@@ -163,6 +169,16 @@ def weights_to_evaluate(run_dir: str) -> Tuple[str, Optional[int]]:
     if epochs is not None and os.path.isfile(weights):
         return weights, epochs
     return newest_checkpoint(run_dir), None
+
+
+def weights_epoch(path: str, done: Optional[int]) -> int:
+    """The epoch whose weights `path` holds: a finished run's (final weights), or the checkpoint's
+    number (the trainer numbers each checkpoint by the epoch it ends)."""
+    if done is not None:
+        return done
+    from resnet_cifar import checkpoints
+
+    return int(os.path.basename(path)[len(checkpoints.PREFIX) + 1:])
 
 
 def restore_model(run_dir: str, config: dict, path: str, epoch: Optional[int] = None):
@@ -224,7 +240,7 @@ def newest_checkpoint(run_dir: str) -> str:
         skipped.append(f"{checkpoints.name(number)}: {reason}")
     if skipped:
         raise EvaluationError(f"{run_dir}: no checkpoint reads back whole ({'; '.join(skipped)})")
-    raise EvaluationError(f"{run_dir}: no checkpoint to evaluate")
+    raise NothingToEvaluate(f"{run_dir}: no checkpoint to evaluate")
 
 
 def result_file(other_source: Optional[str] = None) -> str:
@@ -271,7 +287,7 @@ def to_markdown(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m analysis.precise_bn",
         description="Test accuracy of runs' last checkpoints with their stored BN moving averages and "
                     "with BN statistics recomputed from training batches (precise BN); writes "
@@ -301,10 +317,15 @@ def main(argv=None) -> int:
     except EvaluationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    named = {os.path.normpath(p) for p in args.paths}
     for folder, name in folders:
         try:
             result = evaluate(folder, args.bn_batches, args.data_source, args.data_dir, cache, args.again)
         except EvaluationError as e:
+            if isinstance(e, NothingToEvaluate) and os.path.normpath(folder) not in named:
+                print(f"note: {name} skipped: no final weights (not finished) and no checkpoints",
+                      file=sys.stderr, flush=True)       # e.g. a shared run still training elsewhere
+                continue
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue

@@ -26,6 +26,7 @@ from experiments import plan as plan_lib
 from experiments import progress as progress_lib
 from experiments import sweep
 from resnet_cifar import events
+from resnet_cifar.command_line import ArgumentParser, fail
 
 EXAMPLES = """\
 examples:
@@ -43,18 +44,6 @@ replay the baseline (--conv_lr_factor=replay, per_layer or per_channel) start af
 point's and seed's baseline. Arguments after -- go to every run. Ctrl-C stops the running
 trainers, which keep their checkpoints (exit code 130); the same command resumes them.
 """
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the training program's error style: one line `error: ...`, exit code 2."""
-
-    def error(self, message):
-        fail(message)
-
-
-def fail(message, code=2):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 def positive_int(text):
@@ -80,7 +69,7 @@ def positive_float(text):
 
 
 def make_parser():
-    p = Parser(prog="python -m experiments.run_all", description=(
+    p = ArgumentParser(prog="python -m experiments.run_all", description=(
         "Run the post's experiments (seeds, grids) as Ray tasks, one training process per run. "
         "Without --address a local Ray instance runs them on this machine."),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -68,10 +68,13 @@ def _die_with(parent: int):
 
 
 def error_line(text: str) -> str:
-    """The line that says why a trainer failed: its last `error: ...` line, else its last line."""
+    """The line that says why a trainer failed: its last `error: ...` line, whole (the trainer's
+    own message, whose end is usually the fix), else its last line, cut to 300 characters."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
-    line = (errors or lines or ["(no output)"])[-1]
+    if errors:
+        return errors[-1]
+    line = (lines or ["(no output)"])[-1]
     return line if len(line) <= 300 else line[:297] + "..."
 
 

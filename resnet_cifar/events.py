@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from resnet_cifar import tags
+from resnet_cifar.command_line import not_a_folder
 
 Series = Tuple[np.ndarray, np.ndarray]   # (steps as int64, values as float64), by step
 
@@ -218,7 +219,7 @@ def find_runs(results_dir: str) -> Dict[str, List[str]]:
     `results_dir` is itself a run folder, it is the only run, named after itself.
     """
     if not os.path.isdir(results_dir):
-        raise EventsError(f"no such folder: {results_dir}")
+        raise EventsError(not_a_folder(results_dir))
     if _is_run_dir(results_dir):
         return {os.path.basename(os.path.normpath(results_dir)): [results_dir]}
     runs = {}

@@ -12,7 +12,7 @@ import pytest
 
 import tensorflow as tf
 
-from analysis import figures, make_figures, summary
+from analysis import angular, figures, make_figures, summary
 from resnet_cifar import events, fidelity, tags
 from tests.helpers import f32, python, write_events, write_run
 
@@ -321,6 +321,15 @@ def test_subtitle_gives_data_schedule_and_seeds():
                                 configs={figures.BASELINE: [post, post], figures.NOCONV_L2: [post]})
     assert fig.axes[0].get_title() == ("CIFAR-10 (TFDS) · the post's schedule (150 full epochs, "
                                        "batch 128) · 1–2 seeds per run")
+
+
+def test_angular_update_figure_has_the_subtitle_and_boundaries_of_the_others():
+    steps = np.arange(1, EPOCHS + 1)
+    data = {n: [(steps, np.full(len(steps), 1e-3))] for n in ALL_NAMES}
+    ax = angular.angular_update(data, configs={n: [QUICK] for n in ALL_NAMES}).axes[0]
+    assert ax.get_title() == "CIFAR-10 (binary files) · 6 short epochs of 160 steps, batch 128 · 1 seed"
+    (drawn,) = [c for c in ax.collections if c.get_label() == figures.BOUNDARY_LABEL]
+    assert [s.tolist() for s in drawn.get_segments()] == [[[2.0, 0.0], [2.0, 1.0]], [[4.0, 0.0], [4.0, 1.0]]]
 
 
 def test_per_layer_tags_read_new_and_earlier_names():

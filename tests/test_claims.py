@@ -137,6 +137,15 @@ def test_command_prints_one_line_per_claim_and_refuses_a_folder_without_runs(tmp
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_markdown_has_one_row_of_four_cells_per_claim(post_like):
+    """The measured text holds |ratio-1|: escaped, so a Markdown renderer keeps 4 columns."""
+    table = claims.to_markdown(list(post_like.values())).splitlines()
+    assert len(table) == 2 + len(fidelity.POST_CLAIMS)
+    for row in table:
+        assert len(re.split(r"(?<!\\)\|", row)) == 4 + 2, row      # 5 unescaped bars
+    assert any("\\|ratio-1\\|" in row for row in table)
+
+
 def test_the_fidelity_doc_lists_the_claims():
     with open(os.path.join(ROOT, "docs", "fidelity.md"), encoding="utf-8") as f:
         rows = re.findall(r"^\| `([a-z0-9_]+)` \| ([^|]+?) \|", f.read(), flags=re.M)

@@ -185,3 +185,33 @@ def test_analysis_grid_draws_the_grid(finished, tmp_path):
     one_error_line(command("analysis.grid", tmp_path / "nothing"), 2, "no such folder")
     with open(results / "figures" / "grid.csv") as f:
         assert len(f.read().splitlines()) == 3
+
+
+@pytest.mark.parametrize("name, typo, option", [
+    ("claims", "--markdwon", "--markdown"), ("make_figures", "--outt=x", "--out"),
+    ("precise_bn", "--bn_batch=3", "--bn_batches"), ("grid", "--outdir=x", "--out_dir"),
+    ("equivalence", "--out-dir=x", "--out_dir")])
+def test_analysis_argument_errors_are_one_line_exit_2(name, typo, option, tmp_path, capsys):
+    """A misspelled option (named before the missing folder, with the closest option), an option
+    prefix, and a file given as the results folder: one line `error: ...`, exit code 2."""
+    import importlib
+
+    main = importlib.import_module(f"analysis.{name}").main
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+
+    def error(argv):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), (argv, code, err)
+        return err.strip()
+
+    assert error([typo]) == f"error: unrecognized argument {typo}; did you mean {option}?"
+    assert error([option[:4], str(tmp_path)]).startswith(f"error: unrecognized argument {option[:4]}")  # no prefixes
+    assert error([str(a_file)]) == f"error: {a_file} is a file, not a folder"
+    assert error([str(tmp_path / "nothing")]) == f"error: no such folder: {tmp_path / 'nothing'}"
+    if name != "claims":                                     # the commands that write files
+        assert error([str(tmp_path), f"--out={a_file}"]) == f"error: --out={a_file} is a file, not a folder"

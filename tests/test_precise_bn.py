@@ -141,6 +141,47 @@ def test_a_finished_run_keeps_final_weights_that_evaluate_without_its_checkpoint
     assert capsys.readouterr().err.strip() == f"error: {shared}: no checkpoint to evaluate"
 
 
+def test_a_shared_copy_reuses_the_last_checkpoints_result_and_a_search_skips_unfinished_copies(
+        tiny_run, tmp_path, capsys):
+    """A shared results folder (as results/post of this repository): the finished run's
+    precise_bn.json was written from its last checkpoint where it trained, the copy keeps the same
+    weights as final.weights.h5, no checkpoints, and a placeholder for its data folder. The result
+    is reused without data; a result of another epoch is not. A run still training elsewhere
+    (no final weights, no checkpoints) is skipped with a note when found in the folder."""
+    import shutil
+
+    tmp, run = tiny_run
+    results = tmp_path / "results"
+    shared = results / "baseline" / "seed_0"
+    shutil.copytree(run, shared, ignore=shutil.ignore_patterns("checkpoints", precise_bn.RESULT_FILE))
+    run_config = json.loads((shared / "run_config.json").read_text())
+    run_config["config"]["data_dir"] = "DATA_DIR"
+    (shared / "run_config.json").write_text(json.dumps(run_config))
+    unfinished = results / "noconv_l2" / "seed_0"
+    shutil.copytree(shared, unfinished, ignore=shutil.ignore_patterns("done.json", "final.weights.h5"))
+    from_checkpoint = dict(epoch=3, train_epochs=3, logged=0.5, stored_bn=0.5, precise_bn=0.25, bn_batches=2,
+                           data_source="binary", own_data=True, eval_steps=None, checkpoint="ckpt-3")
+    (shared / precise_bn.RESULT_FILE).write_text(json.dumps(from_checkpoint))
+
+    assert precise_bn.main([str(results), "--bn_batches=2"]) == 0
+    captured = capsys.readouterr()
+    assert "baseline/seed_0: epoch 3, logged 50.00%, stored BN 50.00%, recomputed BN 25.00% (from its" \
+        in captured.out, captured.out
+    assert "noconv_l2" not in captured.out
+    assert captured.err.strip() == "note: noconv_l2/seed_0 skipped: no final weights (not finished) and no checkpoints"
+    assert precise_bn.main([str(unfinished)]) == 1                     # named itself: an error
+    assert capsys.readouterr().err.strip() == f"error: {unfinished}: no checkpoint to evaluate"
+
+    # Another epoch's result is not these weights': evaluated anew, which needs the data.
+    (shared / precise_bn.RESULT_FILE).write_text(json.dumps(dict(from_checkpoint, epoch=2, checkpoint="ckpt-2")))
+    assert precise_bn.main([str(shared), "--bn_batches=2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {shared}: data: ") and "DATA_DIR" in err, err
+    assert err.endswith("; --data_dir=DIR names the data to evaluate on"), err
+    assert precise_bn.main([str(shared), "--bn_batches=2", f"--data_dir={tmp / 'data'}"]) == 0
+    assert precise_bn.read_result(str(shared))["epoch"] == 3
+
+
 def test_other_data_source_does_not_take_the_runs_data_folder(tiny_run, tmp_path, monkeypatch):
     """--data_source other than the run's: its data folder is that source's default (None),
     not the run's (a binary folder handed to TFDS would become a download target), and the

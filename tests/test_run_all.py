@@ -147,6 +147,11 @@ def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     (["--runs=baseline,nosuchrun"], "no flagfile"),
     (["--preset=quick", "--runs=conv_lr_scale"], "replays the baseline: include baseline in --runs"),
     (["--gpus=0,1"], "--gpus is gone"),
+    # No option prefixes (the trainer's --seed=3 is not --seeds=3), and an unknown option is
+    # reported before a missing --results_dir, with the closest option.
+    (["--seed=3"], "unrecognized argument --seed=3; did you mean --seeds?"),
+    (["--run=baseline"], "unrecognized argument --run=baseline; did you mean --runs?"),
+    (["--results=x"], "unrecognized argument --results=x; did you mean --results_dir?"),
     (["--", "--seed=3"], "the runner sets --seed for each run; use --seeds=N"),
     (["--grid=bn_decay=0.9", "--", "--bn_decay=0.5"], "already a --grid flag"),
     (["--", "--train_epochs=0"], "run baseline/seed_0: --train_epochs=0 must be positive"),
@@ -212,6 +217,9 @@ def test_error_line_is_the_trainers_own():
     text = "Epoch 1/6\nTraceback ...\nerror: loss became nan at epoch 3, step 12: training stopped\n"
     assert sweep.error_line(text) == "error: loss became nan at epoch 3, step 12: training stopped"
     assert sweep.error_line("a\nKilled\n") == "Killed"
+    long_error = "error: cannot download CIFAR-10: " + "x" * 400 + "; use --data_source=binary --data_dir=PATH"
+    assert sweep.error_line(f"Epoch 1/6\n{long_error}\n") == long_error          # the fix at its end kept
+    assert sweep.error_line("y" * 1000) == "y" * 297 + "..."
 
 
 # ----------------------------------------------------------------------------- real Ray

@@ -1,0 +1,54 @@
+"""The argparse commands (runner, analysis) in the trainer's error style: one line
+`error: ...`, exit code 2.
+
+Plain argparse differs in three ways that mislead: it prints its usage above the error;
+it takes any unambiguous prefix of an option, so the runner would read a trainer-style
+`--seed=3` as `--seeds=3` (three seeds, not seed 3); and it reports a missing required
+argument before an unknown one, so a misspelled `--result_dir=...` reads as "required:
+--results_dir". Here prefixes are refused and an unknown option is reported first, with
+the closest known one.
+"""
+
+import argparse
+import difflib
+import os
+import re
+import sys
+
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")     # a negative number is a value, not an option
+
+
+def fail(message, code=2):
+    """Print `error: message` on stderr and exit with `code`."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def not_a_folder(path):
+    """Why `path` cannot be read as a folder, in a few words."""
+    return f"{path} is a file, not a folder" if os.path.exists(path) else f"no such folder: {path}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse.ArgumentParser with one-line errors, no option prefixes, unknown options first."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        fail(message)
+
+    def parse_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        known = [option for action in self._actions for option in action.option_strings]
+        for arg in args:
+            if arg == "--":
+                break
+            name = arg.split("=", 1)[0]
+            if arg.startswith("-") and arg != "-" and not _NUMBER.match(arg) and name not in known:
+                bare = {option.lstrip("-"): option for action in self._actions
+                        if action.help != argparse.SUPPRESS for option in action.option_strings}
+                close = difflib.get_close_matches(name.lstrip("-"), bare, n=1)
+                self.error(f"unrecognized argument {arg}" + (f"; did you mean {bare[close[0]]}?" if close else ""))
+        return super().parse_args(args, namespace)
