@@ -8,7 +8,8 @@
 # Ray (from requirements.txt) makes a container a node of a sweep cluster (deploy/, docs/sweeps.md):
 #   docker run --rm --gpus all --network host --shm-size=8g -v /shared:/shared resnet-cifar ray start --head --block
 #   docker run --rm --gpus all --network host --shm-size=8g -v /shared:/shared resnet-cifar ray start --address=HEAD:6379 --block
-# docker/check_image.sh builds this image and runs these commands in it.
+# docker/check_image.sh builds this image and runs the help, a short --flag_noconv_l2 run and
+# prepare-cifar10 without a network in it (docs/container.md).
 FROM tensorflow/tensorflow:2.21.0-gpu
 
 # TensorFlow's images are built with Python 3.11 (tensorflow/tools/dockerfiles); the pins

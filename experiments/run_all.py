@@ -10,7 +10,7 @@ Each run is one `python -m resnet_cifar.train` process (flags from
 experiments/<preset>/<run>.flags, then the grid values, then the arguments after
 `--`), started by a Ray task into RESULTS[/<flag>=<value>,...]/<run>/seed_<k>/ with its
 output in train.log there. Re-running the same command skips finished runs and
-resumes interrupted ones. See `--help` and the README ("Sweeps").
+resumes interrupted ones. See `--help` and docs/sweeps.md.
 """
 
 import argparse

@@ -155,6 +155,9 @@ def open_run(config):
         lock = run_lock.acquire(d)
     except run_lock.RunLocked as e:
         raise config_lib.ConfigError(str(e)) from None
+    except IsADirectoryError:        # no process of this project takes a folder as its lock
+        raise config_lib.ConfigError(f"--model_dir={d}: its lock file {run_lock.LOCK_FILE} is a folder: "
+                                     "remove that folder, then run again") from None
     except OSError as e:
         raise config_lib.ConfigError(f"--model_dir={d}: cannot take its lock {e.filename or run_lock.LOCK_FILE} "
                                      f"({e.strerror or e})") from None

@@ -13,7 +13,7 @@ import sys
 
 # oneDNN, TensorFlow's optimized CPU kernels, is decided when TensorFlow is imported,
 # and TF turns it on by default only on CPUs with AVX512_VNNI, AVX512_BF16 or AMX. This
-# model trained 2-3.5x faster with it than without (README, Speed), and bit-reproducibly
+# model trained 2-3.5x faster with it than without (docs/speed.md), and bit-reproducibly
 # under --deterministic; so it is on for every CPU, unless the user set the variable.
 # Nothing imported above pulls TensorFlow in (tests/test_train_cli.py checks).
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

@@ -46,7 +46,7 @@ def setup_threads(config):
 
 
 def use_xla(config):
-    """XLA pays on GPUs; on CPUs it made this model slower (see README, Speed)."""
+    """XLA pays on GPUs; on CPUs it made this model slower (see docs/speed.md)."""
     if config.jit_compile is not None:
         return config.jit_compile
     return bool(tf.config.list_physical_devices("GPU"))

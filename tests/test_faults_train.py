@@ -102,7 +102,7 @@ def _make_file(path):
     ("checkpoints is a file", "checkpoints is a file"),
     ("train is a file", "train is a file"),
     ("garbage npz", tags.CHANNEL_SQSUM_FILE),
-    ("lock is a folder", ".lock"),
+    ("lock is a folder", ".lock is a folder: remove that folder, then run again"),
 ])
 def test_a_damaged_run_folder_is_one_line(held, kind, needle):
     if kind == "checkpoints is a file":
