@@ -40,7 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")      # as the package: no C++
 
 from absl import app, flags  # noqa: E402
 
-from resnet_cifar import atomic, cifar_data  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
+from resnet_cifar import atomic, cifar_data, command_line  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("data_source", "synthetic", list(cifar_data.SOURCES), "Data for all measurements.")
@@ -375,4 +375,4 @@ def report(r):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: command_line.parse_absl(flags.FLAGS, argv))

@@ -1,5 +1,5 @@
 """The argparse commands (runner, analysis) in the trainer's error style: one line
-`error: ...`, exit code 2.
+`error: ...`, exit code 2; and absl's help (trainer, benchmark) as a success.
 
 Plain argparse differs in three ways that mislead: it prints its usage above the error;
 it takes any unambiguous prefix of an option, so the runner would read a trainer-style
@@ -22,6 +22,21 @@ def fail(message, code=2):
     """Print `error: message` on stderr and exit with `code`."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def parse_absl(flag_values, argv):
+    """`flag_values(argv)` (absl) with -h as --help (absl knows -? only), and exit code 0 after
+    --help, --helpshort, --helpfull or --helpxml: absl exits 1 there, the help asked for is a success."""
+    argv = [argv[0]] + ["--help" if arg == "-h" else arg for arg in argv[1:]]
+    try:
+        return flag_values(argv)
+    except SystemExit as e:
+        if e.code == 1:
+            sys.exit(0)
+        raise
+    except BrokenPipeError:          # the help piped into `head`, which stopped reading: done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 def not_a_folder(path):

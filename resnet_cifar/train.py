@@ -21,7 +21,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 from absl import app, flags, logging
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import fidelity, interrupt
+from resnet_cifar import command_line, fidelity, interrupt
 
 FLAGS = flags.FLAGS
 
@@ -136,7 +136,7 @@ def fail(message, code=2):
 def parse_flags(argv):
     """absl parsing with a one-line error instead of absl's usage dump."""
     try:
-        return FLAGS(argv)
+        return command_line.parse_absl(FLAGS, argv)
     except flags.Error as e:
         # a validator's "flag --x=v: must ..." as TrainConfig says it: "--x=v must ..."
         fail(re.sub(r"^flag (--\S+): must ", r"\1 must ", str(e).splitlines()[0].removeprefix("ERROR:: ")))

@@ -141,6 +141,27 @@ def test_missing_model_dir_flag():
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --model_dir is required"]
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_exits_0(flag):
+    """The help asked for is a success (absl itself exits 1 after it); -h is --help."""
+    r = train_cli(flag, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--model_dir" in r.stdout and "--[no]flag_noconv_l2" in r.stdout and "Traceback" not in r.stderr
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`... --help | head -1`: the reader is gone before the help is written (EPIPE);
+    no error line (it once read "cannot read flagfile None: Broken pipe") and exit code 0."""
+    read, write = os.pipe()
+    os.close(read)                          # closed before the child writes a byte
+    try:
+        r = subprocess.run([sys.executable, "-m", "resnet_cifar.train", "--help"], cwd=ROOT, env=env(2),
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------- real steps
 
 
