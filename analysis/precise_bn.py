@@ -35,7 +35,7 @@ from analysis import output
 from resnet_cifar import atomic, cifar_data, events, fidelity, tags
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
-RESULT_FILE = "precise_bn.json"
+RESULT_FILE = tags.PRECISE_BN_FILE
 DEFAULT_BN_BATCHES = 100
 SEED = 12345            # of the training stream the statistics are drawn from
 

@@ -11,6 +11,7 @@ or not, with a fresh one (other files in the folder stay). Files are written ato
 """
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -202,9 +203,12 @@ def _norm(value):
 
 
 def clear(d):
-    """Removes what a run wrote (and only that) from its folder, whatever kind each part is."""
+    """Removes what a run wrote (and only that) from its folder, whatever kind each part is;
+    with it the precise-BN results of its weights, which a new run of the same length would
+    otherwise pass for its own."""
+    others = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(d), tags.PRECISE_BN_OTHER))]
     for name in (tags.TRAIN_DIR, tags.VALIDATION_DIR, CHECKPOINTS, tags.RUN_CONFIG_FILE, tags.DONE_FILE,
-                 tags.CHANNEL_SQSUM_FILE, tags.FINAL_WEIGHTS_FILE):
+                 tags.CHANNEL_SQSUM_FILE, tags.FINAL_WEIGHTS_FILE, tags.PRECISE_BN_FILE, *others):
         path = os.path.join(d, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)

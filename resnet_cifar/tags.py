@@ -62,3 +62,5 @@ CHECKPOINTS_DIR = "checkpoints"    # a run folder's checkpoints (the last two ep
 DONE_FILE = "done.json"            # written when a run has finished all its epochs
 CHANNEL_SQSUM_FILE = "conv_channel_sqsum.npz"   # per-output-channel conv sums of squares by epoch
 FINAL_WEIGHTS_FILE = "final.weights.h5"         # the finished model's weights (Keras), about 1 MB
+PRECISE_BN_FILE = "precise_bn.json"    # analysis.precise_bn's result on the run's data;
+PRECISE_BN_OTHER = "precise_bn.*.json"  # and on other data sources (glob)

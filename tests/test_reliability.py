@@ -416,6 +416,9 @@ def test_other_flags_are_refused_naming_them(data, finished_run, held_run):
 def test_overwrite_replaces_the_run(data, finished_run):
     with open(os.path.join(finished_run, "notes.txt"), "w") as f:   # not the run's: must survive
         f.write("mine")
+    for name in ("precise_bn.json", "precise_bn.tfds.json"):        # results of the old weights: go
+        with open(os.path.join(finished_run, name), "w") as f:
+            f.write('{"epoch": 2, "precise_bn": 0.5}')
     old_events = set(os.listdir(os.path.join(finished_run, tags.TRAIN_DIR)))
     r = run_cli(*train_args(finished_run, data, weight_decay=1e-4, train_epochs=2), "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -429,6 +432,8 @@ def test_overwrite_replaces_the_run(data, finished_run):
     assert_every_epoch_once(curves(finished_run), epochs=2)
     with open(os.path.join(finished_run, "notes.txt")) as f:
         assert f.read() == "mine"
+    assert not os.path.exists(os.path.join(finished_run, "precise_bn.json"))
+    assert not os.path.exists(os.path.join(finished_run, "precise_bn.tfds.json"))
 
 
 def test_unwritable_model_dir(data, tmp_path):
