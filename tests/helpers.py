@@ -221,6 +221,18 @@ def fabricate_baseline(path, done=True, with_sqsum=True, epochs=BASELINE_EPOCHS,
 BATCH = 8
 
 
+def hand_piecewise(e):
+    """The post's tf.where chain, transcribed literally (an independent copy of
+    fidelity.piecewise, which training and the figures share)."""
+    if e < 10.0:
+        return 1.0 - 0.05 * e
+    if e < 50.0:
+        return 0.5 - 0.0025 * (e - 10.0)
+    if e < 100.0:
+        return 0.4 + 0.006 * (e - 50.0)
+    return 0.7 + 0.001 * (e - 100.0)
+
+
 def make_model(steps_per_epoch=10, seed=1, **overrides):
     """A model built as training builds it (batch BATCH, no XLA), and its TrainConfig."""
     import keras

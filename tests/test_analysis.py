@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from analysis import angular, figures, make_figures, summary
 from resnet_cifar import events, fidelity, tags
-from tests.helpers import f32, python, write_events, write_run
+from tests.helpers import f32, hand_piecewise, python, write_events, write_run
 
 EPOCHS = 6
 PER_LAYER = "conv_lr_scale_per_layer"
@@ -157,12 +157,14 @@ def test_piecewise_figure_shows_the_fit_and_800_over_baseline_sqsum():
                                [1.0, 0.5, 0.45, 0.4, 0.55, 0.7, 0.75], atol=1e-12)
 
 
-def test_piecewise_np_agrees_with_the_trainers_tf_version():
-    """The figure must show the factor training applies (resnet_cifar.conv_scaling)."""
+def test_piecewise_of_the_figures_and_of_training_are_the_posts():
+    """The figure must show the factor training applies (resnet_cifar.conv_scaling): both
+    against a literal transcription of the post's chain, on a fine grid across its breaks."""
     conv_scaling = pytest.importorskip("resnet_cifar.conv_scaling")
     epochs = np.linspace(0.0, 160.0, 1601)
-    np.testing.assert_allclose(figures.piecewise_np(epochs),
-                               conv_scaling.piecewise(epochs).numpy(), atol=1e-6)
+    want = np.array([hand_piecewise(e) for e in epochs])
+    np.testing.assert_allclose(figures.piecewise_np(epochs), want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(conv_scaling.piecewise(epochs).numpy(), want, rtol=0, atol=1e-6)   # float32
 
 
 # Which runs each figure shows, in order (the per-layer run stands for "other runs").

@@ -15,7 +15,7 @@ import pytest
 
 from analysis import claims, figures
 from resnet_cifar import fidelity, tags
-from tests.helpers import ROOT, python, write_run
+from tests.helpers import ROOT, hand_piecewise, python, write_run
 
 EPOCHS = fidelity.TRAIN_EPOCHS
 ZIGZAG_ACC = 0.001       # ±0.1 points of test accuracy, epoch to epoch
@@ -39,7 +39,8 @@ def curves(name, levels, epochs=EPOCHS):
     e1 = np.arange(1, epochs + 1)
     e0 = np.arange(0, epochs + 1)
     accuracy = np.where(e1 <= 50, phase1, final) + ZIGZAG_ACC * (-1.0) ** e1
-    sqsum = {"baseline": fidelity.INITIAL_CONV_SQSUM / figures.piecewise_np(e0),
+    # The baseline's conv_sqsum is 3% above 800 / piecewise (hand transcription of the post's fit).
+    sqsum = {"baseline": 1.03 * 800 / np.array([hand_piecewise(e) for e in e0]),
              "noconv_l2": 800 * (1 + e0 / 10)}.get(name, 800 * np.exp(e0 / 30))
     step = 0.01 / (1 + e1 / 10) if name == "noconv_l2" else 0.01 * (1.0 if name == "baseline" else 1.05)
     train = {tags.EPOCH_LOSS: (e1, zigzag(train_loss, ZIGZAG_LOSS, epochs)),
@@ -91,7 +92,7 @@ def test_ratios_by_hand(post_like):
     assert f"{sqsum['noconv_l2'] / sqsum['baseline']:.3g}x" in post_like["noconv_sqsum"].measured
     assert f"{sqsum['conv_lr_scale'] / sqsum['baseline']:.3g}x" in post_like["scale_sqsum"].measured
     assert "median |ratio-1| 5.0%" in post_like["scale_relative_step"].measured
-    assert "median |ratio-1| 0.0%" in post_like["piecewise_fit"].measured
+    assert "median |ratio-1| 3.0%, max 3.0%" in post_like["piecewise_fit"].measured
 
 
 @pytest.mark.parametrize("final, verdict", [(0.925, claims.FAILS), (0.911, claims.NOISE),
@@ -167,7 +168,7 @@ def test_post_table_sets_the_posts_words_beside_the_runs_final_numbers(tmp_path)
         acc = final + ZIGZAG_ACC * (-1.0) ** last
         train = train_loss + ZIGZAG_LOSS * (-1.0) ** (last - 1)
         test = test_loss + ZIGZAG_LOSS * (-1.0) ** (last - 1)
-        sqsum = {"baseline": fidelity.INITIAL_CONV_SQSUM / figures.piecewise_np(np.array([EPOCHS]))[0],
+        sqsum = {"baseline": 1.03 * 800 / hand_piecewise(EPOCHS),
                  "noconv_l2": 800 * (1 + EPOCHS / 10)}.get(name, 800 * math.exp(EPOCHS / 30))
         row = next(line for line in table.splitlines() if line.startswith(f"| {figures.label_of(name)} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]

@@ -116,6 +116,16 @@ def test_piecewise_refused_outside_the_post(overrides, names):
                            replay_from="/b", **overrides)
 
 
+@pytest.mark.parametrize("size", DEPTHS)
+def test_the_trainers_piecewise_factor_takes_the_models_normalizer(built, size):
+    """for_model, as the trainer builds the factor: the normalizer is the model's sum of
+    output channels (hand-counted: 800 for ResNet-20, 1248 for ResNet-32, ...)."""
+    from resnet_cifar import conv_scaling
+
+    factor = conv_scaling.for_model("piecewise", None, built[size])
+    assert factor.initial_conv_sqsum == sum(co for _, _, co in hand_convs(size))
+
+
 def test_piecewise_normalizer_is_the_models_expectation():
     from resnet_cifar import conv_scaling
     import tensorflow as tf

@@ -481,6 +481,16 @@ def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
     assert snapshot(fresh) == {}
 
 
+def test_too_little_free_disk_through_the_command(data, tmp_path):
+    """The same refusal by `python -m resnet_cifar.train` on a real 32 MB disk: one line, exit
+    code 2, and the run folder is not made."""
+    with tmpfs(tmp_path / "disk", "32m") as mount:
+        model_dir = mount / "run"
+        r = run_cli(*train_args(str(model_dir), data), timeout=120)
+        one_error_line(r, 2, str(model_dir), "MB free", "needs 100 MB")
+        assert not model_dir.exists()
+
+
 @pytest.mark.parametrize("content", ["{not json", "", "[1, 2]", '{"nothing": 1}', '{"config": 3}',
                                      '{"config": "x"}', '{"config": [1]}'])
 def test_corrupt_run_config_is_a_clear_error(data, finished_run, content):

@@ -271,7 +271,7 @@ def test_cli_writes_theory_tables_and_level_lines(tmp_path):
     with open(out / "theory.csv") as f:
         table = {(r["name"], int(r["phase"])): r for r in csv.DictReader(f)}
     assert len(table) == 6
-    predicted = [theory.equilibrium_relative_step(lr, 2e-4, 0.9) for lr in (0.1, 0.01)]
+    predicted = [math.sqrt(2 * lr * 2e-4 / (1 + 0.9)) for lr in (0.1, 0.01)]    # sqrt(2·lr·wd/(1+m))
     for phase, epoch in ((0, 5), (1, 10)):   # one-epoch late windows: epochs 5 and 10
         base = table[(figures.BASELINE, phase)]
         seeds = [f32(rel)[epoch - 1] for rel, _ in logs[figures.BASELINE]]

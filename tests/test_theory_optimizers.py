@@ -51,7 +51,7 @@ def test_adamw_equilibrium_angular_update_matches_simulation(lr, wd):
 
 def test_per_optimizer_predictions():
     lr, wd = 0.1, 2e-4
-    assert theory.equilibrium_angular_update("momentum", lr, wd) == theory.equilibrium_relative_step(lr, wd)
+    assert theory.equilibrium_angular_update("momentum", lr, wd) == pytest.approx(math.sqrt(2 * lr * wd / 1.9))
     assert theory.equilibrium_angular_update("adam", 1e-3, wd) is None
     assert theory.equilibrium_angular_update("adamw", 1e-3, 0.01) == pytest.approx(
         math.sqrt(2 * 1e-3 * 0.01 * 0.1 / 1.9))

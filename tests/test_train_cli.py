@@ -215,6 +215,14 @@ def test_event_files_contain_every_documented_tag(short_run):
     # The total is the sum of the per-layer values; the rate drops at epoch 3 (0.1*32/128 = 0.025).
     per_layer = sum(events.read_scalars(str(model_dir), tags.per_layer(tags.CONV_SQSUM, n))[1] for n in LAYERS)
     np.testing.assert_allclose(per_layer, sqsum, rtol=1e-5)
+    # Each layer's last logged value is NumPy's sum of squares of the final weights' kernel of
+    # that name (float32 sums of up to 37k squares: relative error far below 1e-5).
+    model = models.build_resnet()
+    model.load_weights(str(model_dir / tags.FINAL_WEIGHTS_FILE))
+    for layer in models.conv_layers(model):
+        _, logged = events.read_scalars(str(model_dir), tags.per_layer(tags.CONV_SQSUM, layer.name))
+        want = float(np.sum(layer.kernel.numpy().astype(np.float64) ** 2))
+        assert logged[-1] == pytest.approx(want, rel=1e-5), layer.name
     _, lr = events.read_scalars(str(model_dir), tags.LEARNING_RATE)
     np.testing.assert_allclose(lr, [0.025, 0.025, 0.025, 0.025, 0.0025], rtol=1e-6)
 
