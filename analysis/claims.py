@@ -43,6 +43,7 @@ import numpy as np
 
 from analysis import figures
 from resnet_cifar import events, fidelity, tags
+from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser
 
 SEED_STD_ACCURACY = 0.2    # points: seed-to-seed std of a run's final test accuracy (see above)
@@ -331,4 +332,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_line.run(main)

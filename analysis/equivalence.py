@@ -37,6 +37,7 @@ from matplotlib.ticker import PercentFormatter
 
 from analysis import figures, output, precise_bn, replay_match
 from resnet_cifar import events, tags
+from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
 from resnet_cifar.runs import REPLAY_GRANULARITY
 
@@ -278,4 +279,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_line.run(main)

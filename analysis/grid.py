@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from analysis import figures, output
 from resnet_cifar import events, tags
 from resnet_cifar.atomic import atomic_open
+from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
 Point = Tuple[Tuple[str, str], ...]    # ((flag, value), ...) in folder-name order
@@ -198,4 +199,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    command_line.run(main)

@@ -23,6 +23,7 @@ from typing import Dict, List
 from analysis import angular, figures, grid, output, replay_match, summary, theory
 from resnet_cifar import events, tags
 from resnet_cifar import runs as run_registry
+from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser
 
 EXIT_NO_RUNS = 2
@@ -179,4 +180,4 @@ def grid_main(results_dir: str, points, out, fail) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_line.run(main)

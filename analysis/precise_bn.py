@@ -33,6 +33,7 @@ import numpy as np
 
 from analysis import output
 from resnet_cifar import atomic, cifar_data, events, fidelity, tags
+from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
 RESULT_FILE = tags.PRECISE_BN_FILE
@@ -351,4 +352,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command_line.run(main)

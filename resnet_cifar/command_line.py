@@ -39,6 +39,21 @@ def parse_absl(flag_values, argv):
         sys.exit(0)
 
 
+def run(main):
+    """`sys.exit(main())` for a command: Ctrl-C is one line (exit code 130), and output into a
+    pipe whose reader has gone (`... | head`) ends quietly (exit code 1), not in a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        code = 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        code = 1
+    sys.exit(code)
+
+
 def not_a_folder(path):
     """Why `path` cannot be read as a folder, in a few words."""
     return f"{path} is a file, not a folder" if os.path.exists(path) else f"no such folder: {path}"

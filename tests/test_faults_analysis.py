@@ -215,3 +215,25 @@ def test_analysis_argument_errors_are_one_line_exit_2(name, typo, option, tmp_pa
     assert error([str(tmp_path / "nothing")]) == f"error: no such folder: {tmp_path / 'nothing'}"
     if name != "claims":                                     # the commands that write files
         assert error([str(tmp_path), f"--out={a_file}"]) == f"error: --out={a_file} is a file, not a folder"
+
+
+
+@pytest.mark.parametrize("name", ["claims", "make_figures"])
+def test_output_into_a_pipe_whose_reader_has_gone_is_quiet(name, run, tmp_path):
+    """`python -m analysis.X RESULTS | head`: once the reader is gone (here before the first
+    byte), the command ends with exit code 1 and nothing on stderr, not a BrokenPipeError
+    traceback."""
+    import subprocess
+    import sys
+
+    from tests.helpers import env
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", f"analysis.{name}", os.path.dirname(run)]
+                           + (["--out", str(tmp_path / "figures")] if name == "make_figures" else []),
+                           cwd=ROOT, env=env(2), stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr[-2000:]
