@@ -1,5 +1,6 @@
-"""The argparse commands (runner, analysis) in the trainer's error style: one line
-`error: ...`, exit code 2; and absl's help (trainer, benchmark) as a success.
+"""What the commands share: the argparse ones (runner, analysis) in the trainer's error
+style, one line `error: ...` and exit code 2; absl's help (trainer, benchmark) as a
+success; `run`, the analysis commands' ending on Ctrl-C or a closed output pipe.
 
 Plain argparse differs in three ways that mislead: it prints its usage above the error;
 it takes any unambiguous prefix of an option, so the runner would read a trainer-style
