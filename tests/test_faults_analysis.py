@@ -175,6 +175,12 @@ def test_every_named_command_runs_as_one(module):
     assert "--" in r.stdout and len(r.stdout) > 200, (module, r.stdout, r.stderr[-2000:])
 
 
+@pytest.mark.parametrize("module", named_commands())
+def test_every_named_command_refuses_an_unknown_flag_in_one_line(module):
+    r = command(module, "--no_such_flag=1", timeout=120)
+    one_error_line(r, 2, "no_such_flag")
+
+
 def test_analysis_grid_draws_the_grid(finished, tmp_path):
     results = tmp_path / "results"
     for wd in ("1e-4", "2e-4"):
