@@ -27,6 +27,7 @@ processes on one device.
     python -m experiments.benchmark --data_source=binary --data_dir=DIR
 """
 
+import functools
 import json
 import os
 import platform
@@ -374,13 +375,5 @@ def report(r):
         print(f"{n} concurrent runs on one GPU, total: {v:,.0f} images/s")
 
 
-def parse_flags(argv):
-    """absl parsing with the help as a success and a bad flag as one line (exit code 2)."""
-    try:
-        return command_line.parse_absl(FLAGS, argv)
-    except flags.Error as e:
-        command_line.fail(str(e).splitlines()[0].removeprefix("ERROR:: "))
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=functools.partial(command_line.parse_absl, FLAGS))

@@ -20,14 +20,25 @@ _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")     # a negative number is a value, 
 
 
 def fail(message, code=2):
-    """Print `error: message` on stderr and exit with `code`."""
+    """Print `error: message` on stderr, on one line whatever a library's text held, and exit
+    with `code`."""
+    message = " ".join(str(message).split())
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
+def _stdout_to_devnull():
+    """After a BrokenPipeError: nothing more to write, and no second error when Python exits."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def parse_absl(flag_values, argv):
-    """`flag_values(argv)` (absl) with -h as --help (absl knows -? only), and exit code 0 after
-    --help, --helpshort, --helpfull or --helpxml: absl exits 1 there, the help asked for is a success."""
+    """`flag_values(argv)` (absl) as the absl commands' (trainer, benchmark) `flags_parser`:
+    a bad flag or flagfile is one line `error: ...` (exit code 2) instead of absl's usage dump;
+    -h is --help (absl knows -? only); and --help, --helpshort, --helpfull or --helpxml exit
+    with 0: absl exits 1 there, the help asked for is a success."""
+    from absl import flags
+
     argv = [argv[0]] + ["--help" if arg == "-h" else arg for arg in argv[1:]]
     try:
         return flag_values(argv)
@@ -36,8 +47,16 @@ def parse_absl(flag_values, argv):
             sys.exit(0)
         raise
     except BrokenPipeError:          # the help piped into `head`, which stopped reading: done
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_to_devnull()
         sys.exit(0)
+    except flags.Error as e:
+        # a validator's "flag --x=v: must ..." as TrainConfig says it: "--x=v must ..."
+        fail(re.sub(r"^flag (--\S+): must ", r"\1 must ", str(e).splitlines()[0].removeprefix("ERROR:: ")))
+    except UnicodeDecodeError as e:  # a flagfile that is not text
+        names = [a.split("=", 1)[1] for a in argv if a.startswith(("--flagfile=", "-flagfile="))]
+        fail(f"--flagfile={','.join(names) or '?'}: not UTF-8 text ({e.reason} at byte {e.start})")
+    except OSError as e:             # a flagfile that is a folder, unreadable, ...
+        fail(f"cannot read flagfile {e.filename}: {e.strerror or e}")
 
 
 def run(main):
@@ -50,7 +69,7 @@ def run(main):
         print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         code = 130
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        _stdout_to_devnull()
         code = 1
     sys.exit(code)
 

@@ -7,8 +7,8 @@ or diverged run ends with one line on stderr and a non-zero exit code.
 
 import copy
 import dataclasses
+import functools
 import os
-import re
 import sys
 
 # oneDNN, TensorFlow's optimized CPU kernels, is decided when TensorFlow is imported,
@@ -22,6 +22,7 @@ from absl import app, flags, logging
 
 from resnet_cifar import config as config_lib
 from resnet_cifar import command_line, fidelity, interrupt
+from resnet_cifar.command_line import fail
 
 FLAGS = flags.FLAGS
 
@@ -127,26 +128,6 @@ def parsed_copy(argv):
     return private
 
 
-def fail(message, code=2):
-    message = " ".join(str(message).split())      # one line, whatever a library's text held
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def parse_flags(argv):
-    """absl parsing with a one-line error instead of absl's usage dump."""
-    try:
-        return command_line.parse_absl(FLAGS, argv)
-    except flags.Error as e:
-        # a validator's "flag --x=v: must ..." as TrainConfig says it: "--x=v must ..."
-        fail(re.sub(r"^flag (--\S+): must ", r"\1 must ", str(e).splitlines()[0].removeprefix("ERROR:: ")))
-    except UnicodeDecodeError as e:          # a flagfile that is not text
-        names = [a.split("=", 1)[1] for a in argv if a.startswith(("--flagfile=", "-flagfile="))]
-        fail(f"--flagfile={','.join(names) or '?'}: not UTF-8 text ({e.reason} at byte {e.start})")
-    except OSError as e:                     # a flagfile that is a folder, unreadable, ...
-        fail(f"cannot read flagfile {e.filename}: {e.strerror or e}")
-
-
 def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -188,7 +169,7 @@ def run():
     training, and `trainer` says where training stopped (`Interrupted.message`)."""
     with interrupt.handlers():
         try:
-            app.run(main, flags_parser=parse_flags)
+            app.run(main, flags_parser=functools.partial(command_line.parse_absl, FLAGS))
         except interrupt.Interrupted as e:
             print(getattr(e, "message", f"stopped by {e.name} before training started"),
                   file=sys.stderr, flush=True)
