@@ -4,7 +4,7 @@ import statistics
 import time
 from typing import Dict, Optional, Sequence
 
-from experiments.plan import Run
+from experiments.plan import Run, checkpoint_epoch
 from resnet_cifar.console import hms
 
 
@@ -14,6 +14,9 @@ class Progress:
     def __init__(self, runs: Sequence[Run], done_before: Sequence[str], log=print, every: float = 30.0):
         self.runs = {r.label: r for r in runs}
         self.status = {r.label: ("done" if r.label in done_before else "waiting") for r in runs}
+        # Epochs each unfinished run still has to train: a waiting run may resume from a checkpoint.
+        self.epochs_left = {r.label: r.train_epochs - checkpoint_epoch(r.run_dir)
+                            for r in runs if r.label not in done_before}
         self.results: Dict[str, dict] = {}
         self.board: Dict[str, dict] = {}
         self.log = log
@@ -26,7 +29,9 @@ class Progress:
         self.results[label] = result
         self.status[label] = result["status"]
         if result["status"] == "done":
-            self.log(f"done     {label} ({hms(result.get('seconds', 0))}"
+            trained = (f"; {result['epochs']} epochs, {result['epoch_seconds']:.0f} s each"
+                       if result.get("epochs") and result.get("epoch_seconds") else "")
+            self.log(f"done     {label} ({hms(result.get('seconds', 0))}{trained}"
                      + (f", {result['note']})" if result.get("note") else ")"))
         else:
             self.log(f"{result['status']:<8} {label}: {describe(result)}")
@@ -45,35 +50,35 @@ class Progress:
         return out
 
     def eta(self) -> Optional[float]:
-        """Seconds left: the running runs' remaining epochs plus the waiting runs, spread over
-        as many runs at once as are running now; None until some run has timed an epoch."""
+        """Seconds left: the running runs' remaining epochs plus the waiting runs' (from their
+        checkpoints on), spread over as many runs at once as are running now; None until some
+        run has timed an epoch. Seconds per epoch: the finished runs' (over the epochs they
+        trained here, since a resumed run's duration is not a whole run's), else the running
+        runs'."""
         now = time.time()
-        durations = [r["seconds"] for r in self.results.values() if r["status"] == "done" and "note" not in r
-                     and r.get("seconds")]
-        rates, left = [], []
+        finished = [r["epoch_seconds"] for r in self.results.values()
+                    if r["status"] == "done" and "note" not in r and r.get("epoch_seconds")]
+        rates, left, untimed = [], [], 0     # untimed: epochs left of runs not timed yet
         for label, state in self.status.items():
             info = self.board.get(label, {})
-            if state != "running" or not info.get("epoch_time"):
+            if state == "waiting":
+                untimed += self.epochs_left[label]
+            if state != "running":
                 continue
-            epochs = info["epoch"] - info["first_epoch"]
-            if epochs > 0:
+            epochs = info.get("epoch", 0) - info.get("first_epoch", 0)
+            if info.get("epoch_time") and epochs > 0:
                 rate = (info["epoch_time"] - info["since"]) / epochs
-                rates.append((rate, self.runs[label].train_epochs))
-                left.append(rate * (self.runs[label].train_epochs - info["epoch"])
-                            - (now - info["epoch_time"]))
-        if durations:
-            per_run = statistics.median(durations)
-        elif rates:
-            per_run = statistics.median(rate * total for rate, total in rates)
-        else:
+                rates.append(rate)
+                left.append(max(rate * (self.runs[label].train_epochs - info["epoch"])
+                                - (now - info["epoch_time"]), 0.0))
+            else:
+                untimed += (self.runs[label].train_epochs - info["epoch"]) if "epoch" in info \
+                    else self.epochs_left[label]
+        if not (finished or rates):
             return None
+        work = sum(left) + statistics.median(finished or rates) * untimed
         running = sum(s == "running" for s in self.status.values())
-        waiting = sum(s == "waiting" for s in self.status.values())
-        left_running = [max(x, 0.0) for x in left]
-        # Running runs without a timed epoch yet count as a whole run.
-        untimed = running - len(left_running)
-        work = sum(left_running) + (untimed + waiting) * per_run
-        return max(max(left_running, default=0.0), work / max(running, 1))
+        return max(max(left, default=0.0), work / max(running, 1))
 
     def table(self, force: bool = False) -> None:
         shown = (tuple(sorted(self.status.items())),

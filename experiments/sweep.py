@@ -105,7 +105,8 @@ def train_run(run: Run, board, *baseline):
         with open(log_path, "a") as log:
             proc = subprocess.Popen(run.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=_die_with(os.getpid()))
-        epoch = checkpoint_epoch(run.run_dir)
+        epoch = first_epoch = checkpoint_epoch(run.run_dir)
+        spawned = time.time()
         board.update.remote(run.label, state="running", node=node, pid=proc.pid,
                             epoch=epoch, since=time.time(), first_epoch=epoch, epoch_time=None)
         try:
@@ -126,7 +127,9 @@ def train_run(run: Run, board, *baseline):
             f.seek(offset)
             out = f.read()
         if code == 0 and events.is_done(run.run_dir):
-            return _result(run, "done", node=node, seconds=time.time() - start)
+            trained = run.train_epochs - first_epoch          # fewer than all when it resumed
+            return _result(run, "done", node=node, seconds=time.time() - start, epochs=trained,
+                           epoch_seconds=(time.time() - spawned) / trained if trained > 0 else None)
         if code == 2 and run_lock.holder(run.run_dir):
             continue                     # another trainer took the folder first: wait for it
         if code < 0 or code == 128 + signal.SIGTERM:

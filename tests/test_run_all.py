@@ -25,7 +25,7 @@ from experiments import plan, run_all, sweep
 from experiments.progress import Progress
 from experiments.progress import clock as progress_clock
 from resnet_cifar import config as config_lib
-from resnet_cifar import events, run_lock, tags
+from resnet_cifar import checkpoints, events, run_lock, tags
 from tests.helpers import ROOT, TINY, assert_same_curves, parse
 
 ALL_RUNS = list(plan.POST_RUNS) + ["conv_lr_scale_per_layer"]
@@ -207,10 +207,35 @@ def test_progress_eta_and_table_on_change():
     assert re.match(r"  running +a/seed_0 +epoch 4/10 on 10\.0\.0\.1$", lines[1]), lines
     progress.table()                      # nothing changed (and too soon): no new lines
     assert len(lines) == 2
-    progress.finish("a/seed_0", dict(label="a/seed_0", status="done", seconds=90.0))
-    assert lines[-1] == "done     a/seed_0 (0:01:30)"
-    # A finished run's duration is the estimate for the waiting ones.
-    assert progress.eta() == pytest.approx(2 * 90, abs=1.0)
+    progress.finish("a/seed_0", dict(label="a/seed_0", status="done", seconds=90.0, epochs=10, epoch_seconds=9.0))
+    assert lines[-1] == "done     a/seed_0 (0:01:30; 10 epochs, 9 s each)"
+    # A finished run's seconds per epoch is the estimate for the waiting ones: 2 x 10 epochs x 9 s.
+    assert progress.eta() == pytest.approx(2 * 10 * 9, abs=1.0)
+
+
+def test_progress_eta_counts_resumed_runs_by_their_epochs_left(tmp_path):
+    # The campaign's case: the baseline finished before; NoConvL2 resumes at epoch 110 of 150,
+    # finishes after 40 epochs of 100 s (1 hour 7 min); two runs of 150 epochs wait.
+    names = ("baseline", "noconv_l2", "conv_lr_scale", "conv_lr_scale_bn098")
+    runs = [plan.Run(n, 0, (), str(tmp_path / n), (), 150) for n in names]
+    ckpts = tmp_path / "noconv_l2" / tags.CHECKPOINTS_DIR
+    ckpts.mkdir(parents=True)
+    (ckpts / checkpoints.INDEX_FILE).write_text('model_checkpoint_path: "ckpt-110"\n')
+    progress = Progress(runs, ["baseline/seed_0"], log=[].append, every=3600)
+    now = time.time()
+    progress.update({"noconv_l2/seed_0": dict(state="running", epoch=110, first_epoch=110, since=now,
+                                              epoch_time=None)})
+    # Before its first epoch ends nothing is timed yet.
+    assert progress.eta() is None
+    progress.update({"noconv_l2/seed_0": dict(state="running", epoch=112, first_epoch=110, since=now - 200,
+                                              epoch_time=now)})
+    assert progress.eta() == pytest.approx((38 + 150 + 150) * 100, abs=1.0)
+    progress.finish("noconv_l2/seed_0", dict(label="noconv_l2/seed_0", status="done", seconds=4000.0,
+                                             epochs=40, epoch_seconds=100.0))
+    progress.update({"conv_lr_scale/seed_0": dict(state="running", epoch=0, first_epoch=0, since=now,
+                                                  epoch_time=None)})
+    # Its 4000 s are 40 epochs, not a whole run: two runs of 150 epochs at 100 s are left.
+    assert progress.eta() == pytest.approx(300 * 100, abs=1.0)
 
 
 def test_error_line_is_the_trainers_own():
@@ -271,6 +296,8 @@ def test_local_sweep_grid_seeds_and_replay_order(local_sweep):
     assert code == 0, out
     assert "4 of 4 runs finished" in out, out
     assert re.search(r"running +weight_decay=2e-4/baseline/seed_0 +epoch \d/2", out), out
+    # Each run's time per epoch reaches the runner from its Ray task (the ETA is made of it).
+    assert len(re.findall(r"\] done +\S+ \(\d+:\d\d:\d\d; 2 epochs, \d+ s each\)", out)) == 4, out
     for (wd, name), run_dir in sweep_dirs(results).items():
         assert events.is_complete(str(run_dir)), (run_dir, out)
         cfg = events.read_config(str(run_dir))
