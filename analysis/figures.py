@@ -46,7 +46,7 @@ Curves = Mapping[str, Sequence[Series]]   # run name -> one series per seed
 Configs = Mapping[str, Sequence[Mapping]]  # run name -> run_config.json "config", per seed
 Levels = Sequence[Tuple[float, float, float]]   # (start_epoch, end_epoch, value) per phase
 
-LEVEL_LABEL = "equilibrium sqrt(2·lr·wd/(1+m))"
+LEVEL_LABEL = "equilibrium with conv L2: sqrt(2·lr·wd/(1+m))"
 LEVEL_STYLE = dict(color="black", linestyle="--", linewidth=1.0)
 BOUNDARY_LABEL = "learning-rate boundary"
 BOUNDARY_STYLE = dict(color="gray", linestyle=":", linewidth=1.0)
@@ -58,6 +58,9 @@ CONV_SQSUM = "sum of squared conv weights"
 RELATIVE_STEP = "relative step ||Δw|| / ||w|| (mean over conv layers)"
 DATA_NAMES = {"binary": "CIFAR-10 (binary files)", "tfds": "CIFAR-10 (TFDS)",
               "synthetic": "synthetic random images"}
+# A run config key that names the data in place of DATA_NAMES (make_figures --data_name):
+# run_config.json records where the data came from, not whether those files are the official ones.
+DATA_NAME = "data_name"
 
 
 def note(message: str) -> None:
@@ -137,7 +140,8 @@ def _schedule(config: Mapping) -> str:
 def data_and_schedule(configs: Sequence[Mapping]) -> List[str]:
     """['<data>', '<schedule>'] of run configs; values they do not share joined by ' / '."""
     parts = []
-    for describe in (lambda c: DATA_NAMES.get(c.get("data_source"), str(c.get("data_source", "?"))),
+    for describe in (lambda c: c.get(DATA_NAME) or DATA_NAMES.get(c.get("data_source"),
+                                                                 str(c.get("data_source", "?"))),
                      _schedule):
         values = list(dict.fromkeys(describe(c) for c in configs))
         if values:

@@ -1,6 +1,6 @@
 """Draw the post's figures and the summary table from a results folder.
 
-    python -m analysis.make_figures RESULTS_DIR [--out DIR]
+    python -m analysis.make_figures RESULTS_DIR [--out DIR] [--data_name TEXT]
 
 RESULTS_DIR holds runs as `<name>/` or `<name>/seed_<k>/` (see `events.find_runs`);
 figures go to DIR (default RESULTS_DIR/figures) as NAME.png and NAME.svg, with
@@ -10,6 +10,9 @@ are drawn on a log scale with the predicted equilibrium level of each phase (fro
 the baseline's config) as dashed segments. Runs still training are drawn from what they
 logged so far and marked "(incomplete)" in legends and the table; missing runs are
 left out with a note, so the script is useful from the first finished run on.
+Subtitles name the data from the runs' configs ("CIFAR-10 (binary files)" for
+--data_source=binary); --data_name names it instead, for data the configs cannot tell
+apart (a re-encoded copy in the official layout).
 
 A grid sweep (`experiments.run_all --grid`, RESULTS/<flag>=<value>[,...]/<run>/seed_<k>/)
 gets all of the above per grid point in DIR/<flag>=<value>[,...]/, and in DIR the final
@@ -29,8 +32,9 @@ from resnet_cifar.command_line import ArgumentParser
 EXIT_NO_RUNS = 2
 
 
-def load_results(runs: Dict[str, List[str]]) -> Dict[str, List[events.Run]]:
-    """Read every run folder once; an unreadable one is skipped with a note."""
+def load_results(runs: Dict[str, List[str]], data_name: str = "") -> Dict[str, List[events.Run]]:
+    """Read every run folder once; an unreadable one is skipped with a note. `data_name`,
+    if given, names the data in every figure's subtitle (figures.DATA_NAME)."""
     loaded = {}
     for name, run_dirs in runs.items():
         for run_dir in run_dirs:
@@ -41,6 +45,8 @@ def load_results(runs: Dict[str, List[str]]) -> Dict[str, List[events.Run]]:
                 continue
             for damage in run.damaged:
                 figures.note(f"damaged event file {damage}; read up to the damage, run marked incomplete")
+            if data_name:
+                run.config = dict(run.config, **{figures.DATA_NAME: data_name})
             loaded.setdefault(name, []).append(run)
     return recognise(loaded)
 
@@ -120,6 +126,9 @@ def main(argv=None) -> int:
                         help="folder of runs: <name>/ or <name>/seed_<k>/, each with run_config.json")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output folder (default: RESULTS_DIR/figures)")
+    parser.add_argument("--data_name", metavar="TEXT", default="",
+                        help="the data's name in the figures' subtitles, in place of the one the run "
+                             "configs give (e.g. 'CIFAR-10, JPEG re-encoding'); for the figures only")
     args = parser.parse_args(argv)
 
     def fail(message: str, code: int) -> int:
@@ -135,11 +144,11 @@ def main(argv=None) -> int:
         return fail(str(e), EXIT_NO_RUNS)
     points = grid.find_points(args.results_dir) if not runs else {}
     if points:
-        return grid_main(args.results_dir, points, args.out, fail)
+        return grid_main(args.results_dir, points, args.out, fail, args.data_name)
     if not runs:
         return fail(f"no runs in {args.results_dir} (no run_config.json in it, "
                     f"its <name>/ or <name>/seed_<k>/ folders)", EXIT_NO_RUNS)
-    loaded = load_results(runs)
+    loaded = load_results(runs, args.data_name)
     if not loaded:
         return fail(f"no readable runs in {args.results_dir}", EXIT_NO_RUNS)
 
@@ -155,13 +164,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def grid_main(results_dir: str, points, out, fail) -> int:
+def grid_main(results_dir: str, points, out, fail, data_name: str = "") -> int:
     """A grid sweep: every point's figures and tables in OUT/<point>/, the grid figure in OUT."""
     out_dir = out or os.path.join(results_dir, "figures")
     loaded_points, written = {}, []
     try:
         for folder, point in points.items():
-            loaded = load_results(events.find_runs(os.path.join(results_dir, folder)))
+            loaded = load_results(events.find_runs(os.path.join(results_dir, folder)), data_name)
             if not loaded:
                 figures.note(f"skipped grid point {folder}: no readable runs")
                 continue

@@ -447,6 +447,25 @@ def test_cli_writes_every_figure_and_the_table(results, tmp_path):
     assert "ConvLRScale BN 0.98" in (out / "summary.md").read_text()
 
 
+def test_data_name_replaces_the_configs_data_in_every_subtitle(tmp_path):
+    # The configs say --data_source=binary, which the subtitles call "CIFAR-10 (binary files)";
+    # a copy re-encoded into that layout is named by --data_name, in every figure drawn.
+    rng = np.random.default_rng(7)
+    for name in ALL_NAMES:
+        write_run(str(tmp_path / "results" / name), *fake_logs(rng), {"data_source": "binary"},
+                  done=True, epochs=EPOCHS)
+    name = "CIFAR-10, JPEG q75 re-encoding"
+    root = str(tmp_path / "results")
+    assert make_figures.main([root, "--out", str(tmp_path / "named"), "--data_name", name]) == 0
+    assert make_figures.main([root, "--out", str(tmp_path / "plain")]) == 0
+    named = {p.name: p.read_text() for p in (tmp_path / "named").glob("*.svg")}
+    plain = {p.name: p.read_text() for p in (tmp_path / "plain").glob("*.svg")}
+    assert named.keys() == plain.keys() and len(named) >= len(figures.FIGURES), sorted(named)
+    for file in named:
+        assert name in named[file] and "binary files" not in named[file], file
+        assert "CIFAR-10 (binary files)" in plain[file] and name not in plain[file], file
+
+
 def test_cli_writes_no_figure_about_a_missing_run(tmp_path):
     rng = np.random.default_rng(5)
     root = tmp_path / "results"
