@@ -108,7 +108,7 @@ def train_run(run: Run, board, *baseline):
         epoch = first_epoch = checkpoint_epoch(run.run_dir)
         spawned = time.time()
         board.update.remote(run.label, state="running", node=node, pid=proc.pid,
-                            epoch=epoch, since=time.time(), first_epoch=epoch, epoch_time=None)
+                            epoch=epoch, since=spawned, first_epoch=epoch, epoch_time=None)
         try:
             while True:
                 try:
