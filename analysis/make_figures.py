@@ -5,7 +5,7 @@
 RESULTS_DIR holds runs as `<name>/` or `<name>/seed_<k>/` (see `events.find_runs`);
 figures go to DIR (default RESULTS_DIR/figures) as NAME.png and NAME.svg, with
 summary.md and summary.csv beside them, and the theory comparison theory.md,
-theory.csv and theory_per_layer.csv (analysis/theory.py). The relative-step figures
+theory.csv, theory_per_layer.csv and theory_growth.csv (analysis/theory.py). The relative-step figures
 are drawn on a log scale with the predicted equilibrium level of each phase (from
 the baseline's config) as dashed segments. Runs still training are drawn from what they
 logged so far and marked "(incomplete)" in legends and the table; missing runs are

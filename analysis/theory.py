@@ -13,6 +13,10 @@ theory.md, theory.csv and theory_per_layer.csv. See `equilibrium_relative_step`
 for the derivation and `equilibrium_time_constant` for how long reaching it takes
 (longer than most of the runs' phases: the table says so per phase).
 
+Runs without conv decay have no level to settle at: for them theory.md has a second
+table (and theory_growth.csv), their conv_sqsum's gain against the momentum growth
+law ||w||² += (1+m)/(1-m)·||dw||² per step (`growth_per_step`).
+
 What each optimizer's runs are predicted from is one entry of `THEORIES` (momentum,
 AdamW; Adam, with L2 in the loss, has none): adding an optimizer's theory is adding
 its entry. An optimizer without one gets no level and no τ, and the table and the
@@ -486,6 +490,173 @@ def late_phase_measurements(run: events.Run, fraction: float = LATE_FRACTION
     return out
 
 
+# --- free growth: runs without conv decay -------------------------------------------------
+
+def growth_per_step(momentum: float = fidelity.MOMENTUM) -> float:
+    """||w||² gained per step, in units of the step's ||dw||², by a scale-invariant weight
+    without decay under TF1 momentum: (1+m)/(1-m), 19 at m = 0.9, 1 for plain SGD.
+
+    With g ⊥ w (scale invariance) and no decay, accum_t = m·accum_{t-1} + g_t and
+    w_{t+1} = w_t - lr·accum_t give
+
+        ||w_{t+1}||² - ||w_t||² = -2·lr·(w_t·accum_t) + ||dw_t||².
+
+    w_t·accum_t = m·(w_t·accum_{t-1}) since g_t ⊥ w_t, and w_t = w_{t-1} - lr·accum_{t-1},
+    so a_t = w_t·accum_t follows a_t = m·(a_{t-1} - lr·||accum_{t-1}||²): the part of
+    the accumulator left from earlier steps points along the displacement those steps
+    made. Where ||accum|| changes slowly, a = -m·lr·||accum||²/(1-m), and the gain
+    per step is ||dw||²·(1 + 2m/(1-m)) = ||dw||²·(1+m)/(1-m). Unlike the equilibrium
+    level, this takes no assumption on how gradients of different steps correlate; it
+    tests g ⊥ w (batch norm's scale invariance) and the momentum update together.
+    """
+    return (1.0 + momentum) / (1.0 - momentum)
+
+
+def predicted_growth(sqsum_before: Mapping[str, float], relative_step: Mapping[str, float],
+                     steps: int, momentum: float = fidelity.MOMENTUM) -> float:
+    """Predicted gain of the summed squared norm over `steps` steps, from each layer's
+    ||w||² before them and its mean relative step r over them:
+    Σ_layers ||w||²·(exp((1+m)/(1-m)·steps·r²) - 1).
+
+    Per step ||w||² is multiplied by 1 + (1+m)/(1-m)·r² (`growth_per_step`). r is the
+    logged per-step mean, whose square is at most the mean square, so where r varies
+    within the epoch the prediction runs a little low.
+    """
+    c = growth_per_step(momentum) * steps
+    return float(sum(sqsum_before[layer] * math.expm1(c * relative_step[layer] ** 2)
+                     for layer in sqsum_before))
+
+
+def grows_freely(config: Mapping) -> bool:
+    """Conv kernels without decay under momentum: NoConvL2, ConvLRScale and its variants."""
+    no_decay = not bool(config.get("conv_l2", True)) or \
+        float(config.get("weight_decay", fidelity.WEIGHT_DECAY)) <= 0
+    return no_decay and optimizer_of(config) == "momentum"
+
+
+@dataclasses.dataclass
+class GrowthRow:
+    """One run without conv decay in one phase: conv_sqsum's gain over the phase's logged
+    epochs, measured and predicted (`predicted_growth` per epoch, summed); per seed."""
+
+    name: str
+    label: str
+    phase: int
+    start: float
+    end: float
+    lr: float
+    first_epoch: int         # epochs first..last: the phase's logged epochs so far
+    last_epoch: int
+    before: List[float]      # conv_sqsum before the first epoch
+    measured: List[float]
+    predicted: List[float]
+
+    @property
+    def ratios(self) -> List[float]:
+        return [m / p if p > 0 else math.nan for m, p in zip(self.measured, self.predicted)]
+
+
+def _growth_in(run: events.Run, first: int, last: int, steps: int,
+               momentum: float) -> Tuple[float, float, float]:
+    """(conv_sqsum before epoch `first`, measured gain, predicted gain) over epochs
+    first..last of one run; NaN where a logged value is missing."""
+    train = run.scalars.get(tags.TRAIN_DIR, {})
+    sqsum = {layer: dict(zip(*s)) for layer, s in tags.per_layer_series(train, tags.CONV_SQSUM).items()}
+    rel = {layer: dict(zip(*s)) for layer, s in tags.per_layer_series(train, tags.CONV_RELATIVE_STEP).items()}
+    if not sqsum or set(sqsum) != set(rel):
+        return math.nan, math.nan, math.nan
+    try:
+        predicted = sum(predicted_growth({n: float(s[e - 1]) for n, s in sqsum.items()},
+                                         {n: float(r[e]) for n, r in rel.items()}, steps, momentum)
+                        for e in range(first, last + 1))
+        before = sum(float(s[first - 1]) for s in sqsum.values())
+        after = sum(float(s[last]) for s in sqsum.values())
+    except KeyError:
+        return math.nan, math.nan, math.nan
+    return before, after - before, predicted
+
+
+def _last_logged(run: events.Run) -> int:
+    """The last epoch for which every conv layer's sum of squares is logged (0: none)."""
+    per_layer = tags.per_layer_series(run.scalars.get(tags.TRAIN_DIR, {}), tags.CONV_SQSUM)
+    return min((int(steps.max(initial=0)) for steps, _ in per_layer.values()), default=0)
+
+
+def growth_rows(loaded: Mapping[str, Sequence[events.Run]],
+                momentum: float = fidelity.MOMENTUM) -> List[GrowthRow]:
+    """Rows per run name without conv decay (`grows_freely`) × phase it has logged,
+    from the per-layer conv_sqsum and relative step tags; none for a run whose steps per
+    epoch are not recorded."""
+    rows = []
+    for name in ordered_names(loaded):
+        seeds = list(loaded[name])
+        if not seeds or not grows_freely(seeds[0].config):
+            continue
+        steps = steps_per_epoch(seeds[0].config, seeds[0].run_dir)
+        if steps is None:
+            continue
+        logged = min(_last_logged(run) for run in seeds)
+        for i, phase in enumerate(phases(seeds[0].config)):
+            first, last = phase_epochs(phase)
+            last = min(last, logged)
+            if last < first:
+                break
+            found = [_growth_in(run, first, last, steps, momentum) for run in seeds]
+            rows.append(GrowthRow(name=name, label=label_of(name), phase=i, start=phase.start,
+                                  end=phase.end, lr=phase.lr, first_epoch=first, last_epoch=last,
+                                  before=[f[0] for f in found], measured=[f[1] for f in found],
+                                  predicted=[f[2] for f in found]))
+    return rows
+
+
+def growth_markdown(rows: Sequence[GrowthRow], momentum: float = fidelity.MOMENTUM) -> str:
+    """theory.md's second table: conv_sqsum's gain against `predicted_growth`."""
+    lines = [
+        "## Conv weight growth without conv L2",
+        "",
+        "| run | phase (epochs) | lr | epochs | conv_sqsum before | gain: measured | predicted "
+        "| measured / predicted |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        seeds = sum(np.isfinite(m) for m in r.measured)
+        label = r.label + (f" ({seeds} seeds)" if seeds > 1 else "")
+        ratio = mean_std(r.ratios)
+        ratio_text = "n/a" if math.isnan(ratio[0]) else (
+            f"{ratio[0]:.3f}" if math.isnan(ratio[1]) else f"{ratio[0]:.3f} ± {ratio[1]:.3f}")
+        lines.append(f"| {label} | {_fmt_epochs(r.start, r.end)} | {r.lr:g} | "
+                     f"{_fmt_epochs(r.first_epoch, r.last_epoch)} | {_sci(mean_std(r.before)[0])} | "
+                     f"{_sci(mean_std(r.measured)[0])} | {_sci(mean_std(r.predicted)[0])} | {ratio_text} |")
+    lines += [
+        "",
+        f"Without decay nothing balances the gradient's growth of the conv kernels: under "
+        f"momentum m each step adds (1+m)/(1−m)·||dw||² to ||w||² ({growth_per_step(momentum):g}× "
+        f"at m = {momentum:g}; see `growth_per_step`), so a run that keeps its relative step r "
+        f"up (ConvLRScale) grows geometrically, by exp({growth_per_step(momentum):g}·r²) per step, "
+        f"and one that does not (NoConvL2) slows down as r falls. Predicted per epoch and layer "
+        f"from the layer's conv_sqsum at the epoch's start and its logged relative step, summed; "
+        f"r is the epoch's mean step, so where it varies the prediction runs a little low. "
+        f"Measured / predicted is mean ± std over seeds.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+GROWTH_FIELDS = ("name", "label", "seed_index", "phase", "start_epoch", "end_epoch", "lr",
+                 "first_epoch", "last_epoch", "sqsum_before", "measured_gain", "predicted_gain", "ratio")
+
+
+def write_growth_csv(rows: Sequence[GrowthRow], path: str) -> None:
+    with atomic_open(path) as f:
+        writer = csv.writer(f)
+        writer.writerow(GROWTH_FIELDS)
+        for r in rows:
+            for k, (before, measured, predicted, ratio) in enumerate(
+                    zip(r.before, r.measured, r.predicted, r.ratios)):
+                writer.writerow([r.name, r.label, k, r.phase, _num(r.start), _num(r.end), _num(r.lr),
+                                 r.first_epoch, r.last_epoch, _num(before), _num(measured),
+                                 _num(predicted), _num(ratio)])
+
+
 # --- the table ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -667,14 +838,19 @@ def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
 def write_theory(loaded: Mapping[str, Sequence[events.Run]], out_dir: str,
                  fraction: float = LATE_FRACTION,
                  momentum: float = fidelity.MOMENTUM) -> List[str]:
-    """theory.md, theory.csv and theory_per_layer.csv in `out_dir`; returns their paths.
+    """theory.md, theory.csv, theory_per_layer.csv and theory_growth.csv in `out_dir`;
+    returns their paths. theory.md's second table, and theory_growth.csv, are the runs
+    without conv decay (`growth_rows`).
 
     Each file is written whole or not at all (atomic_open), as every analysis output.
     """
     rows = theory_rows(loaded, fraction, momentum)
-    paths = [os.path.join(out_dir, n) for n in ("theory.md", "theory.csv", "theory_per_layer.csv")]
+    growth = growth_rows(loaded, momentum)
+    names = ("theory.md", "theory.csv", "theory_per_layer.csv", "theory_growth.csv")
+    paths = [os.path.join(out_dir, n) for n in names]
     with atomic_open(paths[0]) as f:
-        f.write(to_markdown(rows, fraction))
+        f.write(to_markdown(rows, fraction) + ("\n" + growth_markdown(growth, momentum) if growth else ""))
     write_csv(rows, paths[1])
     write_per_layer_csv(loaded, paths[2], fraction, momentum)
+    write_growth_csv(growth, paths[3])    # header only when no run grows freely
     return paths

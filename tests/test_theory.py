@@ -434,3 +434,144 @@ def test_cli_says_there_is_no_theory_for_an_unknown_optimizer(tmp_path):
     assert legend.get_title().get_text() == label
     assert [t.get_text() for t in legend.get_texts()] == ["Baseline", "NoConvL2"]
     assert len(ax.lines) == 2 and not ax.collections          # no level drawn
+
+
+# --- free growth without decay ------------------------------------------------------------
+
+def simulate_free_growth(lr, momentum, steps, correlation=0.0, d=1000, norm0=100.0, seed=0):
+    """TF1 momentum without decay on w in R^d under the gradient of a scale-invariant loss:
+    N(0, I) noise (each step's correlated with the previous by `correlation`), projected
+    orthogonal to w and divided by ||w||. Returns (||dw||/||w|| per step, ||w||² before
+    each step and after the last)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(d)
+    w *= norm0 / np.linalg.norm(w)
+    accum, noise = np.zeros(d), rng.standard_normal(d)
+    rel, sqnorm = np.empty(steps), np.empty(steps + 1)
+    for t in range(steps):
+        sq = w @ w
+        sqnorm[t] = sq
+        noise = correlation * noise + math.sqrt(1 - correlation ** 2) * rng.standard_normal(d)
+        g = (noise - (noise @ w) / sq * w) / math.sqrt(sq)
+        accum = momentum * accum + g
+        dw = lr * accum
+        rel[t] = math.sqrt((dw @ dw) / sq)
+        w = w - dw
+    sqnorm[steps] = w @ w
+    return rel, sqnorm
+
+
+@pytest.mark.parametrize("lr, momentum, correlation", [(1.0, 0.0, 0.0), (0.5, 0.5, 0.0), (0.1, 0.9, 0.0),
+                                                        (0.1, 0.9, 0.5)])
+def test_free_growth_matches_simulation(lr, momentum, correlation):
+    """Without decay ||w||² gains (1+m)/(1-m)·||dw||² per step, whatever the correlation of
+    successive gradients: predicted per 'epoch' of 400 steps from the squared norm at its
+    start and its mean relative step, as the table does from logged values."""
+    assert theory.growth_per_step(momentum) == pytest.approx((1 + momentum) / (1 - momentum))
+    epoch, epochs = 400, 10
+    rel, sqnorm = simulate_free_growth(lr, momentum, epoch * epochs, correlation)
+
+    measured = sqnorm[-1] - sqnorm[0]
+    predicted = sum(theory.predicted_growth({"w": sqnorm[e * epoch]}, {"w": rel[e * epoch:(e + 1) * epoch].mean()},
+                                            epoch, momentum) for e in range(epochs))
+    print(f"m={momentum} rho={correlation}: ||w||² {sqnorm[0]:.1f} -> {sqnorm[-1]:.1f}, gain measured "
+          f"{measured:.4g}, predicted {predicted:.4g}, ratio {measured / predicted:.4f}")
+    assert measured > 0.02 * sqnorm[0]            # a gain well above float noise
+    assert measured == pytest.approx(predicted, rel=0.02)
+    if momentum:   # the momentum factor is needed: plain SGD's 1 per ||dw||² is far off
+        plain = sum(theory.predicted_growth({"w": sqnorm[e * epoch]}, {"w": rel[e * epoch:(e + 1) * epoch].mean()},
+                                            epoch, 0.0) for e in range(epochs))
+        assert measured / plain > 2
+
+
+def write_growth_run(run_dir, config, sqsum, relative, steps_per_epoch=195):
+    """A run folder with per-layer conv_sqsum at steps 0..E and per-layer relative steps
+    at 1..E (layer -> values), both main tags, and the steps per epoch recorded."""
+    scalars = {tags.CONV_SQSUM: list(enumerate(np.sum(list(sqsum.values()), axis=0))),
+               tags.CONV_RELATIVE_STEP: list(enumerate(np.mean(list(relative.values()), axis=0), 1))}
+    for layer in sqsum:
+        scalars[tags.per_layer(tags.CONV_SQSUM, layer)] = list(enumerate(sqsum[layer]))
+        scalars[tags.per_layer(tags.CONV_RELATIVE_STEP, layer)] = list(enumerate(relative[layer], 1))
+    write_events(os.path.join(run_dir, tags.TRAIN_DIR), scalars)
+    with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE), "w") as f:
+        json.dump({"config": config, "steps_per_epoch": steps_per_epoch}, f)
+    return run_dir
+
+
+def fake_growth(rng, epochs):
+    sqsum = {n: np.cumsum(rng.uniform(1, 5, epochs + 1)) * 10 for n in LAYERS}
+    relative = {n: rng.uniform(1e-3, 6e-3, epochs) for n in LAYERS}
+    return sqsum, relative
+
+
+def hand_growth(sqsum, relative, first, last, steps, m=0.9):
+    """(sqsum before, measured gain, predicted gain) over epochs first..last, by NumPy."""
+    s = np.array([f32(sqsum[n]) for n in LAYERS])            # (layers, epochs + 1)
+    r = np.array([f32(relative[n]) for n in LAYERS])         # (layers, epochs), epoch e at e - 1
+    e = np.arange(first, last + 1)
+    predicted = np.sum(s[:, e - 1] * (np.exp((1 + m) / (1 - m) * steps * r[:, e - 1] ** 2) - 1))
+    return s[:, first - 1].sum(), s[:, last].sum() - s[:, first - 1].sum(), predicted
+
+
+def test_growth_rows_match_hand_computation(tmp_path):
+    """Runs without conv decay get a row per phase they have logged (an unfinished run's
+    last phase up to its last epoch); the baseline and an AdamW run without conv L2 none."""
+    rng = np.random.default_rng(7)
+    noconv, unfinished = fake_growth(rng, 20), fake_growth(rng, 12)
+    base = fake_growth(rng, 20)
+    loaded = {
+        figures.BASELINE: [events.load_run(write_growth_run(str(tmp_path / "b"), SMALL_CONFIG, *base))],
+        figures.NOCONV_L2: [events.load_run(write_growth_run(
+            str(tmp_path / "n"), dict(SMALL_CONFIG, conv_l2=False), *noconv))],
+        figures.CONV_LR_SCALE: [events.load_run(write_growth_run(
+            str(tmp_path / "s"), dict(SMALL_CONFIG, conv_l2=False, conv_grad_scale=True), *unfinished, 100))],
+        "adamw_noconv": [events.load_run(write_growth_run(
+            str(tmp_path / "a"), dict(SMALL_CONFIG, conv_l2=False, optimizer="adamw"), *noconv))],
+    }
+
+    rows = theory.growth_rows(loaded)
+
+    # Phases 0-10, 10-15, 15-20: epochs 1-10, 11-15, 16-20; the unfinished run's 11-12.
+    expected = [(figures.NOCONV_L2, 0, 1, 10, noconv, 195), (figures.NOCONV_L2, 1, 11, 15, noconv, 195),
+                (figures.NOCONV_L2, 2, 16, 20, noconv, 195),
+                (figures.CONV_LR_SCALE, 0, 1, 10, unfinished, 100), (figures.CONV_LR_SCALE, 1, 11, 12, unfinished, 100)]
+    assert [(r.name, r.phase, r.first_epoch, r.last_epoch) for r in rows] == [e[:4] for e in expected]
+    for row, (_, _, first, last, data, steps) in zip(rows, expected):
+        before, measured, predicted = hand_growth(*data, first, last, steps)
+        assert row.before == [pytest.approx(before, rel=1e-9)]
+        assert row.measured == [pytest.approx(measured, rel=1e-9)]
+        assert row.predicted == [pytest.approx(predicted, rel=1e-9)]
+        assert row.ratios == [pytest.approx(measured / predicted, rel=1e-9)]
+
+    md = theory.growth_markdown(rows)
+    assert md.count("| NoConvL2 |") == 3 and md.count("| ConvLRScale |") == 2
+    assert f"{rows[0].measured[0] / rows[0].predicted[0]:.3f} |" in md and "19×" in md
+
+
+def test_cli_writes_the_growth_table_only_for_runs_without_conv_decay(tmp_path):
+    rng = np.random.default_rng(8)
+    root = tmp_path / "results"
+    write_growth_run(str(root / figures.BASELINE), CLI_CONFIG, *fake_growth(rng, 10))
+    only_baseline = tmp_path / "figs0"
+    assert make_figures.main([str(root), "--out", str(only_baseline)]) == 0
+    assert "Conv weight growth" not in (only_baseline / "theory.md").read_text()
+    assert (only_baseline / "theory_growth.csv").read_text().strip() == ",".join(theory.GROWTH_FIELDS)
+
+    noconv = fake_growth(rng, 10)
+    write_growth_run(str(root / figures.NOCONV_L2 / "seed_0"), dict(CLI_CONFIG, conv_l2=False), *noconv)
+    write_growth_run(str(root / figures.NOCONV_L2 / "seed_1"), dict(CLI_CONFIG, conv_l2=False, seed=1),
+                     *fake_growth(rng, 10))
+    out = tmp_path / "figs"
+    assert make_figures.main([str(root), "--out", str(out)]) == 0
+
+    assert "## Conv weight growth without conv L2" in (out / "theory.md").read_text()
+    with open(out / "theory_growth.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["name"], r["seed_index"], r["phase"]) for r in table] == [
+        (figures.NOCONV_L2, k, p) for p in "01" for k in "01"]
+    first = table[0]
+    before, measured, predicted = hand_growth(*noconv, 1, 5, 195)
+    assert float(first["sqsum_before"]) == pytest.approx(before, rel=1e-9)
+    assert float(first["measured_gain"]) == pytest.approx(measured, rel=1e-9)
+    assert float(first["predicted_gain"]) == pytest.approx(predicted, rel=1e-9)
+    assert float(first["ratio"]) == pytest.approx(measured / predicted, rel=1e-9)
