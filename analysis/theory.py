@@ -490,6 +490,189 @@ def late_phase_measurements(run: events.Run, fraction: float = LATE_FRACTION
     return out
 
 
+# --- the table ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    """One run name in one phase; per-seed lists keep the seeds' order."""
+
+    name: str
+    label: str
+    phase: int
+    start: float
+    end: float
+    lr: float
+    weight_decay: float
+    momentum: float
+    basis: str
+    predicted: Optional[float]
+    measured: List[float]          # late-phase mean per seed
+    layer_values: List[float]      # every (seed, layer) late-phase mean
+    first_epoch: int
+    last_epoch: int
+    steps_per_epoch: Optional[int]   # None: not recorded (see `steps_per_epoch`)
+    optimizer: str = "momentum"
+
+    @property
+    def ratio(self) -> float:
+        mean = mean_std(self.measured)[0]
+        return mean / self.predicted if self.predicted and np.isfinite(mean) else math.nan
+
+    @property
+    def tau_steps(self) -> float:
+        return time_constant(self.optimizer, self.lr, self.weight_decay, self.momentum)
+
+    @property
+    def phase_steps(self) -> float:
+        if self.steps_per_epoch is None:
+            return math.nan
+        return (self.end - self.start) * self.steps_per_epoch
+
+    @property
+    def phase_over_tau(self) -> float:
+        return self.phase_steps / self.tau_steps
+
+
+def theory_rows(loaded: Mapping[str, Sequence[events.Run]], fraction: float = LATE_FRACTION,
+                momentum: float = fidelity.MOMENTUM) -> List[Row]:
+    """Rows per run name (the post's order) × phase of its first seed's schedule."""
+    rows = []
+    for name in ordered_names(loaded):
+        seeds = list(loaded[name])
+        if not seeds:
+            continue
+        config = seeds[0].config
+        per_seed = [late_phase_measurements(run, fraction) for run in seeds]
+        wd = float(config.get("weight_decay", fidelity.WEIGHT_DECAY))
+        for i, level in enumerate(predicted_levels(config, momentum)):
+            found = [m[i] for m in per_seed if i < len(m)]
+            first, last = late_window(Phase(level.start, level.end, level.lr), fraction)
+            rows.append(Row(
+                name=name, label=label_of(name), phase=i, start=level.start, end=level.end,
+                lr=level.lr, weight_decay=wd, momentum=momentum,
+                basis=prediction_basis(config), predicted=level.predicted,
+                measured=[m.mean for m in found],
+                layer_values=[v for m in found for v in m.layers.values()],
+                first_epoch=first, last_epoch=last, steps_per_epoch=steps_per_epoch(config, seeds[0].run_dir),
+                optimizer=optimizer_of(config)))
+    return rows
+
+
+def _sci(x: Optional[float]) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{x:.3e}"
+
+
+def _fmt_measured(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "n/a"
+    return _sci(mean) if math.isnan(std) else f"{_sci(mean)} ± {std:.1e}"
+
+
+def _fmt_range(values: Sequence[float]) -> str:
+    finite = [v for v in values if np.isfinite(v)]
+    return f"{_sci(min(finite))}–{_sci(max(finite))}" if finite else "n/a"
+
+
+def _fmt_epochs(a: float, b: float) -> str:
+    return f"{a:g}" if a == b else f"{a:g}–{b:g}"
+
+
+def _seeds_label(label: str, measured: Sequence[float]) -> str:
+    """A table's run cell: its label, and how many seeds measured it when more than one."""
+    seeds = sum(np.isfinite(m) for m in measured)
+    return label + (f" ({seeds} seeds)" if seeds > 1 else "")
+
+
+def to_markdown(rows: Sequence[Row], fraction: float = LATE_FRACTION) -> str:
+    lines = [
+        "# Conv relative step vs its predicted equilibrium",
+        "",
+        "| run | phase (epochs) | lr | predicted | measured, late phase | layers min–max "
+        "| measured / predicted | window (epochs) | phase / τ |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        label = _seeds_label(r.label, r.measured)
+        ratio = "—" if math.isnan(r.ratio) else f"{r.ratio:.2f}"
+        over_tau = "—" if math.isnan(r.phase_over_tau) else f"{r.phase_over_tau:.2f}"
+        lines.append(f"| {label} | {_fmt_epochs(r.start, r.end)} | {r.lr:g} | {_sci(r.predicted)} | "
+                     f"{_fmt_measured(r.measured)} | {_fmt_range(r.layer_values)} | {ratio} | "
+                     f"{_fmt_epochs(r.first_epoch, r.last_epoch)} | {over_tau} |")
+    m = rows[0].momentum if rows else fidelity.MOMENTUM
+    for optimizer in dict.fromkeys(r.optimizer for r in rows):   # each optimizer's note, once
+        theory = THEORIES.get(optimizer)
+        if theory is None:
+            names = ", ".join(dict.fromkeys(r.label for r in rows if r.optimizer == optimizer))
+            lines += ["", f"**No theory for optimizer {optimizer!r}** ({names}): no predicted "
+                          f"level and no τ (—); `THEORIES` in analysis/theory.py has no entry "
+                          f"for it."]
+        elif theory.note:
+            lines += ["", theory.note(m)]
+    lines += [
+        "",
+        f"Measured: mean of `{tags.CONV_RELATIVE_STEP}` (mean over conv layers of ||dw||/||w||, "
+        f"per-step mean of the epoch) over the last {fraction:.0%} of the phase's epochs (at "
+        f"least one); mean ± std over seeds; layers min–max over every layer and seed.",
+    ]
+    unknown = list(dict.fromkeys(r.label for r in rows if r.steps_per_epoch is None))
+    if unknown:
+        lines += [
+            "",
+            f"**Steps per epoch not recorded** for {', '.join(unknown)}: run_config.json has "
+            f"neither steps_per_epoch nor num_train_images (written by older code) and no "
+            f"--steps_per_epoch was set, so the phases' length in steps and phase / τ are "
+            f"not computed (—).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("name", "label", "optimizer", "phase", "start_epoch", "end_epoch", "lr", "weight_decay",
+              "momentum", "basis", "predicted", "seeds", "measured_mean", "measured_std",
+              "layer_min", "layer_max", "ratio", "window_first_epoch", "window_last_epoch",
+              "steps_per_epoch", "tau_steps", "phase_steps", "phase_over_tau")
+PER_LAYER_FIELDS = ("run", "seed", "phase", "start_epoch", "end_epoch", "lr", "layer",
+                    "measured", "predicted")
+
+
+def _num(x: Optional[float]) -> str:
+    return "" if x is None or not np.isfinite(x) else repr(float(x))
+
+
+def write_csv(rows: Sequence[Row], path: str) -> None:
+    with atomic_open(path) as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_FIELDS)
+        for r in rows:
+            finite = [v for v in r.layer_values if np.isfinite(v)]
+            mean, std = mean_std(r.measured)
+            writer.writerow([r.name, r.label, r.optimizer, r.phase, _num(r.start), _num(r.end), _num(r.lr),
+                             _num(r.weight_decay), _num(r.momentum), r.basis, _num(r.predicted),
+                             len(r.measured), _num(mean), _num(std),
+                             _num(min(finite) if finite else None),
+                             _num(max(finite) if finite else None), _num(r.ratio),
+                             r.first_epoch, r.last_epoch, r.steps_per_epoch or "",
+                             _num(r.tau_steps), _num(r.phase_steps),
+                             _num(r.phase_over_tau)])
+
+
+def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
+                        fraction: float = LATE_FRACTION,
+                        momentum: float = fidelity.MOMENTUM) -> None:
+    """One row per run name × seed × phase × layer (seed: the run's --seed)."""
+    with atomic_open(path) as f:
+        writer = csv.writer(f)
+        writer.writerow(PER_LAYER_FIELDS)
+        for name in ordered_names(loaded):
+            for k, run in enumerate(loaded[name]):
+                seed = run.config.get("seed", k)
+                levels = predicted_levels(run.config, momentum)
+                for m, level in zip(late_phase_measurements(run, fraction), levels):
+                    for layer, value in m.layers.items():
+                        writer.writerow([name, seed, m.phase, _num(m.start), _num(m.end),
+                                         _num(m.lr), layer, _num(value), _num(level.predicted)])
+
+
 # --- free growth: runs without conv decay -------------------------------------------------
 
 def growth_per_step(momentum: float = fidelity.MOMENTUM) -> float:
@@ -619,8 +802,7 @@ def growth_markdown(rows: Sequence[GrowthRow], momentum: float = fidelity.MOMENT
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        seeds = sum(np.isfinite(m) for m in r.measured)
-        label = r.label + (f" ({seeds} seeds)" if seeds > 1 else "")
+        label = _seeds_label(r.label, r.measured)
         ratio = mean_std(r.ratios)
         ratio_text = "n/a" if math.isnan(ratio[0]) else (
             f"{ratio[0]:.3f}" if math.isnan(ratio[1]) else f"{ratio[0]:.3f} ± {ratio[1]:.3f}")
@@ -657,183 +839,7 @@ def write_growth_csv(rows: Sequence[GrowthRow], path: str) -> None:
                                  _num(predicted), _num(ratio)])
 
 
-# --- the table ---------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Row:
-    """One run name in one phase; per-seed lists keep the seeds' order."""
-
-    name: str
-    label: str
-    phase: int
-    start: float
-    end: float
-    lr: float
-    weight_decay: float
-    momentum: float
-    basis: str
-    predicted: Optional[float]
-    measured: List[float]          # late-phase mean per seed
-    layer_values: List[float]      # every (seed, layer) late-phase mean
-    first_epoch: int
-    last_epoch: int
-    steps_per_epoch: Optional[int]   # None: not recorded (see `steps_per_epoch`)
-    optimizer: str = "momentum"
-
-    @property
-    def ratio(self) -> float:
-        mean = mean_std(self.measured)[0]
-        return mean / self.predicted if self.predicted and np.isfinite(mean) else math.nan
-
-    @property
-    def tau_steps(self) -> float:
-        return time_constant(self.optimizer, self.lr, self.weight_decay, self.momentum)
-
-    @property
-    def phase_steps(self) -> float:
-        if self.steps_per_epoch is None:
-            return math.nan
-        return (self.end - self.start) * self.steps_per_epoch
-
-    @property
-    def phase_over_tau(self) -> float:
-        return self.phase_steps / self.tau_steps
-
-
-def theory_rows(loaded: Mapping[str, Sequence[events.Run]], fraction: float = LATE_FRACTION,
-                momentum: float = fidelity.MOMENTUM) -> List[Row]:
-    """Rows per run name (the post's order) × phase of its first seed's schedule."""
-    rows = []
-    for name in ordered_names(loaded):
-        seeds = list(loaded[name])
-        if not seeds:
-            continue
-        config = seeds[0].config
-        per_seed = [late_phase_measurements(run, fraction) for run in seeds]
-        wd = float(config.get("weight_decay", fidelity.WEIGHT_DECAY))
-        for i, level in enumerate(predicted_levels(config, momentum)):
-            found = [m[i] for m in per_seed if i < len(m)]
-            first, last = late_window(Phase(level.start, level.end, level.lr), fraction)
-            rows.append(Row(
-                name=name, label=label_of(name), phase=i, start=level.start, end=level.end,
-                lr=level.lr, weight_decay=wd, momentum=momentum,
-                basis=prediction_basis(config), predicted=level.predicted,
-                measured=[m.mean for m in found],
-                layer_values=[v for m in found for v in m.layers.values()],
-                first_epoch=first, last_epoch=last, steps_per_epoch=steps_per_epoch(config, seeds[0].run_dir),
-                optimizer=optimizer_of(config)))
-    return rows
-
-
-def _sci(x: Optional[float]) -> str:
-    return "—" if x is None or not np.isfinite(x) else f"{x:.3e}"
-
-
-def _fmt_measured(values: Sequence[float]) -> str:
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "n/a"
-    return _sci(mean) if math.isnan(std) else f"{_sci(mean)} ± {std:.1e}"
-
-
-def _fmt_range(values: Sequence[float]) -> str:
-    finite = [v for v in values if np.isfinite(v)]
-    return f"{_sci(min(finite))}–{_sci(max(finite))}" if finite else "n/a"
-
-
-def _fmt_epochs(a: float, b: float) -> str:
-    return f"{a:g}" if a == b else f"{a:g}–{b:g}"
-
-
-def to_markdown(rows: Sequence[Row], fraction: float = LATE_FRACTION) -> str:
-    lines = [
-        "# Conv relative step vs its predicted equilibrium",
-        "",
-        "| run | phase (epochs) | lr | predicted | measured, late phase | layers min–max "
-        "| measured / predicted | window (epochs) | phase / τ |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
-    ]
-    for r in rows:
-        seeds = sum(np.isfinite(m) for m in r.measured)
-        label = r.label + (f" ({seeds} seeds)" if seeds > 1 else "")
-        ratio = "—" if math.isnan(r.ratio) else f"{r.ratio:.2f}"
-        over_tau = "—" if math.isnan(r.phase_over_tau) else f"{r.phase_over_tau:.2f}"
-        lines.append(f"| {label} | {_fmt_epochs(r.start, r.end)} | {r.lr:g} | {_sci(r.predicted)} | "
-                     f"{_fmt_measured(r.measured)} | {_fmt_range(r.layer_values)} | {ratio} | "
-                     f"{_fmt_epochs(r.first_epoch, r.last_epoch)} | {over_tau} |")
-    m = rows[0].momentum if rows else fidelity.MOMENTUM
-    for optimizer in dict.fromkeys(r.optimizer for r in rows):   # each optimizer's note, once
-        theory = THEORIES.get(optimizer)
-        if theory is None:
-            names = ", ".join(dict.fromkeys(r.label for r in rows if r.optimizer == optimizer))
-            lines += ["", f"**No theory for optimizer {optimizer!r}** ({names}): no predicted "
-                          f"level and no τ (—); `THEORIES` in analysis/theory.py has no entry "
-                          f"for it."]
-        elif theory.note:
-            lines += ["", theory.note(m)]
-    lines += [
-        "",
-        f"Measured: mean of `{tags.CONV_RELATIVE_STEP}` (mean over conv layers of ||dw||/||w||, "
-        f"per-step mean of the epoch) over the last {fraction:.0%} of the phase's epochs (at "
-        f"least one); mean ± std over seeds; layers min–max over every layer and seed.",
-    ]
-    unknown = list(dict.fromkeys(r.label for r in rows if r.steps_per_epoch is None))
-    if unknown:
-        lines += [
-            "",
-            f"**Steps per epoch not recorded** for {', '.join(unknown)}: run_config.json has "
-            f"neither steps_per_epoch nor num_train_images (written by older code) and no "
-            f"--steps_per_epoch was set, so the phases' length in steps and phase / τ are "
-            f"not computed (—).",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-CSV_FIELDS = ("name", "label", "optimizer", "phase", "start_epoch", "end_epoch", "lr", "weight_decay",
-              "momentum", "basis", "predicted", "seeds", "measured_mean", "measured_std",
-              "layer_min", "layer_max", "ratio", "window_first_epoch", "window_last_epoch",
-              "steps_per_epoch", "tau_steps", "phase_steps", "phase_over_tau")
-PER_LAYER_FIELDS = ("run", "seed", "phase", "start_epoch", "end_epoch", "lr", "layer",
-                    "measured", "predicted")
-
-
-def _num(x: Optional[float]) -> str:
-    return "" if x is None or not np.isfinite(x) else repr(float(x))
-
-
-def write_csv(rows: Sequence[Row], path: str) -> None:
-    with atomic_open(path) as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for r in rows:
-            finite = [v for v in r.layer_values if np.isfinite(v)]
-            mean, std = mean_std(r.measured)
-            writer.writerow([r.name, r.label, r.optimizer, r.phase, _num(r.start), _num(r.end), _num(r.lr),
-                             _num(r.weight_decay), _num(r.momentum), r.basis, _num(r.predicted),
-                             len(r.measured), _num(mean), _num(std),
-                             _num(min(finite) if finite else None),
-                             _num(max(finite) if finite else None), _num(r.ratio),
-                             r.first_epoch, r.last_epoch, r.steps_per_epoch or "",
-                             _num(r.tau_steps), _num(r.phase_steps),
-                             _num(r.phase_over_tau)])
-
-
-def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
-                        fraction: float = LATE_FRACTION,
-                        momentum: float = fidelity.MOMENTUM) -> None:
-    """One row per run name × seed × phase × layer (seed: the run's --seed)."""
-    with atomic_open(path) as f:
-        writer = csv.writer(f)
-        writer.writerow(PER_LAYER_FIELDS)
-        for name in ordered_names(loaded):
-            for k, run in enumerate(loaded[name]):
-                seed = run.config.get("seed", k)
-                levels = predicted_levels(run.config, momentum)
-                for m, level in zip(late_phase_measurements(run, fraction), levels):
-                    for layer, value in m.layers.items():
-                        writer.writerow([name, seed, m.phase, _num(m.start), _num(m.end),
-                                         _num(m.lr), layer, _num(value), _num(level.predicted)])
-
+# --- the files ------------------------------------------------------------------------------
 
 def write_theory(loaded: Mapping[str, Sequence[events.Run]], out_dir: str,
                  fraction: float = LATE_FRACTION,
