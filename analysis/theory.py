@@ -676,8 +676,9 @@ def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
 # --- free growth: runs without conv decay -------------------------------------------------
 
 def growth_per_step(momentum: float = fidelity.MOMENTUM) -> float:
-    """||w||² gained per step, in units of the step's ||dw||², by a scale-invariant weight
-    without decay under TF1 momentum: (1+m)/(1-m), 19 at m = 0.9, 1 for plain SGD.
+    """||w||² gained per step on average, in units of the steps' ||dw||², by a
+    scale-invariant weight without decay under TF1 momentum: (1+m)/(1-m), 19 at m = 0.9,
+    1 for plain SGD.
 
     With g ⊥ w (scale invariance) and no decay, accum_t = m·accum_{t-1} + g_t and
     w_{t+1} = w_t - lr·accum_t give
@@ -687,10 +688,19 @@ def growth_per_step(momentum: float = fidelity.MOMENTUM) -> float:
     w_t·accum_t = m·(w_t·accum_{t-1}) since g_t ⊥ w_t, and w_t = w_{t-1} - lr·accum_{t-1},
     so a_t = w_t·accum_t follows a_t = m·(a_{t-1} - lr·||accum_{t-1}||²): the part of
     the accumulator left from earlier steps points along the displacement those steps
-    made. Where ||accum|| changes slowly, a = -m·lr·||accum||²/(1-m), and the gain
-    per step is ||dw||²·(1 + 2m/(1-m)) = ||dw||²·(1+m)/(1-m). Unlike the equilibrium
-    level, this takes no assumption on how gradients of different steps correlate; it
-    tests g ⊥ w (batch norm's scale invariance) and the momentum update together.
+    made. From accum = 0 at a constant lr this sums exactly to
+
+        ||w_{t+1}||² - ||w_t||² = ||dw_t||² + 2·Σ_{k≥1} m^k·||dw_{t-k}||²,
+
+    and over a window much longer than 1/(1-m) steps to (1 + 2m/(1-m))·Σ||dw||² =
+    (1+m)/(1-m)·Σ||dw||², however the gradients of different steps correlate and
+    however their size varies. What it does assume: the applied gradient is exactly
+    orthogonal to w (every conv of ResNet v1 feeds a batch norm, and a conv gradient
+    factor multiplies g before the accumulator); a constant lr (after a rate change
+    the steps still in the accumulator were made at the old rate, a transient of about
+    1/(1-m) steps); and a window past the first 1/(1-m) steps of training, which gain
+    less. It tests batch norm's scale invariance and the momentum update together,
+    not why the steps are as large as they are.
     """
     return (1.0 + momentum) / (1.0 - momentum)
 
@@ -701,9 +711,12 @@ def predicted_growth(sqsum_before: Mapping[str, float], relative_step: Mapping[s
     ||w||² before them and its mean relative step r over them:
     Σ_layers ||w||²·(exp((1+m)/(1-m)·steps·r²) - 1).
 
-    Per step ||w||² is multiplied by 1 + (1+m)/(1-m)·r² (`growth_per_step`). r is the
-    logged per-step mean, whose square is at most the mean square, so where r varies
-    within the epoch the prediction runs a little low.
+    Per step ||w||² is multiplied by 1 + (1+m)/(1-m)·r² on average (`growth_per_step`).
+    The law needs the mean of r², and r is the logged per-step mean, whose square is
+    smaller by r's variance within the epoch: the prediction runs low by about the
+    squared coefficient of variation of r (a little in a steady epoch, much in the
+    first epoch of training, where r falls fast), and it misses the transients of
+    `growth_per_step` after a rate change.
     """
     c = growth_per_step(momentum) * steps
     return float(sum(sqsum_before[layer] * math.expm1(c * relative_step[layer] ** 2)
@@ -760,16 +773,19 @@ def _growth_in(run: events.Run, first: int, last: int, steps: int,
 
 
 def _last_logged(run: events.Run) -> int:
-    """The last epoch for which every conv layer's sum of squares is logged (0: none)."""
-    per_layer = tags.per_layer_series(run.scalars.get(tags.TRAIN_DIR, {}), tags.CONV_SQSUM)
-    return min((int(steps.max(initial=0)) for steps, _ in per_layer.values()), default=0)
+    """The last epoch for which every conv layer's sum of squares and relative step are
+    logged (0: none)."""
+    train = run.scalars.get(tags.TRAIN_DIR, {})
+    per_layer = [*tags.per_layer_series(train, tags.CONV_SQSUM).values(),
+                 *tags.per_layer_series(train, tags.CONV_RELATIVE_STEP).values()]
+    return min((int(steps.max(initial=0)) for steps, _ in per_layer), default=0)
 
 
 def growth_rows(loaded: Mapping[str, Sequence[events.Run]],
                 momentum: float = fidelity.MOMENTUM) -> List[GrowthRow]:
-    """Rows per run name without conv decay (`grows_freely`) × phase it has logged,
-    from the per-layer conv_sqsum and relative step tags; none for a run whose steps per
-    epoch are not recorded."""
+    """Rows per run name without conv decay (`grows_freely`) × phase it has logged (up to
+    the last epoch every seed has logged), from the per-layer conv_sqsum and relative
+    step tags; none for a run without them or whose steps per epoch are not recorded."""
     rows = []
     for name in ordered_names(loaded):
         seeds = list(loaded[name])
@@ -812,14 +828,21 @@ def growth_markdown(rows: Sequence[GrowthRow], momentum: float = fidelity.MOMENT
     lines += [
         "",
         f"Without decay nothing balances the gradient's growth of the conv kernels: under "
-        f"momentum m each step adds (1+m)/(1−m)·||dw||² to ||w||² ({growth_per_step(momentum):g}× "
-        f"at m = {momentum:g}; see `growth_per_step`), so a run that keeps its relative step r "
-        f"up (ConvLRScale) grows geometrically, by exp({growth_per_step(momentum):g}·r²) per step, "
-        f"and one that does not (NoConvL2) slows down as r falls. Predicted per epoch and layer "
-        f"from the layer's conv_sqsum at the epoch's start and its logged relative step, summed; "
-        f"r is the epoch's mean step, so where it varies the prediction runs a little low. "
+        f"momentum m the steps add on average (1+m)/(1−m)·||dw||² each to ||w||² "
+        f"({growth_per_step(momentum):g}× at m = {momentum:g}; see `growth_per_step`), so a run "
+        f"that keeps its relative step r up (ConvLRScale) grows geometrically, by about "
+        f"exp({growth_per_step(momentum):g}·r²) per step, and one that does not (NoConvL2) slows "
+        f"down as r falls. Predicted per epoch and layer from the layer's conv_sqsum at the "
+        f"epoch's start and its logged relative step, summed. The law needs the mean of r² and "
+        f"the log holds the mean of r, so the prediction runs low where r varies within an "
+        f"epoch (most in the first epoch) and misses the transient after a rate change (see "
+        f"`predicted_growth`). A check of batch norm's scale invariance and of the momentum "
+        f"update, not an explanation of why the steps are as large as they are. "
         f"Measured / predicted is mean ± std over seeds.",
     ]
+    if any(not np.isfinite(r) for row in rows for r in row.ratios):
+        lines += ["", "n/a: a layer's conv_sqsum or relative step is missing for an epoch of the "
+                      "phase (a damaged event file, or a run logged by older code)."]
     return "\n".join(lines) + "\n"
 
 
