@@ -18,7 +18,11 @@ BatchNorm", arXiv:2105.07576, call this precise BN). The weights are not changed
 and nothing in the checkpoints is written; the result goes to `precise_bn.json`
 in the run folder, which `analysis.equivalence` adds to its table.
 
-    python -m analysis.precise_bn RESULTS_OR_RUN_DIR [...] [--bn_batches=100]
+`--epoch=N` evaluates the checkpoint of epoch N instead: one the trainer keeps at the end
+of each learning-rate phase (`checkpoints/phase_ends/`, epochs 50 and 100 of the post's
+schedule), or one still in the rotation; its result goes to `precise_bn_epochN.json`.
+
+    python -m analysis.precise_bn RESULTS_OR_RUN_DIR [...] [--epoch=N] [--bn_batches=100]
         [--data_source=binary --data_dir=DIR] [--out=DIR]
 
 Data: the run's own `data_source` and `data_dir` (from run_config.json) unless given.
@@ -100,9 +104,10 @@ def recompute_bn_statistics(model, batches) -> int:
 
 def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Optional[str] = None,
              data_dir: Optional[str] = None, arrays_cache: Optional[Dict] = None,
-             again: bool = False) -> dict:
+             again: bool = False, epoch: Optional[int] = None) -> dict:
     """{epoch, logged, stored_bn, precise_bn, bn_batches, ...} of one run (accuracies in
-    [0, 1]). A `precise_bn.json` of the same weights (the same epoch: a finished run's final
+    [0, 1]): of its final weights, or of its checkpoint of `epoch`. A `precise_bn.json`
+    (`precise_bn_epochN.json`) of the same weights (the same epoch: a finished run's final
     weights are its last checkpoint's), batches and data source is reused unless `again`."""
     import tensorflow as tf
 
@@ -112,11 +117,11 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
         config = events.read_config(run_dir)
     except events.EventsError as e:
         raise EvaluationError(str(e)) from None
-    path, done = weights_to_evaluate(run_dir)
+    path, done = weights_to_evaluate(run_dir, epoch)
     source = data_source or config.get("data_source", "tfds")
     own_data = source == config.get("data_source", "tfds")
     other = None if own_data else source
-    cached = read_result(run_dir, other)
+    cached = read_result(run_dir, other, epoch)
     if (not again and cached and cached.get("epoch") == weights_epoch(path, done)
             and cached.get("bn_batches") == bn_batches and cached.get("data_source") == source):
         return dict(cached, cached=True)
@@ -155,16 +160,19 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
                   data_source=source, own_data=own_data, eval_steps=config.get("eval_steps"),
                   checkpoint=os.path.basename(path))
     try:
-        atomic.write_json(os.path.join(run_dir, result_file(other)), result)   # whole or absent
+        atomic.write_json(os.path.join(run_dir, result_file(other, epoch)), result)   # whole or absent
     except OSError as e:
-        raise EvaluationError(f"{run_dir}: cannot write {result_file(other)}: {e.strerror or e}") from None
+        raise EvaluationError(f"{run_dir}: cannot write {result_file(other, epoch)}: {e.strerror or e}") from None
     return result
 
 
-def weights_to_evaluate(run_dir: str) -> Tuple[str, Optional[int]]:
-    """(path, epoch): a finished run's final weights, with the epoch its done.json names (the
-    file a run folder keeps when it is shared without its checkpoints); else its newest
-    checkpoint, whose epoch is read from the checkpoint (None here)."""
+def weights_to_evaluate(run_dir: str, epoch: Optional[int] = None) -> Tuple[str, Optional[int]]:
+    """(path, epoch): the checkpoint of `epoch` if one is asked for; else a finished run's final
+    weights, with the epoch its done.json names (the file a run folder keeps when it is shared
+    without its checkpoints); else its newest checkpoint, whose epoch is read from the
+    checkpoint (None here)."""
+    if epoch is not None:
+        return checkpoint_of_epoch(run_dir, epoch), None
     weights = os.path.join(run_dir, tags.FINAL_WEIGHTS_FILE)
     epochs = events.done_epochs(run_dir)
     if epochs is not None and os.path.isfile(weights):
@@ -244,17 +252,45 @@ def newest_checkpoint(run_dir: str) -> str:
     raise NothingToEvaluate(f"{run_dir}: no checkpoint to evaluate")
 
 
-def result_file(other_source: Optional[str] = None) -> str:
+def checkpoint_of_epoch(run_dir: str, epoch: int) -> str:
+    """The checkpoint of `epoch` that reads back whole: the one kept in phase_ends/, else the
+    rotation's."""
+    from resnet_cifar import checkpoints
+
+    folder = os.path.join(run_dir, tags.CHECKPOINTS_DIR)
+    candidates = [os.path.join(folder, checkpoints.PHASE_ENDS, checkpoints.name(epoch)),
+                  os.path.join(folder, checkpoints.name(epoch))]
+    reasons = []
+    for prefix in candidates:
+        if os.path.exists(prefix + ".index") or os.path.exists(prefix + ".data-00000-of-00001"):
+            reason = checkpoints.unreadable_reason(prefix)
+            if reason is None:
+                return prefix
+            reasons.append(f"{os.path.relpath(prefix, run_dir)}: {reason}")
+    if reasons:
+        raise EvaluationError(f"{run_dir}: the checkpoint of epoch {epoch} does not read back whole "
+                              f"({'; '.join(reasons)})")
+    kept = checkpoints.numbers_on_disk(os.path.join(folder, checkpoints.PHASE_ENDS))
+    rotation = checkpoints.numbers_on_disk(folder)
+    have = ", ".join(str(n) for n in sorted(set(kept) | set(rotation))) or "none"
+    raise NothingToEvaluate(f"{run_dir}: no checkpoint of epoch {epoch} (it keeps those of epochs "
+                            f"{have}: the ends of its learning-rate phases and its last two)")
+
+
+def result_file(other_source: Optional[str] = None, epoch: Optional[int] = None) -> str:
     """`precise_bn.json` for the run's own data; `precise_bn.<source>.json` for another data
     source, so that evaluating shared weights on other data (the official CIFAR-10 of TFDS, say)
-    never replaces the number the run's tables report."""
-    return RESULT_FILE if other_source is None else f"precise_bn.{other_source}.json"
+    never replaces the number the run's tables report. `precise_bn_epochN[.<source>].json` for
+    the checkpoint of epoch N."""
+    stem = "precise_bn" if epoch is None else f"precise_bn_epoch{epoch}"
+    return f"{stem}.json" if other_source is None else f"{stem}.{other_source}.json"
 
 
-def read_result(run_dir: str, other_source: Optional[str] = None) -> Optional[dict]:
-    """A run's result on its own data (or on `other_source`), None if not evaluated (or unreadable)."""
+def read_result(run_dir: str, other_source: Optional[str] = None, epoch: Optional[int] = None) -> Optional[dict]:
+    """A run's result on its own data (or on `other_source`), of its final weights (or of its
+    checkpoint of `epoch`); None if not evaluated (or unreadable)."""
     try:
-        with open(os.path.join(run_dir, result_file(other_source))) as f:
+        with open(os.path.join(run_dir, result_file(other_source, epoch))) as f:
             result = json.load(f)
     except (OSError, ValueError):
         return None
@@ -290,12 +326,17 @@ def to_markdown(rows: List[dict]) -> str:
 def main(argv=None) -> int:
     parser = ArgumentParser(
         prog="python -m analysis.precise_bn",
-        description="Test accuracy of runs' last checkpoints with their stored BN moving averages and "
+        description="Test accuracy of runs' final weights (or last checkpoints, or --epoch's) with their "
+                    "stored BN moving averages and "
                     "with BN statistics recomputed from training batches (precise BN); writes "
                     f"{RESULT_FILE} into each run folder ({result_file('SOURCE')} for another "
                     "--data_source than the run's).")
     parser.add_argument("paths", nargs="+", metavar="RESULTS_OR_RUN_DIR",
                         help="run folders, or folders to search for them (e.g. a sweep's results)")
+    parser.add_argument("--epoch", type=int, default=None, metavar="N",
+                        help="evaluate each run's checkpoint of epoch N (the trainer keeps those that end "
+                             "a learning-rate phase, e.g. 50 and 100) instead of its final weights; "
+                             "writes precise_bn_epochN.json")
     parser.add_argument("--bn_batches", type=int, default=DEFAULT_BN_BATCHES,
                         help=f"training batches the statistics are averaged over (default {DEFAULT_BN_BATCHES})")
     parser.add_argument("--data_source", choices=list(cifar_data.SOURCES), default=None,
@@ -306,6 +347,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", "--out_dir", dest="out_dir", metavar="DIR", default=None,
                         help="also write precise_bn.md and precise_bn.csv here")
     args = parser.parse_args(argv)
+    if args.epoch is not None and args.epoch < 1:
+        parser.error(f"argument --epoch: {args.epoch} must be positive")
     if args.bn_batches < 1:
         parser.error(f"argument --bn_batches: {args.bn_batches} must be positive")
     if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
@@ -321,11 +364,13 @@ def main(argv=None) -> int:
     named = {os.path.normpath(p) for p in args.paths}
     for folder, name in folders:
         try:
-            result = evaluate(folder, args.bn_batches, args.data_source, args.data_dir, cache, args.again)
+            result = evaluate(folder, args.bn_batches, args.data_source, args.data_dir, cache, args.again,
+                              args.epoch)
         except EvaluationError as e:
             if isinstance(e, NothingToEvaluate) and os.path.normpath(folder) not in named:
-                print(f"note: {name} skipped: no final weights (not finished) and no checkpoints",
-                      file=sys.stderr, flush=True)       # e.g. a shared run still training elsewhere
+                why = ("no final weights (not finished) and no checkpoints" if args.epoch is None
+                       else f"no checkpoint of epoch {args.epoch}")
+                print(f"note: {name} skipped: {why}", file=sys.stderr, flush=True)   # e.g. a shared run
                 continue
             print(f"error: {e}", file=sys.stderr)
             failed += 1
@@ -335,7 +380,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{row['run']}{_other_data(row)}: epoch {row['epoch']}, logged {_pct(row['logged'])}, stored BN "
               f"{_pct(row['stored_bn'])}, recomputed BN {_pct(row['precise_bn'])}"
-              + (f" (from its {result_file(None if row['own_data'] else row['data_source'])}; "
+              + (f" (from its {result_file(None if row['own_data'] else row['data_source'], args.epoch)}; "
                  "--again to redo)" if cached else ""), flush=True)
     if rows:
         print(to_markdown(rows), end="")

@@ -11,21 +11,29 @@ checkpoint. Here the files themselves are the truth:
   the index if it named another). When files exist but none reads back, the run
   is refused: never a silent fresh start.
 - save writes ckpt-N (TensorFlow writes to a temporary name and renames), reads
-  it back, then rewrites the index (atomically), and only then deletes
-  checkpoints other than ckpt-N and the previous good one. A failed save
-  (full disk) deletes nothing but its own partial files.
+  it back, copies it if it ends a phase (below), then rewrites the index
+  (atomically), and only then deletes checkpoints other than ckpt-N and the
+  previous good one. A failed save (full disk) deletes nothing but its own
+  partial files.
+- the checkpoints of the epochs that end a learning-rate phase (`phase_ends`, e.g.
+  ckpt-50 and ckpt-100 of the post's schedule) are also copied, whole, into
+  `phase_ends/` beside the rotation, which restore never reads: they stay for
+  analysis (`analysis.precise_bn --epoch=50`: how much of the test accuracy at the end
+  of a phase is batch norm's lag). The copy is made at every save from the rotation's
+  checkpoints, so a kill during a copy only delays it to the next save.
 """
 
 import os
 import re
 import shutil
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from resnet_cifar import atomic
 
 INDEX_FILE = "checkpoint"            # tf.train.latest_checkpoint's index, kept for other tools
 PREFIX = "ckpt"
 KEEP = 2
+PHASE_ENDS = "phase_ends"           # sub-folder of kept phase-end checkpoints
 _FILE_RE = re.compile(rf"^{PREFIX}-(\d+)(\.|_temp)")
 
 
@@ -90,10 +98,11 @@ def unreadable_reason(prefix: str) -> Optional[str]:
 class CheckpointStore:
     """Saves and restores `checkpoint` (a tf.train.Checkpoint) as DIR/ckpt-N."""
 
-    def __init__(self, checkpoint, directory: str, keep: int = KEEP):
+    def __init__(self, checkpoint, directory: str, keep: int = KEEP, phase_ends: Iterable[int] = ()):
         self.checkpoint = checkpoint
         self.directory = directory
         self.keep = keep
+        self.phase_ends = frozenset(int(n) for n in phase_ends)
         self.good: List[int] = []      # checkpoints known to read back whole, oldest first
         # Checkpoint.save() (and so CheckpointManager) records a save counter; write()
         # records it only once it exists: create it, so both kinds of files match.
@@ -145,6 +154,8 @@ class CheckpointStore:
             if reason is not None:
                 raise SaveError(f"{name(number)} did not read back whole ({reason})")
             good = ([n for n in self.good if n != number] + [number])[-self.keep:]
+            for kept in sorted(self.phase_ends.intersection(good)):
+                self._keep_phase_end(kept)
             self._write_index(good)
         except (tf.errors.OpError, OSError, SaveError) as e:
             self._remove(number)
@@ -156,6 +167,22 @@ class CheckpointStore:
             if other not in self.good:
                 self._remove(other)
         return prefix
+
+    def _keep_phase_end(self, number: int) -> None:
+        """Copies ckpt-N into phase_ends/ unless it is there: into a temporary folder first,
+        renamed into place whole (a kill leaves only the temporary folder, redone next save)."""
+        folder = os.path.join(self.directory, PHASE_ENDS)
+        if os.path.exists(os.path.join(folder, name(number) + ".index")):
+            return
+        staging = os.path.join(folder, f"{name(number)}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        files = [e for e in os.listdir(self.directory) if e.startswith(name(number) + ".")]
+        for entry in sorted(files, key=lambda e: e.endswith(".index")):     # the .index last
+            shutil.copy2(os.path.join(self.directory, entry), staging)
+        for entry in sorted(files, key=lambda e: e.endswith(".index")):
+            os.replace(os.path.join(staging, entry), os.path.join(folder, entry))
+        os.rmdir(staging)
 
     def _indexed(self) -> Optional[str]:
         return indexed(self.directory)

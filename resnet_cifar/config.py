@@ -78,6 +78,13 @@ class TrainConfig:
     def base_learning_rate(self) -> float:
         return base_learning_rate(self.optimizer, self.learning_rate, self.batch_size)
 
+    @property
+    def phase_end_epochs(self) -> Tuple[int, ...]:
+        """The last whole epoch of each learning-rate phase but the last (50 and 100 for the
+        post): the checkpoints the trainer keeps beside its rotation."""
+        ends = {math.floor(b) for b in self.boundary_epochs}
+        return tuple(sorted(e for e in ends if 1 <= e < self.train_epochs))
+
     def validate(self):
         def fail(msg):
             raise ConfigError(msg)

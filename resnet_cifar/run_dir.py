@@ -206,7 +206,8 @@ def clear(d):
     """Removes what a run wrote (and only that) from its folder, whatever kind each part is;
     with it the precise-BN results of its weights, which a new run of the same length would
     otherwise pass for its own."""
-    others = [os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(d), tags.PRECISE_BN_OTHER))]
+    others = [os.path.basename(p) for pattern in (tags.PRECISE_BN_OTHER, tags.PRECISE_BN_EPOCHS)
+              for p in glob.glob(os.path.join(glob.escape(d), pattern))]
     for name in (tags.TRAIN_DIR, tags.VALIDATION_DIR, CHECKPOINTS, tags.RUN_CONFIG_FILE, tags.DONE_FILE,
                  tags.CHANNEL_SQSUM_FILE, tags.FINAL_WEIGHTS_FILE, tags.PRECISE_BN_FILE, *others):
         path = os.path.join(d, name)

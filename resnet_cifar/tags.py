@@ -58,9 +58,10 @@ def per_layer_series(scalars: Mapping[str, T], tag: str) -> Dict[str, T]:
 
 
 RUN_CONFIG_FILE = "run_config.json"
-CHECKPOINTS_DIR = "checkpoints"    # a run folder's checkpoints (the last two epochs')
+CHECKPOINTS_DIR = "checkpoints"    # a run folder's checkpoints (the last two epochs', phase ends)
 DONE_FILE = "done.json"            # written when a run has finished all its epochs
 CHANNEL_SQSUM_FILE = "conv_channel_sqsum.npz"   # per-output-channel conv sums of squares by epoch
 FINAL_WEIGHTS_FILE = "final.weights.h5"         # the finished model's weights (Keras), about 1 MB
 PRECISE_BN_FILE = "precise_bn.json"    # analysis.precise_bn's result on the run's data;
 PRECISE_BN_OTHER = "precise_bn.*.json"  # and on other data sources (glob)
+PRECISE_BN_EPOCHS = "precise_bn_epoch*.json"  # of a kept checkpoint's epoch (--epoch), any data (glob)

@@ -164,7 +164,8 @@ def _run(config, arrays, progress):
 def _train(config, arrays, progress, model, steps_per_epoch):
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
-    store = checkpoints.CheckpointStore(checkpoint, os.path.join(config.model_dir, run_dir.CHECKPOINTS))
+    store = checkpoints.CheckpointStore(checkpoint, os.path.join(config.model_dir, run_dir.CHECKPOINTS),
+                                        phase_ends=config.phase_end_epochs)
     progress.store = store
     restored, skipped = store.restore()
     initial_epoch = int(epoch_variable.numpy())

@@ -76,6 +76,33 @@ def test_precise_bn_does_not_trust_a_dangling_index(run):
     assert precise_bn.read_result(run)["checkpoint"] == "ckpt-1"
 
 
+@pytest.mark.parametrize("damage", ["truncated data", "missing .index", "missing data"])
+def test_precise_bn_of_a_damaged_phase_end_checkpoint(run, damage):
+    """The finished fixture run (2 epochs, rate drop after epoch 1) keeps ckpt-1 in phase_ends/
+    and in its rotation. A damaged kept copy: --epoch=1 evaluates the rotation's; with that
+    gone too, one line names the damaged file."""
+    from resnet_cifar import checkpoints
+
+    kept = os.path.join(run, run_dir.CHECKPOINTS, checkpoints.PHASE_ENDS)
+    assert checkpoints.numbers_on_disk(kept) == [1]
+    data_file, = glob.glob(os.path.join(kept, "ckpt-1.data-*"))
+    if damage == "truncated data":
+        with open(data_file, "r+b") as f:
+            f.truncate(os.path.getsize(data_file) // 2)
+    else:
+        os.remove(os.path.join(kept, "ckpt-1.index") if damage == "missing .index" else data_file)
+    r = command("analysis.precise_bn", run, "--bn_batches=2", "--epoch=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert precise_bn.read_result(run, epoch=1)["checkpoint"] == "ckpt-1"
+
+    for name in os.listdir(os.path.join(run, run_dir.CHECKPOINTS)):
+        if name.startswith("ckpt-1."):
+            os.remove(os.path.join(run, run_dir.CHECKPOINTS, name))
+    r = command("analysis.precise_bn", run, "--bn_batches=2", "--epoch=1", "--again")
+    one_error_line(r, 1, "the checkpoint of epoch 1 does not read back whole",
+                   os.path.join(run_dir.CHECKPOINTS, checkpoints.PHASE_ENDS, "ckpt-1"))
+
+
 def test_precise_bn_and_equivalence_refuse_an_out_that_is_a_file(run, tmp_path):
     out = tmp_path / "out"
     out.write_text("a file\n")

@@ -203,3 +203,42 @@ def test_other_data_source_does_not_take_the_runs_data_folder(tiny_run, tmp_path
     result = precise_bn.evaluate(str(copy), bn_batches=1, data_source="tfds")
     assert asked == [("tfds", None)]
     assert result["own_data"] is False and result["data_source"] == "tfds"
+
+
+def test_the_checkpoints_that_end_a_phase_are_kept_and_evaluated_by_epoch(tmp_path, capsys):
+    """5 epochs with the rate dropping after epochs 1 and 3: the trainer keeps ckpt-1 and ckpt-3
+    in checkpoints/phase_ends/ beside its rotation (ckpt-4, ckpt-5); --epoch=3 evaluates ckpt-3,
+    whose stored statistics reproduce the accuracy logged at epoch 3 (read from the event files)."""
+    from resnet_cifar import checkpoints, events, tags
+
+    write_binary_cifar(str(tmp_path / "data"), per_train_file=16, num_test=NUM_TEST)
+    results = tmp_path / "results"
+    run = results / "baseline" / "seed_0"
+    r = train_cli(f"--model_dir={run}", "--data_source=binary", f"--data_dir={tmp_path / 'data'}",
+                  "--train_epochs=5", "--steps_per_epoch=4", "--batch_size=16", "--boundary_epochs=1,3",
+                  "--decay_rates=1,0.1,0.01", "--verbose=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = run / tags.CHECKPOINTS_DIR
+    assert checkpoints.numbers_on_disk(str(folder)) == [5, 4]
+    assert checkpoints.numbers_on_disk(str(folder / checkpoints.PHASE_ENDS)) == [3, 1]
+
+    assert precise_bn.main([str(run), "--epoch=3", "--bn_batches=2"]) == 0
+    result = json.loads((run / "precise_bn_epoch3.json").read_text())
+    assert (result["epoch"], result["train_epochs"], result["checkpoint"]) == (3, 5, "ckpt-3")
+    steps, values = events.read_scalars(str(run), tags.EPOCH_ACCURACY, tags.VALIDATION_DIR)
+    logged = dict(zip((int(s) for s in steps), (float(v) for v in values)))
+    assert result["logged"] == pytest.approx(logged[3])
+    assert abs(result["stored_bn"] - logged[3]) <= 1 / NUM_TEST + 1e-9, (result, logged)
+    assert not (run / precise_bn.RESULT_FILE).exists()           # the final weights' result is another file
+    assert "seed_0: epoch 3, logged" in capsys.readouterr().out
+
+    # An epoch without a checkpoint: one line naming the epochs kept; in a search, a note.
+    assert precise_bn.main([str(run), "--epoch=2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {run}: no checkpoint of epoch 2 (it keeps those of epochs 1, 3, 4, 5: "
+                   "the ends of its learning-rate phases and its last two)"), err
+    assert precise_bn.main([str(results), "--epoch=2"]) == 0
+    assert capsys.readouterr().err.strip() == "note: baseline/seed_0 skipped: no checkpoint of epoch 2"
+    with pytest.raises(SystemExit) as e:
+        precise_bn.main([str(run), "--epoch=0"])
+    assert e.value.code == 2 and "--epoch: 0 must be positive" in capsys.readouterr().err

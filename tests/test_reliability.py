@@ -416,7 +416,8 @@ def test_other_flags_are_refused_naming_them(data, finished_run, held_run):
 def test_overwrite_replaces_the_run(data, finished_run):
     with open(os.path.join(finished_run, "notes.txt"), "w") as f:   # not the run's: must survive
         f.write("mine")
-    for name in ("precise_bn.json", "precise_bn.tfds.json"):        # results of the old weights: go
+    old_results = ("precise_bn.json", "precise_bn.tfds.json", "precise_bn_epoch2.json", "precise_bn_epoch2.tfds.json")
+    for name in old_results:                                       # results of the old weights: go
         with open(os.path.join(finished_run, name), "w") as f:
             f.write('{"epoch": 2, "precise_bn": 0.5}')
     old_events = set(os.listdir(os.path.join(finished_run, tags.TRAIN_DIR)))
@@ -432,8 +433,7 @@ def test_overwrite_replaces_the_run(data, finished_run):
     assert_every_epoch_once(curves(finished_run), epochs=2)
     with open(os.path.join(finished_run, "notes.txt")) as f:
         assert f.read() == "mine"
-    assert not os.path.exists(os.path.join(finished_run, "precise_bn.json"))
-    assert not os.path.exists(os.path.join(finished_run, "precise_bn.tfds.json"))
+    assert not [name for name in old_results if os.path.exists(os.path.join(finished_run, name))]
 
 
 def test_unwritable_model_dir(data, tmp_path):
@@ -805,6 +805,96 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert "No space left on device" in message and "the last good checkpoint ckpt-1 is kept" in message
     assert snapshot(folder) == before                           # ckpt-1 and its index untouched
     assert checkpoints.numbers_on_disk(folder) == [1]
+
+
+def _saved_w(prefix):
+    """The first value of `w` in the checkpoint at `prefix`, read from the files."""
+    import tensorflow as tf
+
+    return float(tf.train.load_checkpoint(prefix).get_tensor("w/.ATTRIBUTES/VARIABLE_VALUE")[0])
+
+
+def _save_epochs(store, variables, numbers):
+    for n in numbers:
+        variables["w"].assign(np.full(3000, n, np.float32))
+        store.save(checkpoint_number=n)
+
+
+def test_phase_end_checkpoints_are_kept_beside_the_rotation_which_restore_ignores(tmp_path):
+    from resnet_cifar import checkpoints
+
+    folder = str(tmp_path / "ckpts")
+    kept = os.path.join(folder, checkpoints.PHASE_ENDS)
+    variables, ckpt = _small_checkpoint()
+    store = checkpoints.CheckpointStore(ckpt, folder, phase_ends=(2, 4))
+    _save_epochs(store, variables, range(1, 7))
+    assert checkpoints.numbers_on_disk(folder) == [6, 5]                  # the rotation as before
+    assert checkpoints.numbers_on_disk(kept) == [4, 2]
+    assert sorted(os.listdir(kept)) == sorted(f"ckpt-{n}.{ext}" for n in (2, 4)
+                                              for ext in ("index", "data-00000-of-00001"))
+    assert [_saved_w(os.path.join(kept, f"ckpt-{n}")) for n in (2, 4)] == [2.0, 4.0]
+
+    # Restore reads the rotation only: damaged, the run is refused (not resumed from epoch 4).
+    _damage(folder, 6, "truncated_data")
+    _damage(folder, 5, "missing_data")
+    with pytest.raises(checkpoints.NothingReadable):
+        checkpoints.CheckpointStore(_small_checkpoint()[1], folder, phase_ends=(2, 4)).restore()
+
+
+def test_an_interrupted_phase_end_copy_is_redone_at_the_next_save(tmp_path):
+    """A kill during the copy leaves a staging folder and, at worst, data without its .index."""
+    from resnet_cifar import checkpoints
+
+    folder = str(tmp_path / "ckpts")
+    kept = os.path.join(folder, checkpoints.PHASE_ENDS)
+    variables, ckpt = _small_checkpoint()
+    store = checkpoints.CheckpointStore(ckpt, folder, phase_ends=(2,))
+    _save_epochs(store, variables, (1, 2))
+    os.remove(os.path.join(kept, "ckpt-2.index"))
+    os.makedirs(os.path.join(kept, "ckpt-2.tmp"))
+    with open(os.path.join(kept, "ckpt-2.tmp", "ckpt-2.index"), "wb") as f:
+        f.write(b"half")
+
+    variables, ckpt = _small_checkpoint()                       # the resumed process
+    store = checkpoints.CheckpointStore(ckpt, folder, phase_ends=(2,))
+    assert store.restore() == (2, [])
+    _save_epochs(store, variables, (3,))
+    assert sorted(os.listdir(kept)) == ["ckpt-2.data-00000-of-00001", "ckpt-2.index"]
+    assert checkpoints.unreadable_reason(os.path.join(kept, "ckpt-2")) is None
+    assert _saved_w(os.path.join(kept, "ckpt-2")) == 2.0
+
+
+def test_a_failed_phase_end_copy_is_a_failed_save(tmp_path, monkeypatch):
+    """A full disk during the copy: the save fails as a whole, the previous checkpoint stays,
+    and the save's retry (the resumed run redoes the epoch) keeps the phase end."""
+    import errno
+    import shutil
+
+    from resnet_cifar import checkpoints
+
+    folder = str(tmp_path / "ckpts")
+    variables, ckpt = _small_checkpoint()
+    store = checkpoints.CheckpointStore(ckpt, folder, phase_ends=(2,))
+    _save_epochs(store, variables, (1,))
+    real_copy = shutil.copy2
+
+    def full_disk(src, dst, **kwargs):
+        real_copy(src, dst, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copy2", full_disk)
+    with pytest.raises(checkpoints.SaveError) as e:
+        _save_epochs(store, variables, (2,))
+    message = str(e.value)
+    assert "\n" not in message and "could not save checkpoint ckpt-2" in message
+    assert "No space left on device" in message and "the last good checkpoint ckpt-1 is kept" in message
+    assert checkpoints.numbers_on_disk(folder) == [1]
+    assert latest_checkpoint(folder, "") == "ckpt-1"
+
+    monkeypatch.setattr(shutil, "copy2", real_copy)
+    _save_epochs(store, variables, (2,))
+    assert _saved_w(os.path.join(folder, checkpoints.PHASE_ENDS, "ckpt-2")) == 2.0
+    assert checkpoints.numbers_on_disk(folder) == [2, 1]
 
 
 def test_damaged_checkpoint_then_resume_is_exact(data, reference, held_run):

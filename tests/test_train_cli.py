@@ -26,6 +26,17 @@ def test_defaults_reproduce_the_baseline():
     assert (cfg.train_epochs, cfg.boundary_epochs, cfg.decay_rates) == (150, (50.0, 100.0), (1.0, 0.1, 0.01))
     assert (cfg.weight_decay, cfg.bn_decay, cfg.batch_size, cfg.conv_l2) == (2e-4, 0.997, 128, True)
     assert not cfg.conv_grad_scale
+    assert cfg.phase_end_epochs == (50, 100)        # the checkpoints kept beside the rotation
+
+
+@pytest.mark.parametrize("flags, want", [
+    (["--boundary_epochs=2,4", "--train_epochs=6", "--decay_rates=1,0.1,0.01"], (2, 4)),   # the quick preset
+    (["--boundary_epochs=2.5", "--train_epochs=6", "--decay_rates=1,0.1"], (2,)),     # the last whole epoch
+    (["--boundary_epochs=0.5,3", "--train_epochs=6", "--decay_rates=1,0.1,0.01"], (3,)),  # none before epoch 1
+    (["--boundary_epochs=6,9", "--train_epochs=6", "--decay_rates=1,0.1,0.01"], ()),   # the end is the final one
+])
+def test_phase_end_epochs(flags, want):
+    assert parse(["--model_dir=/tmp/x", *flags]).phase_end_epochs == want
 
 
 @pytest.mark.parametrize("spelling", ["--noconv_l2", "--flag_noconv_l2", "--conv_l2=false"])
