@@ -5,7 +5,9 @@
 RESULTS_DIR holds runs as `<name>/` or `<name>/seed_<k>/` (see `events.find_runs`);
 figures go to DIR (default RESULTS_DIR/figures) as NAME.png and NAME.svg, with
 summary.md and summary.csv beside them, and the theory comparison theory.md,
-theory.csv, theory_per_layer.csv and theory_growth.csv (analysis/theory.py). The relative-step figures
+theory.csv, theory_per_layer.csv and theory_growth.csv (analysis/theory.py), and bn_lag.md/.csv
+(analysis/precise_bn.py: test accuracy at each phase end, logged and with recomputed BN statistics,
+for runs that analysis.precise_bn evaluated). The relative-step figures
 are drawn on a log scale with the predicted equilibrium level of each phase (from
 the baseline's config) as dashed segments. Runs still training are drawn from what they
 logged so far and marked "(incomplete)" in legends and the table; missing runs are
@@ -23,7 +25,7 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import angular, figures, grid, output, replay_match, summary, theory
+from analysis import angular, figures, grid, output, precise_bn, replay_match, summary, theory
 from resnet_cifar import events, tags
 from resnet_cifar import runs as run_registry
 from resnet_cifar import command_line
@@ -115,6 +117,7 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
     written += replay_match.write(loaded, out_dir)
     written += summary.write_summary(summary.summarize(loaded), out_dir)
     written += theory.write_theory(loaded, out_dir)
+    written += precise_bn.write_phase_ends(loaded, out_dir)
     return written
 
 

@@ -38,6 +38,8 @@ import numpy as np
 from analysis import output
 from resnet_cifar import atomic, cifar_data, events, fidelity, tags
 from resnet_cifar import command_line
+from resnet_cifar import runs as run_registry
+from resnet_cifar.config import phase_end_epochs
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
 RESULT_FILE = tags.PRECISE_BN_FILE
@@ -321,6 +323,63 @@ def to_markdown(rows: List[dict]) -> str:
         lines.append(f"| {r['run']}{_other_data(r)} | {epoch} | {_pct(r['logged'])} | {_pct(r['stored_bn'])} | "
                      f"{_pct(r['precise_bn'])} | {100 * (r['precise_bn'] - r['stored_bn']):+.2f} pts |")
     return "\n".join(lines) + "\n"
+
+
+# --- the table of make_figures: BN's lag at the ends of the learning-rate phases
+
+PHASE_ENDS_TABLE = "bn_lag"
+
+
+def phase_end_rows(loaded: Dict[str, List[events.Run]]) -> List[dict]:
+    """One row per run, seed and phase end (the last epoch of each learning-rate phase, the final
+    one included) of the runs with any result on their own data: the accuracy logged at that epoch
+    (BN moving averages) and, where evaluated, with recomputed BN statistics (precise_bn.json for
+    the final weights, precise_bn_epochN.json for a kept checkpoint; None where not evaluated)."""
+    rows = []
+    names = [n for n in run_registry.POST_RUNS if n in loaded] + sorted(set(loaded) - set(run_registry.POST_RUNS))
+    for name in names:
+        for run in loaded[name]:
+            train_epochs = int(run.config.get("train_epochs", fidelity.TRAIN_EPOCHS))
+            ends = phase_end_epochs(run.config.get("boundary_epochs", fidelity.BOUNDARY_EPOCHS), train_epochs)
+            results = {epoch: read_result(run.run_dir, epoch=epoch) for epoch in ends}
+            results[train_epochs] = read_result(run.run_dir)
+            results = {e: r for e, r in results.items()
+                       if r and r.get("epoch") == e and r.get("own_data", True)}
+            if not results:
+                continue
+            steps, values = run.scalars.get(tags.VALIDATION_DIR, {}).get(
+                tags.EPOCH_ACCURACY, (np.empty(0), np.empty(0)))
+            logged = {int(s): float(v) for s, v in zip(steps, values)}
+            seed = os.path.basename(run.run_dir)
+            for epoch in (*ends, train_epochs):
+                precise = results[epoch]["precise_bn"] if epoch in results else None
+                rows.append(dict(run=run_registry.LABELS.get(name, name), seed=seed, epoch=epoch,
+                                 train_epochs=train_epochs, logged=logged.get(epoch), precise_bn=precise))
+    return rows
+
+
+def phase_ends_markdown(rows: List[dict]) -> str:
+    lines = ["| run | seed | epoch | logged test accuracy | recomputed BN statistics | recomputed − logged |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        gap = ("n/a" if r["logged"] is None or r["precise_bn"] is None
+               else f"{100 * (r['precise_bn'] - r['logged']):+.2f} pts")
+        lines.append(f"| {r['run']} | {r['seed']} | {r['epoch']} of {r['train_epochs']} | {_pct(r['logged'])} | "
+                     f"{_pct(r['precise_bn'])} | {gap} |")
+    lines += ["", "Test accuracy at the last epoch of each learning-rate phase, as logged (BN moving "
+                  "averages) and with BN statistics recomputed from training batches "
+                  "(`python -m analysis.precise_bn RESULTS --epoch=N` for a phase end the trainer kept in "
+                  "checkpoints/phase_ends/, without --epoch for the final weights); n/a: not evaluated, "
+                  "or not logged yet."]
+    return "\n".join(lines) + "\n"
+
+
+def write_phase_ends(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
+    """bn_lag.md and bn_lag.csv when any run has a precise-BN result; returns their paths."""
+    rows = phase_end_rows(loaded)
+    if not rows:
+        return []
+    return output.write_table(out_dir, PHASE_ENDS_TABLE, phase_ends_markdown(rows), rows)
 
 
 def main(argv=None) -> int:

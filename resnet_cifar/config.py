@@ -80,10 +80,8 @@ class TrainConfig:
 
     @property
     def phase_end_epochs(self) -> Tuple[int, ...]:
-        """The last whole epoch of each learning-rate phase but the last (50 and 100 for the
-        post): the checkpoints the trainer keeps beside its rotation."""
-        ends = {math.floor(b) for b in self.boundary_epochs}
-        return tuple(sorted(e for e in ends if 1 <= e < self.train_epochs))
+        """The checkpoints the trainer keeps beside its rotation (see phase_end_epochs)."""
+        return phase_end_epochs(self.boundary_epochs, self.train_epochs)
 
     def validate(self):
         def fail(msg):
@@ -161,6 +159,12 @@ class TrainConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+def phase_end_epochs(boundary_epochs, train_epochs) -> Tuple[int, ...]:
+    """The last whole epoch of each learning-rate phase but the last (50 and 100 for the post)."""
+    ends = {math.floor(float(b)) for b in boundary_epochs}
+    return tuple(sorted(e for e in ends if 1 <= e < int(train_epochs)))
 
 
 def base_learning_rate(optimizer, learning_rate=None, batch_size=fidelity.BATCH_SIZE):
