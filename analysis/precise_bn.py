@@ -28,6 +28,7 @@ schedule), or one still in the rotation; its result goes to `precise_bn_epochN.j
 Data: the run's own `data_source` and `data_dir` (from run_config.json) unless given.
 """
 
+import glob
 import json
 import os
 import sys
@@ -264,7 +265,7 @@ def checkpoint_of_epoch(run_dir: str, epoch: int) -> str:
                   os.path.join(folder, checkpoints.name(epoch))]
     reasons = []
     for prefix in candidates:
-        if os.path.exists(prefix + ".index") or os.path.exists(prefix + ".data-00000-of-00001"):
+        if glob.glob(glob.escape(prefix) + ".*"):            # its .index or any data shard
             reason = checkpoints.unreadable_reason(prefix)
             if reason is None:
                 return prefix
@@ -272,11 +273,13 @@ def checkpoint_of_epoch(run_dir: str, epoch: int) -> str:
     if reasons:
         raise EvaluationError(f"{run_dir}: the checkpoint of epoch {epoch} does not read back whole "
                               f"({'; '.join(reasons)})")
+    def epochs(numbers):
+        return "epochs " + ", ".join(str(n) for n in sorted(numbers)) if numbers else "none"
+
     kept = checkpoints.numbers_on_disk(os.path.join(folder, checkpoints.PHASE_ENDS))
     rotation = checkpoints.numbers_on_disk(folder)
-    have = ", ".join(str(n) for n in sorted(set(kept) | set(rotation))) or "none"
-    raise NothingToEvaluate(f"{run_dir}: no checkpoint of epoch {epoch} (it keeps those of epochs "
-                            f"{have}: the ends of its learning-rate phases and its last two)")
+    raise NothingToEvaluate(f"{run_dir}: no checkpoint of epoch {epoch} ({tags.CHECKPOINTS_DIR}/"
+                            f"{checkpoints.PHASE_ENDS}/ holds {epochs(kept)}, the rotation {epochs(rotation)})")
 
 
 def result_file(other_source: Optional[str] = None, epoch: Optional[int] = None) -> str:
@@ -341,16 +344,19 @@ def phase_end_rows(loaded: Dict[str, List[events.Run]]) -> List[dict]:
         for run in loaded[name]:
             train_epochs = int(run.config.get("train_epochs", fidelity.TRAIN_EPOCHS))
             ends = phase_end_epochs(run.config.get("boundary_epochs", fidelity.BOUNDARY_EPOCHS), train_epochs)
-            results = {epoch: read_result(run.run_dir, epoch=epoch) for epoch in ends}
-            results[train_epochs] = read_result(run.run_dir)
-            results = {e: r for e, r in results.items()
-                       if r and r.get("epoch") == e and r.get("own_data", True)}
+            found = [(epoch, read_result(run.run_dir, epoch=epoch)) for epoch in (*ends, train_epochs)]
+            found.insert(-1, (train_epochs, read_result(run.run_dir)))    # the final weights' first
+            results = {}
+            for e, r in found:
+                if r and r.get("epoch") == e and r.get("own_data", True):
+                    results.setdefault(e, r)
             if not results:
                 continue
             steps, values = run.scalars.get(tags.VALIDATION_DIR, {}).get(
                 tags.EPOCH_ACCURACY, (np.empty(0), np.empty(0)))
             logged = {int(s): float(v) for s, v in zip(steps, values)}
-            seed = os.path.basename(run.run_dir)
+            folder = os.path.basename(os.path.normpath(run.run_dir))
+            seed = folder if folder.startswith("seed_") else ""        # a run stored as <name>/
             for epoch in (*ends, train_epochs):
                 precise = results[epoch]["precise_bn"] if epoch in results else None
                 rows.append(dict(run=run_registry.LABELS.get(name, name), seed=seed, epoch=epoch,
@@ -370,7 +376,7 @@ def phase_ends_markdown(rows: List[dict]) -> str:
                   "averages) and with BN statistics recomputed from training batches "
                   "(`python -m analysis.precise_bn RESULTS --epoch=N` for a phase end the trainer kept in "
                   "checkpoints/phase_ends/, without --epoch for the final weights); n/a: not evaluated, "
-                  "or not logged yet."]
+                  "or not logged (yet, or at that epoch)."]
     return "\n".join(lines) + "\n"
 
 
@@ -402,7 +408,8 @@ def main(argv=None) -> int:
                         help="default: each run's own")
     parser.add_argument("--data_dir", default=None, help="default: each run's own")
     parser.add_argument("--again", action="store_true",
-                        help=f"evaluate runs whose {RESULT_FILE} already holds this checkpoint's result")
+                        help=f"evaluate runs whose {RESULT_FILE} (precise_bn_epochN.json with --epoch) "
+                             "already holds this checkpoint's result")
     parser.add_argument("--out", "--out_dir", dest="out_dir", metavar="DIR", default=None,
                         help="also write precise_bn.md and precise_bn.csv here")
     args = parser.parse_args(argv)

@@ -11,21 +11,23 @@ checkpoint. Here the files themselves are the truth:
   the index if it named another). When files exist but none reads back, the run
   is refused: never a silent fresh start.
 - save writes ckpt-N (TensorFlow writes to a temporary name and renames), reads
-  it back, copies it if it ends a phase (below), then rewrites the index
-  (atomically), and only then deletes checkpoints other than ckpt-N and the
-  previous good one. A failed save (full disk) deletes nothing but its own
-  partial files.
+  it back, then rewrites the index (atomically), and only then deletes
+  checkpoints other than ckpt-N and the previous good one. A failed save (full
+  disk) deletes nothing but its own partial files.
 - the checkpoints of the epochs that end a learning-rate phase (`phase_ends`, e.g.
-  ckpt-50 and ckpt-100 of the post's schedule) are also copied, whole, into
-  `phase_ends/` beside the rotation, which restore never reads: they stay for
-  analysis (`analysis.precise_bn --epoch=50`: how much of the test accuracy at the end
-  of a phase is batch norm's lag). The copy is made at every save from the rotation's
-  checkpoints, so a kill during a copy only delays it to the next save.
+  ckpt-50 and ckpt-100 of the post's schedule) are also copied into `phase_ends/`
+  beside the rotation, which restore never reads: they stay for analysis
+  (`analysis.precise_bn --epoch=50`: how much of the test accuracy at the end of a
+  phase is batch norm's lag). A copy is staged, read back whole, then renamed into
+  place, the `.index` last. It is secondary to training: a failed copy is a
+  warning, never a failed save, and the rotation keeps a phase end until its copy
+  exists, so every later save tries again (a kill during a copy loses nothing).
 """
 
 import os
 import re
 import shutil
+import sys
 from typing import Iterable, List, Optional, Tuple
 
 from resnet_cifar import atomic
@@ -104,6 +106,7 @@ class CheckpointStore:
         self.keep = keep
         self.phase_ends = frozenset(int(n) for n in phase_ends)
         self.good: List[int] = []      # checkpoints known to read back whole, oldest first
+        self._warned = set()           # phase ends whose failed copy was reported
         # Checkpoint.save() (and so CheckpointManager) records a save counter; write()
         # records it only once it exists: create it, so both kinds of files match.
         checkpoint.save_counter  # noqa: B018
@@ -136,6 +139,9 @@ class CheckpointStore:
             raise NothingReadable(
                 f"no checkpoint in {self.directory} reads back whole ("
                 + "; ".join(f"{n}: {r}" for n, r in skipped) + ")")
+        # A fresh start: copies kept from another trajectory (its rotation deleted by hand)
+        # would pass for this one's.
+        shutil.rmtree(os.path.join(self.directory, PHASE_ENDS), ignore_errors=True)
         return 0, []
 
     def save(self, checkpoint_number: int) -> str:
@@ -154,8 +160,6 @@ class CheckpointStore:
             if reason is not None:
                 raise SaveError(f"{name(number)} did not read back whole ({reason})")
             good = ([n for n in self.good if n != number] + [number])[-self.keep:]
-            for kept in sorted(self.phase_ends.intersection(good)):
-                self._keep_phase_end(kept)
             self._write_index(good)
         except (tf.errors.OpError, OSError, SaveError) as e:
             self._remove(number)
@@ -163,26 +167,41 @@ class CheckpointStore:
                             f"({_short(e)}); {last}; free space and run the same command "
                             "to resume") from None
         self.good = good
-        for other in numbers_on_disk(self.directory):
-            if other not in self.good:
+        on_disk = numbers_on_disk(self.directory)
+        kept = {n for n in self.phase_ends.intersection(on_disk) if self._keep_phase_end(n)}
+        for other in on_disk:
+            if other not in self.good and (other not in self.phase_ends or other in kept):
                 self._remove(other)
         return prefix
 
-    def _keep_phase_end(self, number: int) -> None:
-        """Copies ckpt-N into phase_ends/ unless it is there: into a temporary folder first,
-        renamed into place whole (a kill leaves only the temporary folder, redone next save)."""
+    def _keep_phase_end(self, number: int) -> bool:
+        """Copies ckpt-N into phase_ends/ unless it is there; True once it is. A failure is one
+        warning line (once per checkpoint), and False: the rotation keeps ckpt-N to try again."""
         folder = os.path.join(self.directory, PHASE_ENDS)
-        if os.path.exists(os.path.join(folder, name(number) + ".index")):
-            return
-        staging = os.path.join(folder, f"{name(number)}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        files = [e for e in os.listdir(self.directory) if e.startswith(name(number) + ".")]
-        for entry in sorted(files, key=lambda e: e.endswith(".index")):     # the .index last
-            shutil.copy2(os.path.join(self.directory, entry), staging)
-        for entry in sorted(files, key=lambda e: e.endswith(".index")):
-            os.replace(os.path.join(staging, entry), os.path.join(folder, entry))
-        os.rmdir(staging)
+        staging = os.path.join(folder, f".staging-{name(number)}")     # not a ckpt-N name
+        try:
+            if not os.path.exists(os.path.join(folder, name(number) + ".index")):
+                shutil.rmtree(staging, ignore_errors=True)
+                os.makedirs(staging)
+                files = sorted((e for e in os.listdir(self.directory) if e.startswith(name(number) + ".")),
+                               key=lambda e: e.endswith(".index"))           # the .index last
+                for entry in files:
+                    shutil.copy2(os.path.join(self.directory, entry), staging)
+                reason = unreadable_reason(os.path.join(staging, name(number)))
+                if reason is not None:
+                    raise OSError(f"the copy did not read back whole ({reason})")
+                for entry in files:
+                    os.replace(os.path.join(staging, entry), os.path.join(folder, entry))
+            shutil.rmtree(staging, ignore_errors=True)
+            return True
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if number not in self._warned:
+                self._warned.add(number)
+                print(f"warning: could not keep {name(number)} (the end of a learning-rate phase) in "
+                      f"{folder} ({_short(e)}); training goes on, and the next save tries again",
+                      file=sys.stderr, flush=True)
+            return False
 
     def _indexed(self) -> Optional[str]:
         return indexed(self.directory)

@@ -22,7 +22,7 @@ from resnet_cifar import config as config_lib
 from resnet_cifar import atomic, events, provenance, run_lock, tags
 
 CHECKPOINTS = tags.CHECKPOINTS_DIR
-MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 x ~3.3 MB) and event files, with margin
+MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 + phase ends, ~2.2 MB each) and event files, with margin
 # Settings that do not change what a run computes: they may differ on resume.
 OPERATIONAL = ("model_dir", "overwrite", "verbose", "data_dir", "steps_per_execution", "jit_compile")
 
