@@ -136,8 +136,11 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
         try:
             cache[key] = cifar_data.load_arrays(source, folder, seed=int(config.get("seed", 0)))
         except cifar_data.DataError as e:
-            hint = "" if data_dir is not None else "; --data_dir=DIR names the data to evaluate on"
-            raise EvaluationError(f"{run_dir}: data: {e}{hint}") from None
+            hint = "" if data_dir is not None or source == "tfds" else "; --data_dir=DIR names the data to evaluate on"
+            cache[key] = EvaluationError(f"data: {e}{hint}")     # said once, not once per run
+            raise EvaluationError(f"{run_dir}: {cache[key]}") from None
+    if isinstance(cache[key], EvaluationError):
+        raise EvaluationError(f"{run_dir}: data: the same error as above")
     arrays = cache[key]
 
     model, done = restore_model(run_dir, config, path, done)
@@ -447,7 +450,9 @@ def main(argv=None) -> int:
         print(f"{row['run']}{_other_data(row)}: epoch {row['epoch']}, logged {_pct(row['logged'])}, stored BN "
               f"{_pct(row['stored_bn'])}, recomputed BN {_pct(row['precise_bn'])}"
               + (f" (from its {result_file(None if row['own_data'] else row['data_source'], args.epoch)}; "
-                 "--again to redo)" if cached else ""), flush=True)
+                 "--again to redo)" if cached else
+                 f" -> {os.path.join(folder, result_file(None if row['own_data'] else row['data_source'], args.epoch))}"),
+              flush=True)
     if rows:
         print(to_markdown(rows), end="")
         if args.out_dir:

@@ -68,12 +68,23 @@ def positive_float(text):
     return value
 
 
+def training_flags():
+    """The trainer's flag names that may follow `--` (its config's fields but those the runner sets
+    for each run, and the post's spellings of --noconv_l2)."""
+    import dataclasses
+
+    from resnet_cifar.config import TrainConfig
+
+    names = {field.name for field in dataclasses.fields(TrainConfig)} - {"seed", "model_dir"}
+    return names | {f"no{name}" for name in names} | {"noconv_l2", "flag_noconv_l2"}
+
+
 def make_parser():
     p = ArgumentParser(prog="python -m experiments.run_all", description=(
         "Run the post's experiments (seeds, grids) as Ray tasks, one training process per run. "
         "Without --address a local Ray instance runs them on this machine."),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s --results_dir=DIR [options] [-- TRAINING_FLAGS...]")
+        usage="%(prog)s --results_dir=DIR [options] [-- TRAINING_FLAGS...]", forwarded=training_flags())
     p.add_argument("--results_dir", required=True, metavar="DIR",
                    help="folder of all runs (created); on a cluster, shared by every node at this path")
     presets = plan_lib.presets()

@@ -162,6 +162,9 @@ def find_binary_folder(data_dir):
     if not data_dir:
         raise DataError("--data_source=binary needs --data_dir (the cifar-10-batches-bin folder, "
                         f"its parent, or the {fidelity.ARCHIVE_NAME} archive)")
+    if not os.path.exists(data_dir):
+        raise DataError(f"--data_dir={data_dir} does not exist (give the cifar-10-batches-bin folder, "
+                        f"its parent, or the {fidelity.ARCHIVE_NAME} archive)")
     for folder in (data_dir, os.path.join(data_dir, fidelity.BINARY_FOLDER)):
         if os.path.isfile(os.path.join(folder, fidelity.TEST_FILES[0])):
             return folder

@@ -82,9 +82,12 @@ def not_a_folder(path):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser with one-line errors, no option prefixes, unknown options first."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, forwarded=(), **kwargs):
+        """`forwarded`: names of another command's flags that this one passes on after `--`
+        (the runner's training flags); given before it, the error says where they go."""
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.forwarded = frozenset(forwarded)
 
     def error(self, message):
         fail(message)
@@ -97,6 +100,9 @@ class ArgumentParser(argparse.ArgumentParser):
                 break
             name = arg.split("=", 1)[0]
             if arg.startswith("-") and arg != "-" and not _NUMBER.match(arg) and name not in known:
+                if name.lstrip("-") in self.forwarded:
+                    self.error(f"{name} is a training flag: give it after `--`, which passes what follows "
+                               f"to every run (... -- {arg})")
                 bare = {option.lstrip("-"): option for action in self._actions
                         if action.help != argparse.SUPPRESS for option in action.option_strings}
                 close = difflib.get_close_matches(name.lstrip("-"), bare, n=1)

@@ -124,6 +124,29 @@ def damaged(d):
     return ""
 
 
+def logged_epochs(d):
+    """The last epoch the train event files of the run folder hold (0: none, or unreadable)."""
+    try:
+        run = events.load_run(d, subdirs=(tags.TRAIN_DIR,))
+    except events.EventsError:
+        return 0
+    steps = run.scalars.get(tags.TRAIN_DIR, {}).get(tags.EPOCH_LOSS, ((),))[0]
+    return int(max(steps)) if len(steps) else 0
+
+
+def check_checkpoints_cover_the_logs(d, restored):
+    """A run resumes from checkpoint `restored` (0: none). A kill between an epoch's logs and its
+    checkpoint leaves at most one epoch logged beyond it, which the resumed run logs again; more
+    means checkpoints were deleted or lost, and going on would silently redo those epochs
+    (all of them, from none) over the curves already logged: refused instead."""
+    logged = logged_epochs(d)
+    if logged > restored + 1:
+        have = f"its newest checkpoint is of epoch {restored}" if restored else "it has no checkpoint"
+        raise config_lib.ConfigError(
+            f"--model_dir={d} has logged {logged} epochs but {have}: its checkpoints were deleted or "
+            f"lost; use --overwrite to start this run afresh (its logs go too), or another --model_dir")
+
+
 def _sweep_run(d, depth=3):
     """The first run_config.json in a sub-folder of `d` (up to `depth` levels down), or ''."""
     if depth == 0 or not os.path.isdir(d):

@@ -168,6 +168,7 @@ def _train(config, arrays, progress, model, steps_per_epoch):
                                         phase_ends=config.phase_end_epochs)
     progress.store = store
     restored, skipped = store.restore()
+    run_dir.check_checkpoints_cover_the_logs(config.model_dir, restored)
     initial_epoch = int(epoch_variable.numpy())
     skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
     if initial_epoch:

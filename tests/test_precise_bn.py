@@ -292,3 +292,23 @@ def test_make_figures_tabulates_the_bn_lag_at_the_phase_ends(tmp_path):
     assert "| Baseline | seed_0 | 4 of 6 | 40.00% | n/a | n/a |" in table
     assert "| Baseline | seed_0 | 6 of 6 | 60.00% | 65.00% | +5.00 pts |" in table
     assert "| ConvLRScale |  | 6 of 6 | 60.00% | 75.00% | +15.00 pts |" in table
+
+
+def test_a_data_error_is_said_once_for_all_runs_that_share_the_data(tiny_run, tmp_path, capsys):
+    import shutil
+
+    _, run = tiny_run
+    results = tmp_path / "results"
+    for name in ("baseline", "noconv_l2"):
+        copy = results / name / "seed_0"
+        shutil.copytree(run, copy, ignore=shutil.ignore_patterns(precise_bn.RESULT_FILE, "final.weights.h5"))
+        run_config = json.loads((copy / "run_config.json").read_text())
+        run_config["config"]["data_dir"] = str(tmp_path / "gone")
+        (copy / "run_config.json").write_text(json.dumps(run_config))
+    assert precise_bn.main([str(results), "--bn_batches=2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"error: {results / 'baseline' / 'seed_0'}: data: --data_dir={tmp_path / 'gone'} "
+                             "does not exist"), err
+    assert err[0].endswith("; --data_dir=DIR names the data to evaluate on"), err
+    assert err[1] == f"error: {results / 'noconv_l2' / 'seed_0'}: data: the same error as above"

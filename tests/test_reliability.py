@@ -557,7 +557,7 @@ def test_replay_baseline_shorter_than_the_run(reference):
 def _bad_data(data, tmp_path, kind):
     """A copy of the data folder with one defect; returns (data_dir, words the error must contain)."""
     if kind == "missing_folder":
-        return str(tmp_path / "no_data"), ["no CIFAR-10 binary files in", str(tmp_path / "no_data")]
+        return str(tmp_path / "no_data"), [f"--data_dir={tmp_path / 'no_data'} does not exist"]
     parent = tmp_path / "bad_data"
     shutil.copytree(data, parent)
     folder = os.path.join(parent, "cifar-10-batches-bin")
@@ -977,6 +977,26 @@ def test_no_readable_checkpoint_refuses_and_overwrite_restarts(data, reference, 
     r = run_cli(*train_args(held_run, data), "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "starting afresh (--overwrite)" in r.stdout and "resuming" not in r.stdout
+    assert_same_weights(reference, held_run)
+
+
+def test_logs_beyond_the_checkpoints_refuse_and_overwrite_restarts(data, reference, held_run):
+    """Checkpoints deleted (or lost with a machine while the logs were kept): the run has logged 3
+    epochs and has none to resume from. Going on would redo all 3 over the logged curves; it is
+    refused in one line, and --overwrite starts it afresh. (A kill between an epoch's logs and its
+    checkpoint leaves one epoch more, which resumes: the kill tests above.)"""
+    shutil.rmtree(os.path.join(held_run, run_dir.CHECKPOINTS))
+    before = snapshot(held_run)
+    r = run_cli(*train_args(held_run, data))
+    one_error_line(r, 2, "has logged 3 epochs but it has no checkpoint", "--overwrite")
+    assert "epoch 1/" not in r.stdout
+    after = snapshot(held_run)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+
+    r = run_cli(*train_args(held_run, data), "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "starting afresh (--overwrite)" in r.stdout
+    assert_every_epoch_once(curves(held_run))
     assert_same_weights(reference, held_run)
 
 

@@ -152,6 +152,10 @@ def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     (["--seed=3"], "unrecognized argument --seed=3; did you mean --seeds?"),
     (["--run=baseline"], "unrecognized argument --run=baseline; did you mean --runs?"),
     (["--results=x"], "unrecognized argument --results=x; did you mean --results_dir?"),
+    # The trainer's flags before `--`: where they go.
+    (["--data_source=binary"], "--data_source is a training flag: give it after `--`, which passes what "
+                               "follows to every run (... -- --data_source=binary)"),
+    (["--noconv_l2"], "--noconv_l2 is a training flag: give it after `--`"),
     (["--", "--seed=3"], "the runner sets --seed for each run; use --seeds=N"),
     (["--grid=bn_decay=0.9", "--", "--bn_decay=0.5"], "already a --grid flag"),
     (["--", "--train_epochs=0"], "run baseline/seed_0: --train_epochs=0 must be positive"),
