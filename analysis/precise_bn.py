@@ -276,13 +276,10 @@ def checkpoint_of_epoch(run_dir: str, epoch: int) -> str:
     if reasons:
         raise EvaluationError(f"{run_dir}: the checkpoint of epoch {epoch} does not read back whole "
                               f"({'; '.join(reasons)})")
-    def epochs(numbers):
-        return "epochs " + ", ".join(str(n) for n in sorted(numbers)) if numbers else "none"
-
-    kept = checkpoints.numbers_on_disk(os.path.join(folder, checkpoints.PHASE_ENDS))
-    rotation = checkpoints.numbers_on_disk(folder)
+    held = [checkpoints.numbers_on_disk(f) for f in (os.path.join(folder, checkpoints.PHASE_ENDS), folder)]
+    kept, rotation = ["epochs " + ", ".join(map(str, sorted(n))) if n else "none" for n in held]
     raise NothingToEvaluate(f"{run_dir}: no checkpoint of epoch {epoch} ({tags.CHECKPOINTS_DIR}/"
-                            f"{checkpoints.PHASE_ENDS}/ holds {epochs(kept)}, the rotation {epochs(rotation)})")
+                            f"{checkpoints.PHASE_ENDS}/ holds {kept}, the rotation {rotation})")
 
 
 def result_file(other_source: Optional[str] = None, epoch: Optional[int] = None) -> str:
@@ -347,12 +344,14 @@ def phase_end_rows(loaded: Dict[str, List[events.Run]]) -> List[dict]:
         for run in loaded[name]:
             train_epochs = int(run.config.get("train_epochs", fidelity.TRAIN_EPOCHS))
             ends = phase_end_epochs(run.config.get("boundary_epochs", fidelity.BOUNDARY_EPOCHS), train_epochs)
-            found = [(epoch, read_result(run.run_dir, epoch=epoch)) for epoch in (*ends, train_epochs)]
-            found.insert(-1, (train_epochs, read_result(run.run_dir)))    # the final weights' first
             results = {}
-            for e, r in found:
-                if r and r.get("epoch") == e and r.get("own_data", True):
-                    results.setdefault(e, r)
+            for epoch in (*ends, train_epochs):
+                files = [read_result(run.run_dir, epoch=epoch)]
+                if epoch == train_epochs:
+                    files.insert(0, read_result(run.run_dir))          # the final weights' first
+                usable = [r for r in files if r and r.get("epoch") == epoch and r.get("own_data", True)]
+                if usable:
+                    results[epoch] = usable[0]
             if not results:
                 continue
             steps, values = run.scalars.get(tags.VALIDATION_DIR, {}).get(
@@ -447,11 +446,10 @@ def main(argv=None) -> int:
         cached = result.pop("cached", False)
         row = dict(run=name, **result)
         rows.append(row)
+        file = result_file(None if row["own_data"] else row["data_source"], args.epoch)
         print(f"{row['run']}{_other_data(row)}: epoch {row['epoch']}, logged {_pct(row['logged'])}, stored BN "
               f"{_pct(row['stored_bn'])}, recomputed BN {_pct(row['precise_bn'])}"
-              + (f" (from its {result_file(None if row['own_data'] else row['data_source'], args.epoch)}; "
-                 "--again to redo)" if cached else
-                 f" -> {os.path.join(folder, result_file(None if row['own_data'] else row['data_source'], args.epoch))}"),
+              + (f" (from its {file}; --again to redo)" if cached else f" -> {os.path.join(folder, file)}"),
               flush=True)
     if rows:
         print(to_markdown(rows), end="")

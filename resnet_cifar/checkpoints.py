@@ -21,7 +21,8 @@ checkpoint. Here the files themselves are the truth:
   phase is batch norm's lag). A copy is staged, read back whole, then renamed into
   place, the `.index` last. It is secondary to training: a failed copy is a
   warning, never a failed save, and the rotation keeps a phase end until its copy
-  exists, so every later save tries again (a kill during a copy loses nothing).
+  exists, so every later save tries again (a kill during a copy loses nothing). The
+  first save of a fresh start drops copies another trajectory left.
 """
 
 import os
@@ -139,9 +140,6 @@ class CheckpointStore:
             raise NothingReadable(
                 f"no checkpoint in {self.directory} reads back whole ("
                 + "; ".join(f"{n}: {r}" for n, r in skipped) + ")")
-        # A fresh start: copies kept from another trajectory (its rotation deleted by hand)
-        # would pass for this one's.
-        shutil.rmtree(os.path.join(self.directory, PHASE_ENDS), ignore_errors=True)
         return 0, []
 
     def save(self, checkpoint_number: int) -> str:
@@ -152,6 +150,11 @@ class CheckpointStore:
         prefix = self.prefix(number)
         last = f"the last good checkpoint {name(self.good[-1])} is kept" if self.good \
             else "no earlier checkpoint exists"
+        if not self.good:
+            # The first save of a fresh start: copies kept from another trajectory (its rotation
+            # deleted by hand) would pass for this one's. Here, not in restore: a run refused
+            # after restore keeps its folder as it was.
+            shutil.rmtree(os.path.join(self.directory, PHASE_ENDS), ignore_errors=True)
         try:
             os.makedirs(self.directory, exist_ok=True)
             self.checkpoint.save_counter.assign(number)

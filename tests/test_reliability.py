@@ -928,8 +928,9 @@ def test_a_fresh_start_drops_phase_ends_of_another_trajectory(tmp_path):
     variables, ckpt = _small_checkpoint()
     store = checkpoints.CheckpointStore(ckpt, folder, phase_ends=(2,))
     assert store.restore() == (0, [])
+    _save_epochs(store, variables, (1,))
     assert not os.path.exists(os.path.join(folder, checkpoints.PHASE_ENDS))
-    _save_epochs(store, variables, (1, 2))
+    _save_epochs(store, variables, (2,))
     assert _saved_w(os.path.join(folder, checkpoints.PHASE_ENDS, "ckpt-2")) == 2.0
 
 
@@ -984,8 +985,13 @@ def test_logs_beyond_the_checkpoints_refuse_and_overwrite_restarts(data, referen
     """Checkpoints deleted (or lost with a machine while the logs were kept): the run has logged 3
     epochs and has none to resume from. Going on would redo all 3 over the logged curves; it is
     refused in one line, and --overwrite starts it afresh. (A kill between an epoch's logs and its
-    checkpoint leaves one epoch more, which resumes: the kill tests above.)"""
-    shutil.rmtree(os.path.join(held_run, run_dir.CHECKPOINTS))
+    checkpoint leaves one epoch more, which resumes: the kill tests above.) The phase-end copy
+    (ckpt-2), which resuming never reads, is left as it was."""
+    folder = os.path.join(held_run, run_dir.CHECKPOINTS)
+    assert os.listdir(os.path.join(folder, "phase_ends"))
+    for name in os.listdir(folder):
+        if name != "phase_ends":
+            os.remove(os.path.join(folder, name))
     before = snapshot(held_run)
     r = run_cli(*train_args(held_run, data))
     one_error_line(r, 2, "has logged 3 epochs but it has no checkpoint", "--overwrite")
