@@ -14,8 +14,10 @@ writes them) and compares. Every verdict is one of:
   tell;
 - does not hold: the measured effect is beyond the noise in the other direction, or a
   threshold stated below is missed;
-- not measured: a run it needs has not reached the epochs it needs. Nothing is
-  claimed before it is measured.
+- not measured: a run it needs has not reached the epochs it needs, or trains another
+  schedule than the post's (150 epochs, lr drops after 50 and 100: the quick preset, a
+  smoke run), against which the post's numbers and epoch windows mean nothing. Nothing
+  is claimed before it is measured.
 
 The noise, and why:
 - Final test accuracy of one run varies between seeds by about 0.2 points (std) for
@@ -72,6 +74,7 @@ class RunData:
     name: str
     epochs: int              # epochs every seed has completed
     train_epochs: int        # epochs asked for
+    boundary_epochs: tuple   # where the learning rate drops
     train: Dict[str, events.Series]
     test: Dict[str, events.Series]
 
@@ -124,19 +127,31 @@ def load(results_dir: str) -> Dict[str, RunData]:
             steps = run.scalars.get(tags.VALIDATION_DIR, {}).get(tags.EPOCH_ACCURACY, (np.empty(0),))[0]
             train_steps = run.scalars.get(tags.TRAIN_DIR, {}).get(tags.EPOCH_LOSS, (np.empty(0),))[0]
             epochs.append(int(min(steps.max(initial=0), train_steps.max(initial=0))))
+        config = runs[0].config
         out[name] = RunData(name=name, epochs=min(epochs),
-                            train_epochs=int(runs[0].config.get("train_epochs") or fidelity.TRAIN_EPOCHS),
+                            train_epochs=int(config.get("train_epochs") or fidelity.TRAIN_EPOCHS),
+                            boundary_epochs=tuple(config.get("boundary_epochs") or fidelity.BOUNDARY_EPOCHS),
                             train=_average_seeds(runs, tags.TRAIN_DIR),
                             test=_average_seeds(runs, tags.VALIDATION_DIR))
     return out
 
 
+def _schedule(train_epochs, boundary_epochs) -> str:
+    return f"{train_epochs:g} epochs, lr drops after {', '.join(f'{b:g}' for b in boundary_epochs)}"
+
+
 def _needs(runs: Dict[str, RunData], names, epoch=None) -> Optional[str]:
-    """Why a claim cannot be measured yet, or None. `epoch` None: the run's last epoch."""
+    """Why a claim cannot be measured (yet), or None. `epoch` None: the post's last epoch.
+    A run on another schedule never can be: the post's numbers and windows are its schedule's."""
     missing = []
     for name in names:
         run = runs.get(name)
-        want = epoch if epoch is not None else (run.train_epochs if run else fidelity.TRAIN_EPOCHS)
+        if run and (run.train_epochs != fidelity.TRAIN_EPOCHS
+                    or list(map(float, run.boundary_epochs)) != list(map(float, fidelity.BOUNDARY_EPOCHS))):
+            missing.append(f"{name} on the post's schedule ({_schedule(fidelity.TRAIN_EPOCHS, fidelity.BOUNDARY_EPOCHS)}; "
+                           f"it has {_schedule(run.train_epochs, run.boundary_epochs)})")
+            continue
+        want = epoch if epoch is not None else fidelity.TRAIN_EPOCHS
         have = run.epochs if run else 0
         if have < want:
             missing.append(f"{name} at epoch {want} (now {have})")

@@ -126,6 +126,26 @@ def test_nothing_is_claimed_before_it_is_measured(tmp_path):
     assert got["baseline_final"].verdict == claims.HOLDS and got["piecewise_fit"].verdict == claims.HOLDS
 
 
+@pytest.mark.parametrize("config", [{"train_epochs": 6, "boundary_epochs": [2, 4]},    # the quick preset
+                                    {"train_epochs": 150, "boundary_epochs": [30, 60]}])
+def test_runs_on_another_schedule_are_never_judged_against_the_post(tmp_path, config):
+    """Finished runs of another schedule: the post's numbers and its epoch windows do not apply,
+    so every claim is "not measured" and says why (no NaN verdict, no numpy warning)."""
+    for name, levels in LEVELS.items():
+        epochs = config["train_epochs"]
+        write_run(str(tmp_path / name / "seed_0"), *curves(name, levels, epochs), config=config, done=True,
+                  epochs=epochs)
+    got = verdicts(str(tmp_path))
+    assert {v.verdict for v in got.values()} == {claims.MISSING}
+    bounds = ", ".join(str(b) for b in config["boundary_epochs"])
+    assert got["baseline_final"].measured == ("needs baseline on the post's schedule (150 epochs, lr drops "
+                                              f"after 50, 100; it has {config['train_epochs']} epochs, lr drops "
+                                              f"after {bounds})")
+    out = python("-m", "analysis.claims", str(tmp_path), timeout=120)
+    assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr
+    assert out.stdout.count("not measured") == len(fidelity.POST_CLAIMS)
+
+
 def test_command_prints_one_line_per_claim_and_refuses_a_folder_without_runs(tmp_path):
     root = make_results(str(tmp_path / "r"), epochs={"conv_lr_scale_bn098": 10})
     out = python("-m", "analysis.claims", root, timeout=120)
