@@ -609,6 +609,8 @@ def test_dead_or_unreachable_address_is_one_line_within_seconds(ray_token, tmp_p
             assert code == 2, (address, out, err)
             assert err.count("\n") == 1 and err.startswith(f"error: cannot connect to Ray at {address}: "), err
             assert "Connection refused" in err and seconds < 30, (err, seconds)
+            # the address typed (Ray dials loopback as this machine's IP; auto names what it found)
+            assert f"nothing answers at {dead}" in err or (address == "auto" and dead.split(":")[1] in err), err
             assert out == "" and not (tmp_path / "results").exists()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
