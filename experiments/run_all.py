@@ -184,13 +184,14 @@ def unreachable(address, timeout=10.0):
         return None                                 # left to Ray's own parsing
     # Ray dials a loopback address as this machine's own IP: say both, the one typed first.
     typed = address[len("ray://"):] if address.startswith("ray://") else address
-    where = hostport if typed in ("auto", hostport) else f"{typed}, which Ray dials as {hostport},"
+    where = hostport if typed == "auto" else typed
+    dialed = "" if typed in ("auto", hostport) else f"; Ray dials it as {hostport}"
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except socket.timeout:
-        return f"no answer from {where} within {timeout:g} s"
+        return f"no answer from {where} within {timeout:g} s{dialed}"
     except OSError as e:
-        return f"nothing answers at {where} ({e.strerror or first_line(e)}); is the cluster up (ray status)?"
+        return f"nothing answers at {where} ({e.strerror or first_line(e)}{dialed}); is the cluster up (ray status)?"
     return None
 
 
