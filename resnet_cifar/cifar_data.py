@@ -157,11 +157,18 @@ def describe_tfds_error(e):
     return f"TFDS could not prepare CIFAR-10 ({what}); or {_OFFLINE_ADVICE}"
 
 
+def missing_data_dir(data_source, data_dir):
+    """Why `data_source` cannot do without --data_dir, or None; reads no file (a config check)."""
+    if data_source == "binary" and not data_dir:
+        return ("--data_source=binary needs --data_dir (the cifar-10-batches-bin folder, "
+                f"its parent, or the {fidelity.ARCHIVE_NAME} archive)")
+    return None
+
+
 def find_binary_folder(data_dir):
     """`--data_dir` may name the `cifar-10-batches-bin` folder itself or its parent."""
     if not data_dir:
-        raise DataError("--data_source=binary needs --data_dir (the cifar-10-batches-bin folder, "
-                        f"its parent, or the {fidelity.ARCHIVE_NAME} archive)")
+        raise DataError(missing_data_dir("binary", data_dir))
     if not os.path.exists(data_dir):
         raise DataError(f"--data_dir={data_dir} does not exist (give the cifar-10-batches-bin folder, "
                         f"its parent, or the {fidelity.ARCHIVE_NAME} archive)")

@@ -91,6 +91,8 @@ class TrainConfig:
             fail("--model_dir is required")
         if self.data_source not in DATA_SOURCES:
             fail(f"--data_source={self.data_source!r}: choose one of {', '.join(DATA_SOURCES)}")
+        if cifar_data.missing_data_dir(self.data_source, self.data_dir):
+            fail(cifar_data.missing_data_dir(self.data_source, self.data_dir))
         if self.conv_lr_factor not in CONV_LR_FACTORS:
             fail(f"--conv_lr_factor={self.conv_lr_factor!r}: choose one of {', '.join(CONV_LR_FACTORS)}")
         if self.dtype not in DTYPES:

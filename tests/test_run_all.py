@@ -159,6 +159,8 @@ def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     (["--", "--seed=3"], "the runner sets --seed for each run; use --seeds=N"),
     (["--grid=bn_decay=0.9", "--", "--bn_decay=0.5"], "already a --grid flag"),
     (["--", "--train_epochs=0"], "run baseline/seed_0: --train_epochs=0 must be positive"),
+    (["--", "--data_source=binary"], "run baseline/seed_0: --data_source=binary needs --data_dir"),
+    (["--", "--data_source=binary", "--data_dir="], "run baseline/seed_0: --data_source=binary needs --data_dir"),
     (["--cpus_per_run=-1"], "must be positive"),
     # Every float option refuses nan and inf.
     *[([f"--{option}={value}"], f"argument --{option}: {value} is not a finite number")

@@ -123,6 +123,7 @@ def test_learning_rate_defaults_in_help_and_doc_are_the_registrys():
     (["--data_source=synthetic", "--steps_per_execution=7"], "must divide the 390 steps of an epoch"),
     (["--data_source=synthetic", "--batch_size=1000000"], "--batch_size=1000000 is larger than the 50000"),
     (["--flagfile=/nonexistent/x.flags"], "x.flags"),
+    (["--data_source=binary"], "--data_source=binary needs --data_dir"),
 ])
 def test_bad_flags_fail_in_one_line_before_training(tmp_path, args, needle):
     model_dir = tmp_path / "run"
