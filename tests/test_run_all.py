@@ -424,10 +424,28 @@ def _free_port():
 
 
 @contextlib.contextmanager
-def separate_head(log_path, cpus=2, env=None):
+def separate_head(log_path, cpus=2, env=None, attempts=3):
     """A separate Ray head process on 127.0.0.1 (its own temp dir and ports, token mode), yielding
-    its address; stopped afterwards by signalling its own process group only."""
-    temp = tempfile.mkdtemp(prefix="rayh")
+    its address once its GCS port accepts connections; stopped afterwards by signalling its own
+    process group only. Its ports are picked free, then freed for Ray to bind: another process
+    (a Ray of another test) may take one in between, and that head exits at once. So a head that
+    exits before it answers is started again on new ports, and the last one's log is shown."""
+    for _ in range(attempts):
+        temp = tempfile.mkdtemp(prefix="rayh")
+        head, address = _start_head(log_path, cpus, env, temp)
+        try:
+            if _answers(head, address, timeout=180):
+                yield address
+                return
+            exited = head.poll()
+        finally:
+            _stop_head(head, temp)
+        log = log_path.read_text()[-3000:]
+        assert exited is not None, f"no Ray head at {address} after 180 s; its log:\n{log}"
+    raise AssertionError(f"{attempts} Ray heads exited before they answered; the last one's log:\n{log}")
+
+
+def _start_head(log_path, cpus, env, temp):
     port = _free_port()
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     ports = {f"--{name}-port": _free_port() for name in (
@@ -440,39 +458,39 @@ def separate_head(log_path, cpus=2, env=None):
     with open(log_path, "w") as log:
         head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, **(env or {}), RAY_AUTH_MODE="token"))
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        # Not `ray stop`: it stops every Ray on the machine. The head's own session only:
-        # SIGTERM, a grace period, then SIGKILL for whatever of its group is left.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=3)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
+    return head, f"127.0.0.1:{port}"
+
+
+def _answers(head, address, timeout):
+    """Whether the head's GCS port accepts connections before the head exits or `timeout` passes."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while head.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def _stop_head(head, temp):
+    # Not `ray stop`: it stops every Ray on the machine. The head's own session only:
+    # SIGTERM, a grace period, then SIGKILL for whatever of its group is left.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        head.wait(timeout=3)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=30)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture
 def ray_head(ray_token, tmp_path):
-    with separate_head(tmp_path / "head.log") as address:
-        wait_for_head(address)          # the runner checks the address once, it does not wait for a head
+    with separate_head(tmp_path / "head.log") as address:   # the runner checks the address once, it does not wait
         yield address
-
-
-def wait_for_head(address, timeout=120):
-    """Until the head's GCS port accepts connections."""
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"no Ray head at {address}"
-            time.sleep(0.5)
 
 
 def test_same_sweep_on_a_separate_ray_head(ray_head, local_sweep, tmp_path):
@@ -583,7 +601,6 @@ def test_without_address_a_private_instance_whatever_other_ray_or_address_file(r
     cpus = os.cpu_count()
     try:
         with separate_head(tmp_path / "head.log", cpus=cpus + 3, env=env) as head:
-            wait_for_head(head)
             os.makedirs(os.path.dirname(address_file), exist_ok=True)
             for case, named in (("live", head), ("dead", f"127.0.0.1:{_free_port()}")):
                 with open(address_file, "w") as f:
