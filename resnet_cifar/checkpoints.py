@@ -9,7 +9,12 @@ checkpoint. Here the files themselves are the truth:
   corrupted data file or a missing index is caught) and restores the first that
   reads back whole, saying which newer ones were skipped and why (and rewrites
   the index if it named another). When files exist but none reads back, the run
-  is refused: never a silent fresh start.
+  is refused: never a silent fresh start. One exception: a checkpoint newer than the
+  one the index names (or with no index at all) that lacks its `.index` is a save
+  killed before it finished (TensorFlow writes the `.index` last, and the index after
+  it), not damage; skipped like the others, it does not make a run that has no older
+  checkpoint refuse to start (a kill during the first save), and the logs are still
+  checked against the checkpoint restored (`run_dir.check_checkpoints_cover_the_logs`).
 - save writes ckpt-N (TensorFlow writes to a temporary name and renames), reads
   it back, then rewrites the index (atomically), and only then deletes
   checkpoints other than ckpt-N and the previous good one. A failed save (full
@@ -121,10 +126,14 @@ class CheckpointStore:
         Returns (its number or 0 if there are none, [(skipped name, reason), ...]).
         Raises NothingReadable if checkpoint files exist but none can be restored.
         """
-        skipped = []
+        skipped, damaged = [], False
+        committed = indexed_number(self.directory) or 0
         for number in numbers_on_disk(self.directory):
             prefix = self.prefix(number)
             reason = unreadable_reason(prefix)
+            if reason is not None and number > committed and not os.path.exists(prefix + ".index"):
+                skipped.append((name(number), f"an unfinished save ({reason})"))
+                continue
             if reason is None:
                 try:
                     self.checkpoint.restore(prefix).assert_existing_objects_matched()
@@ -136,11 +145,12 @@ class CheckpointStore:
                     self._write_index(self.good)
                 return number, skipped
             skipped.append((name(number), reason))
-        if skipped:
+            damaged = True
+        if damaged:
             raise NothingReadable(
                 f"no checkpoint in {self.directory} reads back whole ("
                 + "; ".join(f"{n}: {r}" for n, r in skipped) + ")")
-        return 0, []
+        return 0, skipped
 
     def save(self, checkpoint_number: int) -> str:
         """Writes, verifies, indexes ckpt-N; then deletes all but it and the previous good one."""

@@ -174,6 +174,8 @@ def _train(config, arrays, progress, model, steps_per_epoch):
     if initial_epoch:
         print(f"resuming {config.model_dir} after epoch {initial_epoch} "
                  f"({checkpoints.name(restored)}){skipped_text}", flush=True)
+    elif skipped:
+        print(f"{config.model_dir}: no checkpoint to resume from{skipped_text}", flush=True)
 
     run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels))
 

@@ -780,6 +780,39 @@ def test_nothing_readable_is_refused_never_a_fresh_start(tmp_path):
     assert snapshot(folder) == before
 
 
+def test_a_kill_during_the_first_save_is_a_fresh_start_not_a_refusal(tmp_path):
+    """Killed while writing ckpt-1, before its .index and the index file: no earlier checkpoint
+    exists, so nothing is lost by starting afresh; the leftover is named as skipped. The same
+    files under an index that names ckpt-1 (a save that finished) are damage: refused."""
+    from resnet_cifar import checkpoints
+
+    folder = str(tmp_path / "ckpts")
+    variables, ckpt = _small_checkpoint()
+    checkpoints.CheckpointStore(ckpt, folder).save(checkpoint_number=1)
+    os.remove(os.path.join(folder, "ckpt-1.index"))
+    index = os.path.join(folder, checkpoints.INDEX_FILE)
+    with open(index) as f:
+        committed_index = f.read()
+    os.remove(index)
+
+    variables, ckpt = _small_checkpoint()
+    store = checkpoints.CheckpointStore(ckpt, folder)
+    restored, skipped = store.restore()
+    assert restored == 0 and [n for n, _ in skipped] == ["ckpt-1"], skipped
+    assert "unfinished save" in skipped[0][1] and ".index file is missing" in skipped[0][1]
+    variables["w"].assign(np.full(3000, 7, np.float32))
+    store.save(checkpoint_number=1)                       # the fresh start's save replaces it
+    assert checkpoints.unreadable_reason(os.path.join(folder, "ckpt-1")) is None
+    assert latest_checkpoint(folder, "") == "ckpt-1"
+
+    os.remove(os.path.join(folder, "ckpt-1.index"))
+    with open(index, "w") as f:
+        f.write(committed_index)
+    with pytest.raises(checkpoints.NothingReadable) as e:
+        checkpoints.CheckpointStore(_small_checkpoint()[1], folder).restore()
+    assert "ckpt-1: its .index file is missing" in str(e.value)
+
+
 def test_a_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """A full disk during a save (injected: the error TensorFlow raises on ENOSPC)."""
     import tensorflow as tf
