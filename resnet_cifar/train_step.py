@@ -14,7 +14,7 @@ One step, traced once into a `tf.function` (XLA-compiled where that pays):
    epoch, so no value crosses to the host during the epoch.
 
 The conv kernels are handled as one flat float32 vector with a layer id per element:
-every per-layer sum (of squares, of squared steps) is one `segment_sum` over all 22
+every per-layer sum (of squares, of squared steps) is one `unsorted_segment_sum` over all 22
 layers, not 22 separate chains of small ops.
 """
 
@@ -122,7 +122,7 @@ class ReproductionModel(keras.Model):
         object.__setattr__(self, "_settings", dict(
             weight_decay=float(weight_decay), conv_l2=bool(conv_l2),
             conv_lr_factor=conv_lr_factor, steps_per_epoch=int(steps_per_epoch),
-            layer_ids=np.repeat(np.arange(len(conv), dtype=np.int32), sizes)))
+            layer_ids=np.repeat(np.arange(len(conv), dtype=np.int32), sizes), num_layers=len(conv)))
         object.__setattr__(self, "diagnostics", Diagnostics(len(conv)))
         self.l2_tracker = keras.metrics.Mean(name="l2_loss")
 
@@ -172,8 +172,13 @@ class ReproductionModel(keras.Model):
         return tf.concat([tf.reshape(tf.cast(k, tf.float32), [-1]) for k in models.conv_kernels(self)], 0)
 
     def layer_sums(self, flat_values):
-        """Per-layer sums (L,) of a flat per-element vector, in one op."""
-        return tf.math.segment_sum(flat_values, self._settings["layer_ids"])
+        """Per-layer sums (L,) of a flat per-element vector, in one op.
+
+        `unsorted_segment_sum`, not `segment_sum`: XLA (on by default on GPUs) has a kernel
+        for the first only. The ids are sorted anyway, so both give the same sums.
+        """
+        return tf.math.unsorted_segment_sum(flat_values, self._settings["layer_ids"],
+                                            self._settings["num_layers"])
 
     # -- the step -------------------------------------------------------------------
 

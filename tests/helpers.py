@@ -21,6 +21,21 @@ from resnet_cifar import events, fidelity, tags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 
+# The suite's XLA switch: RESNET_CIFAR_TEST_XLA=1 makes every training test train as a GPU
+# does by default (`--jit_compile=auto` is XLA on a GPU): the in-process models of
+# `make_model` compile their step with XLA, and every trainer and runner started through
+# these helpers gets `--jit_compile=true` unless the test sets --jit_compile itself.
+# CI runs the training tests both ways (.ci/run).
+XLA = os.environ.get("RESNET_CIFAR_TEST_XLA", "") == "1"
+
+
+def with_xla(args):
+    """Training flags `args`, plus `--jit_compile=true` under the suite's XLA switch."""
+    args = [str(a) for a in args]
+    if XLA and not any(a.startswith("--jit_compile") for a in args):
+        args.append("--jit_compile=true")
+    return args
+
 # ResNet-20's conv layers in creation order, as Keras names them.
 LAYERS = ["conv2d"] + [f"conv2d_{i}" for i in range(1, 22)]
 
@@ -44,7 +59,10 @@ def python(*args, log_level=None, timeout=300):
 
 
 def train_cli(*args, log_level=None, timeout=300):
-    """The training entry point, `python -m resnet_cifar.train *args` (see `python`)."""
+    """The training entry point, `python -m resnet_cifar.train *args` (see `python`), with
+    `--jit_compile=true` added under the suite's XLA switch."""
+    if not any(str(a).startswith(("--helpfull", "--help")) for a in args):
+        args = with_xla(args)
     return python("-m", "resnet_cifar.train", *args, log_level=log_level, timeout=timeout)
 
 
@@ -59,8 +77,9 @@ def train_small(model_dir, *extra, timeout=300):
 
 
 # Tiny deterministic synthetic ResNet-8 runs for the runner (after its `--`).
-TINY = ["--data_source=synthetic", "--train_epochs=2", "--steps_per_epoch=2", "--eval_steps=1",
-        "--batch_size=8", "--boundary_epochs=1", "--decay_rates=1,0.1", "--deterministic", "--resnet_size=8"]
+TINY = with_xla(["--data_source=synthetic", "--train_epochs=2", "--steps_per_epoch=2", "--eval_steps=1",
+                 "--batch_size=8", "--boundary_epochs=1", "--decay_rates=1,0.1", "--deterministic",
+                 "--resnet_size=8"])
 
 
 # TensorFlow's C++ start-up lines (I0000 00:00:..., E0000 ..., absl W1125 03:37:21...).
@@ -234,14 +253,16 @@ def hand_piecewise(e):
 
 
 def make_model(steps_per_epoch=10, seed=1, **overrides):
-    """A model built as training builds it (batch BATCH, no XLA), and its TrainConfig."""
+    """A model built as training builds it (batch BATCH; XLA under the suite's switch, unless
+    `jit_compile` is given), and its TrainConfig."""
     import keras
 
     from resnet_cifar import config as config_lib
     from resnet_cifar import trainer
 
     keras.utils.set_random_seed(seed)
-    cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, jit_compile=False, **overrides)
+    overrides.setdefault("jit_compile", XLA)
+    cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, **overrides)
     return trainer.build_model(cfg, steps_per_epoch), cfg
 
 

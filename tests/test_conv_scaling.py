@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from resnet_cifar import config as config_lib
 from resnet_cifar import conv_scaling, models, tags, trainer
-from tests.helpers import (BASELINE_EPOCHS, BASELINE_TOTAL, LAYERS, assert_close_update, fabricate_baseline,
+from tests.helpers import (XLA, BASELINE_EPOCHS, BASELINE_TOTAL, LAYERS, assert_close_update, fabricate_baseline,
                            layer_curve)
 
 
@@ -57,7 +57,7 @@ def test_per_layer_scaling_in_the_step(tmp_path):
         keras.utils.set_random_seed(4)
         kwargs = dict(conv_grad_scale=True, conv_lr_factor="per_layer", replay_from=baseline_dir) if scale else {}
         cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, conv_l2=False, train_epochs=4,
-                                     jit_compile=False, **kwargs)
+                                     jit_compile=XLA, **kwargs)
         traj = conv_scaling.load_baseline(baseline_dir, 4) if scale else None
         model = trainer.build_model(cfg, steps_per_epoch=10, baseline=traj)
         conv = models.conv_kernels(model)

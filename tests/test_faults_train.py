@@ -18,7 +18,7 @@ import types
 import pytest
 
 from resnet_cifar import console, run_dir, tags
-from tests.helpers import ROOT, SMALL, env, meaningful, one_error_line, python, snapshot, tmpfs
+from tests.helpers import ROOT, SMALL, env, meaningful, one_error_line, python, snapshot, tmpfs, with_xla
 from tests.helpers import train_small as train
 
 
@@ -141,7 +141,8 @@ def test_a_checkpoint_index_that_is_a_folder_is_rewritten(held):
 @pytest.mark.parametrize("delay", [0.3, 1.5, 3.0])
 def test_sigterm_during_start_up_stops_the_run(tmp_path, delay):
     model_dir = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", f"--model_dir={model_dir}", *SMALL],
+    args = with_xla([f"--model_dir={model_dir}", *SMALL])
+    p = subprocess.Popen([sys.executable, "-m", "resnet_cifar.train", *args],
                          cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     p.send_signal(signal.SIGTERM)

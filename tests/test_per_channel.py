@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from resnet_cifar import callbacks, config as config_lib, conv_scaling, events, models, tags, trainer
 from resnet_cifar.train_step import StepStats, angular_update
-from tests.helpers import BASELINE_EPOCHS, LAYERS, assert_close_in_norm, fabricate_baseline
+from tests.helpers import XLA, BASELINE_EPOCHS, LAYERS, assert_close_in_norm, fabricate_baseline
 
 # ResNet-20's output channels per conv layer in creation order (stem, then per stage:
 # projection, first conv, 5 more), written out.
@@ -69,7 +69,7 @@ def test_per_channel_scaling_in_the_step(baseline_dir):
         keras.utils.set_random_seed(4)
         kwargs = dict(conv_grad_scale=True, conv_lr_factor="per_channel", replay_from=baseline_dir) if scale else {}
         cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, conv_l2=False, train_epochs=4,
-                                     jit_compile=False, **kwargs)
+                                     jit_compile=XLA, **kwargs)
         traj = conv_scaling.load_baseline(baseline_dir, 4, per_channel=True) if scale else None
         model = trainer.build_model(cfg, steps_per_epoch=10, baseline=traj)
         layers = models.conv_layers(model)
@@ -103,7 +103,7 @@ def test_baseline_without_channel_log_is_a_clear_error(tmp_path):
 
 def test_channel_log_callback_writes_and_replaces_on_resume(tmp_path):
     keras.utils.set_random_seed(0)
-    cfg = config_lib.TrainConfig(model_dir=str(tmp_path), batch_size=8, jit_compile=False)
+    cfg = config_lib.TrainConfig(model_dir=str(tmp_path), batch_size=8, jit_compile=XLA)
     model = trainer.build_model(cfg, steps_per_epoch=10)
     cb = callbacks.ChannelSqsumLog(str(tmp_path))
     cb.set_model(model)
@@ -165,7 +165,7 @@ def test_angular_update_against_float64(angle):
 
 def test_angular_update_diagnostic_of_one_step():
     keras.utils.set_random_seed(2)
-    cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, jit_compile=False)
+    cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, jit_compile=XLA)
     model = trainer.build_model(cfg, steps_per_epoch=10)
     x = np.random.default_rng(5).standard_normal((8, 32, 32, 3)).astype(np.float32)
     y = np.arange(8, dtype=np.int32) % 10

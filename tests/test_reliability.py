@@ -32,7 +32,7 @@ from resnet_cifar import callbacks, conv_scaling, events, run_dir, run_lock, tag
 from resnet_cifar import config as config_lib
 from tests.cifar_files import set_record_label, truncate, write_binary_cifar
 from tests.helpers import (ROOT, assert_same_curves, curves, env, meaningful, one_error_line, python, snapshot,
-                           tmpfs, train_cli)
+                           tmpfs, train_cli, with_xla)
 
 EPOCHS = 3
 # The same run as flags (for the CLI) and as a TrainConfig (for in-process drivers).
@@ -60,7 +60,7 @@ def train_args(model_dir, data_dir, **overrides):
             out.append(f"--{name}={','.join(f'{v:g}' for v in value)}")
         else:
             out.append(f"--{name}={value}")
-    return out
+    return with_xla(out)
 
 
 def copy_run(src, dst, finished=True):

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from resnet_cifar import config as config_lib
 from resnet_cifar import conv_scaling, fidelity, models, trainer
-from tests.helpers import BATCH, assert_close_update, batch, data_gradients, hand_piecewise, make_model
+from tests.helpers import XLA, BATCH, assert_close_update, batch, data_gradients, hand_piecewise, make_model
 
 MOMENTUM = fidelity.MOMENTUM
 
@@ -181,7 +181,7 @@ def test_steps_per_execution_gives_the_same_updates():
     results = []
     for spe in (1, 2):
         keras.utils.set_random_seed(7)
-        cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, jit_compile=False,
+        cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, jit_compile=XLA,
                                      steps_per_execution=spe, conv_l2=False, conv_grad_scale=True)
         model = trainer.build_model(cfg, steps_per_epoch=4)
         ds = tf.data.Dataset.from_tensors((x, y)).repeat(4)
