@@ -58,7 +58,7 @@ class TrainConfig:
     eval_steps: Optional[int] = None
     seed: int = 0
     deterministic: bool = False
-    jit_compile: Optional[bool] = None      # None: on for GPU, off for CPU
+    jit_compile: Optional[bool] = None      # None: on for GPU (unless deterministic), off for CPU
     steps_per_execution: int = 1
     dtype: str = "float32"
     overwrite: bool = False
@@ -105,6 +105,11 @@ class TrainConfig:
             if any(float_problem(x) for x in getattr(self, name)):
                 fail(f"--{name}={_csv(getattr(self, name))} must be finite numbers, "
                      f"at most {FLOAT32_MAX:.3g} in size")
+        if self.deterministic and self.jit_compile:
+            # Keras compiles no XLA step while TF's op determinism is on (model_supports_jit):
+            # it would train without XLA and say nothing.
+            fail("--deterministic and --jit_compile=true exclude each other: Keras compiles no XLA step "
+                 "under op determinism; drop one of them")
         if not 0 <= self.seed <= MAX_SEED:
             fail(f"--seed={self.seed} must be in [0, {MAX_SEED}]")
         for name in ("batch_size", "train_epochs", "epochs_between_evals", "steps_per_execution"):

@@ -45,11 +45,13 @@ def cpu_model():
 
 
 def runtime():
-    """The CPU settings a run's speed (and last bits) depend on: oneDNN, thread pools."""
+    """The settings a run's speed (and last bits) depend on: oneDNN, thread pools, and the GPUs
+    it was given (a runner's share of a node: Ray sets CUDA_VISIBLE_DEVICES)."""
     import tensorflow as tf
 
     return {"onednn": onednn_enabled(),
             "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),   # 0: TF's default
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
             "cpu": cpu_model(), "cpu_count": os.cpu_count()}

@@ -263,7 +263,7 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
         "num_train_images": num_train_images,
         "versions": provenance.versions(),
         "devices": [d.name for d in tf.config.list_logical_devices()],
-        "runtime": provenance.runtime(),
+        "runtime": dict(provenance.runtime(), xla=bool(model.jit_compile)),   # the step as compiled
         "source": current,
         "sources": sources,
         "command": sys.argv,

@@ -72,7 +72,8 @@ flags.DEFINE_integer("seed", 0, "Seed of all randomness (initial weights, data o
 flags.DEFINE_boolean("deterministic", False, "TF op determinism and one inter-op thread: "
                      "bitwise-repeatable runs (slower).")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
-                  "XLA-compile the train step; auto: on GPU only (it is slower on CPU).")
+                  "XLA-compile the train step; auto: on GPU only (it is slower on CPU), and not "
+                  "with --deterministic (Keras compiles no XLA step under op determinism).")
 flags.DEFINE_integer("steps_per_execution", 1, "Train steps per tf.function call.")
 flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
                   "float32 (faithful) or a mixed-precision policy; the conv factor stays float32.")

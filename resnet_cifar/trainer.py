@@ -46,10 +46,11 @@ def setup_threads(config):
 
 
 def use_xla(config):
-    """XLA pays on GPUs; on CPUs it made this model slower (see docs/speed.md)."""
+    """XLA pays on GPUs; on CPUs it made this model slower (see docs/speed.md). Not under
+    --deterministic: Keras compiles no XLA step while TF's op determinism is on."""
     if config.jit_compile is not None:
         return config.jit_compile
-    return bool(tf.config.list_physical_devices("GPU"))
+    return bool(tf.config.list_physical_devices("GPU")) and not config.deterministic
 
 
 def build_model(config, steps_per_epoch, baseline=None):

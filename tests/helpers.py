@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repos
 # The suite's XLA switch: RESNET_CIFAR_TEST_XLA=1 makes every training test train as a GPU
 # does by default (`--jit_compile=auto` is XLA on a GPU): the in-process models of
 # `make_model` compile their step with XLA, and every trainer and runner started through
-# these helpers gets `--jit_compile=true` unless the test sets --jit_compile itself.
+# these helpers gets `--jit_compile=true` unless the test sets --jit_compile itself or
+# trains with --deterministic (which Keras never compiles with XLA: see config.py).
 # CI runs the training tests both ways (.ci/run).
 XLA = os.environ.get("RESNET_CIFAR_TEST_XLA", "") == "1"
 
@@ -32,7 +33,7 @@ XLA = os.environ.get("RESNET_CIFAR_TEST_XLA", "") == "1"
 def with_xla(args):
     """Training flags `args`, plus `--jit_compile=true` under the suite's XLA switch."""
     args = [str(a) for a in args]
-    if XLA and not any(a.startswith("--jit_compile") for a in args):
+    if XLA and not any(a.startswith(("--jit_compile", "--deterministic")) for a in args):
         args.append("--jit_compile=true")
     return args
 

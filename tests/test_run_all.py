@@ -7,6 +7,7 @@ on 127.0.0.1) and real training processes on tiny synthetic runs.
 
 import contextlib
 import io
+import json
 import os
 import re
 import secrets
@@ -424,7 +425,7 @@ def _free_port():
 
 
 @contextlib.contextmanager
-def separate_head(log_path, cpus=2, env=None, attempts=3):
+def separate_head(log_path, cpus=2, env=None, attempts=3, gpus=0):
     """A separate Ray head process on 127.0.0.1 (its own temp dir and ports, token mode), yielding
     its address once its GCS port accepts connections; stopped afterwards by signalling its own
     process group only. Its ports are picked free, then freed for Ray to bind: another process
@@ -432,7 +433,7 @@ def separate_head(log_path, cpus=2, env=None, attempts=3):
     exits before it answers is started again on new ports, and the last one's log is shown."""
     for _ in range(attempts):
         temp = tempfile.mkdtemp(prefix="rayh")
-        head, address = _start_head(log_path, cpus, env, temp)
+        head, address = _start_head(log_path, cpus, env, temp, gpus)
         try:
             if _answers(head, address, timeout=180):
                 yield address
@@ -445,14 +446,14 @@ def separate_head(log_path, cpus=2, env=None, attempts=3):
     raise AssertionError(f"{attempts} Ray heads exited before they answered; the last one's log:\n{log}")
 
 
-def _start_head(log_path, cpus, env, temp):
+def _start_head(log_path, cpus, env, temp, gpus=0):
     port = _free_port()
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     ports = {f"--{name}-port": _free_port() for name in (
         "node-manager", "object-manager", "ray-client-server", "dashboard-agent-listen",
         "dashboard-agent-grpc", "runtime-env-agent", "metrics-export", "min-worker")}
     cmd = [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           f"--num-cpus={cpus}", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
+           f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--include-dashboard=false", f"--temp-dir={temp}",
            "--disable-usage-stats", "--object-store-memory=80000000", "--max-worker-port=0",
            *(f"{k}={v}" for k, v in ports.items())]
     with open(log_path, "w") as log:
@@ -510,6 +511,31 @@ def test_same_sweep_on_a_separate_ray_head(ray_head, local_sweep, tmp_path):
             continue                                 # one grid point: baseline and its replay
         assert events.is_complete(str(run_dir)), key
         assert_same_curves(run_dir, sweep_dirs(local_results)[key])     # same runs, same numbers
+
+
+def test_runner_on_a_gpu_node_gives_each_run_its_gpu_and_xla(ray_token, tmp_path):
+    """What the runner does on GPUs, on a head that declares 2 (Ray takes the count as given;
+    this CPU has none): each run gets a whole GPU (--runs_per_gpu=1) and 1 CPU, Ray sets
+    CUDA_VISIBLE_DEVICES per run, and the trainers compile their step with XLA, as auto does
+    on a GPU (forced here with --jit_compile=true, since the trainers see no GPU; without
+    --deterministic, under which Keras compiles no XLA step)."""
+    results = tmp_path / "results"
+    tiny = [a for a in TINY if not a.startswith(("--jit_compile", "--deterministic"))] + ["--jit_compile=true"]
+    with separate_head(tmp_path / "head.log", cpus=2, gpus=2) as address:
+        r = subprocess.run([sys.executable, "-m", "experiments.run_all", f"--address={address}",
+                            f"--results_dir={results}", "--runs=baseline,noconv_l2", "--runs_per_gpu=1",
+                            "--", *tiny], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                           env=dict(os.environ, RAY_AUTH_MODE="token"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 GPUs; 1 GPU and 1 CPU per run" in r.stdout, r.stdout
+    devices = set()
+    for name in ("baseline", "noconv_l2"):
+        run_dir = results / name / "seed_0"
+        assert events.is_done(str(run_dir)), name
+        runtime = json.loads((run_dir / tags.RUN_CONFIG_FILE).read_text())["runtime"]
+        assert runtime["xla"] is True, runtime
+        devices.add(runtime["CUDA_VISIBLE_DEVICES"])
+    assert devices == {"0", "1"}, devices          # started together, one GPU each
 
 
 def test_make_figures_on_the_grid_sweep(local_sweep, tmp_path):

@@ -269,3 +269,55 @@ def test_auto_on_a_gpu_means_xla_and_memory_growth(monkeypatch):
 def test_auto_without_a_gpu_leaves_the_cpu_alone():
     for value, want in ((None, False), (True, True), (False, False)):
         assert trainer.use_xla(config_lib.TrainConfig(model_dir="/x", jit_compile=value)) is want
+
+
+def test_deterministic_and_xla_exclude_each_other():
+    """Keras compiles no XLA step under TF's op determinism: an explicit request for both is
+    refused in one line, and auto on a GPU resolves to no XLA under --deterministic."""
+    with pytest.raises(config_lib.ConfigError, match="--deterministic and --jit_compile=true exclude each other"):
+        config_lib.TrainConfig(model_dir="/x", deterministic=True, jit_compile=True)
+    cfg = config_lib.TrainConfig(model_dir="/x", deterministic=True)
+    gpu = [tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tf.config, "list_physical_devices", lambda kind=None: gpu)
+        assert trainer.use_xla(cfg) is False
+        assert trainer.use_xla(config_lib.TrainConfig(model_dir="/x")) is True
+
+
+# ----------------------------------------------------------------------------- a killed XLA run
+
+
+def test_xla_run_killed_then_resumed_is_bit_exact(tmp_path):
+    """A run under XLA, SIGKILLed after epoch 1 and resumed, ends bitwise equal to the same run
+    uninterrupted: weights, optimizer state and every logged value. Not --deterministic (no
+    XLA under it): CPU XLA runs the compiled step as one program, the same each time, and the
+    data order is a function of the seed and step (measured: two runs agree to the bit)."""
+    from tests.cifar_files import write_binary_cifar
+    from tests.helpers import assert_same_curves, train_cli
+    from tests.test_reliability import (EPOCHS, assert_same_weights, latest_checkpoint, run_until_line,
+                                        train_args)
+
+    data = tmp_path / "data"
+    write_binary_cifar(str(data), per_train_file=16, num_test=32)
+    flags = dict(deterministic=False, jit_compile="true")
+    reference = str(tmp_path / "reference")
+    r = train_cli(*train_args(reference, str(data), **flags), log_level=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json_runtime(reference)["xla"] is True
+    run = str(tmp_path / "run")
+    args = train_args(run, str(data), **flags)
+    code, _ = run_until_line(args, f"epoch 1/{EPOCHS} |", tmp_path / "killed.err")
+    assert code == -signal.SIGKILL and latest_checkpoint(run) == "ckpt-1"
+    r = train_cli(*args, log_level=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not meaningful(r.stderr), r.stderr[-3000:]
+    assert "resuming" in r.stdout and "after epoch 1 (ckpt-1)" in r.stdout, r.stdout
+    assert_same_weights(reference, run)
+    assert_same_curves(reference, run)
+
+
+def json_runtime(model_dir):
+    import json
+
+    with open(os.path.join(model_dir, "run_config.json")) as f:
+        return json.load(f)["runtime"]
