@@ -400,11 +400,11 @@ def main(argv=None) -> int:
                     "--data_source than the run's).")
     parser.add_argument("paths", nargs="+", metavar="RESULTS_OR_RUN_DIR",
                         help="run folders, or folders to search for them (e.g. a sweep's results)")
-    parser.add_argument("--epoch", type=int, default=None, metavar="N",
+    parser.add_argument("--epoch", type=command_line.integer(), default=None, metavar="N",
                         help="evaluate each run's checkpoint of epoch N (the trainer keeps those that end "
                              "a learning-rate phase, e.g. 50 and 100) instead of its final weights; "
                              "writes precise_bn_epochN.json")
-    parser.add_argument("--bn_batches", type=int, default=DEFAULT_BN_BATCHES,
+    parser.add_argument("--bn_batches", type=command_line.integer(), default=DEFAULT_BN_BATCHES,
                         help=f"training batches the statistics are averaged over (default {DEFAULT_BN_BATCHES})")
     parser.add_argument("--data_source", choices=list(cifar_data.SOURCES), default=None,
                         help="default: each run's own")

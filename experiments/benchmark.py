@@ -58,6 +58,7 @@ flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmuls that m
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_list("concurrency", ["1", "2", "4"], "GPU only: concurrent runs to time on one device.")
 flags.DEFINE_string("worker", None, "Internal: run as the worker of this JSON setting.")
+command_line.bound_integer_flags(FLAGS, __name__)
 
 from experiments.reference_step import bare_loop, compute_ops  # noqa: E402
 

@@ -5,7 +5,7 @@ import time
 from typing import Dict, Optional, Sequence
 
 from experiments.plan import Run, checkpoint_epoch
-from resnet_cifar.console import hms
+from resnet_cifar.console import count, hms
 
 
 class Progress:
@@ -29,7 +29,7 @@ class Progress:
         self.results[label] = result
         self.status[label] = result["status"]
         if result["status"] == "done":
-            trained = (f"; {result['epochs']} epochs, {result['epoch_seconds']:.0f} s each"
+            trained = (f"; {count(result['epochs'], 'epoch')}, {result['epoch_seconds']:.0f} s each"
                        if result.get("epochs") and result.get("epoch_seconds") else "")
             self.log(f"done     {label} ({hms(result.get('seconds', 0))}{trained}"
                      + (f", {result['note']})" if result.get("note") else ")"))

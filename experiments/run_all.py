@@ -26,6 +26,7 @@ from experiments import plan as plan_lib
 from experiments import progress as progress_lib
 from experiments import sweep
 from resnet_cifar import events
+from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser, fail
 
 EXAMPLES = """\
@@ -46,14 +47,8 @@ trainers, which keep their checkpoints (exit code 130); the same command resumes
 """
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
+MAX_SEEDS = 10_000          # seeds of every run: more is a typo, and planning them alone would take hours
+MAX_RUNS_PER_GPU = 1_000
 
 
 def positive_float(text):
@@ -96,19 +91,20 @@ def make_parser():
     p.add_argument("--runs", default=None, metavar="A,B,...",
                    help="runs (flagfile names of the preset) to do (default: the preset's runs but those "
                         "marked '# optional' in their flagfile, e.g. conv_lr_scale_per_layer)")
-    p.add_argument("--seeds", type=positive_int, default=1, metavar="N", help="seeds 0..N-1 of every run (default: 1)")
+    p.add_argument("--seeds", type=command_line.integer(1, MAX_SEEDS), default=1, metavar="N",
+                   help=f"seeds 0..N-1 of every run (default: 1; at most {MAX_SEEDS})")
     p.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2,...",
                    help="a training flag's values; repeat for a cartesian product; each point goes to "
                         "RESULTS/FLAG=V[,FLAG2=V2]/<run>/seed_<k>/")
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="a running Ray cluster: auto, HOST:6379, or ray://HOST:10001 "
                         "(default: start a local instance on this machine)")
-    p.add_argument("--runs_per_gpu", type=positive_int, default=1, metavar="K",
+    p.add_argument("--runs_per_gpu", type=command_line.integer(1, MAX_RUNS_PER_GPU), default=1, metavar="K",
                    help="on GPU nodes each run takes 1/K of a GPU (Ray sets CUDA_VISIBLE_DEVICES); default 1")
     p.add_argument("--cpus_per_run", type=positive_float, default=None, metavar="C",
                    help="CPUs each run takes (default: 1 on GPU nodes; without GPUs a whole node, "
                         "since TensorFlow uses every core)")
-    p.add_argument("--max_retries", type=int, default=3, metavar="N",
+    p.add_argument("--max_retries", type=command_line.integer(None, 1_000), default=3, metavar="N",
                    help="Ray retries of a run whose worker died or whose trainer was killed (default: 3)")
     p.add_argument("--status_every", type=positive_float, default=30.0, metavar="SECONDS",
                    help="print the status table at most this often while only epochs change (default: 30)")

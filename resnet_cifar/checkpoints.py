@@ -28,6 +28,11 @@ checkpoint. Here the files themselves are the truth:
   warning, never a failed save, and the rotation keeps a phase end until its copy
   exists, so every later save tries again (a kill during a copy loses nothing). The
   first save of a fresh start drops copies another trajectory left.
+- a checkpoint carries its run's identity (`identity`: the seed and a digest of the
+  settings, `run_dir.identity`) under the name `run`. Restore refuses one whose identity
+  is another run's, whatever its file names: another seed's checkpoint copied into a
+  stopped run's folder would otherwise resume as this run. A checkpoint written before
+  identities existed has none and restores as before.
 """
 
 import os
@@ -103,11 +108,32 @@ def unreadable_reason(prefix: str) -> Optional[str]:
     return None
 
 
-class CheckpointStore:
-    """Saves and restores `checkpoint` (a tf.train.Checkpoint) as DIR/ckpt-N."""
+IDENTITY_KEY = "run/.ATTRIBUTES/VARIABLE_VALUE"     # the identity's entry in a checkpoint
 
-    def __init__(self, checkpoint, directory: str, keep: int = KEEP, phase_ends: Iterable[int] = ()):
+
+class ForeignCheckpoint(RuntimeError):
+    """A checkpoint written by another run (its identity is not this run's)."""
+
+
+def identity_of(prefix: str) -> Optional[str]:
+    """The run identity ckpt-N carries, None for one written without."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(prefix)
+    if IDENTITY_KEY not in reader.get_variable_to_shape_map():
+        return None
+    value = reader.get_tensor(IDENTITY_KEY)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class CheckpointStore:
+    """Saves and restores `checkpoint` (a tf.train.Checkpoint) as DIR/ckpt-N; with `identity`,
+    each checkpoint carries it and restore refuses another run's."""
+
+    def __init__(self, checkpoint, directory: str, keep: int = KEEP, phase_ends: Iterable[int] = (),
+                 identity: Optional[str] = None):
         self.checkpoint = checkpoint
+        self.identity = identity
         self.directory = directory
         self.keep = keep
         self.phase_ends = frozenset(int(n) for n in phase_ends)
@@ -134,9 +160,15 @@ class CheckpointStore:
             if reason is not None and number > committed and not os.path.exists(prefix + ".index"):
                 skipped.append((name(number), f"an unfinished save ({reason})"))
                 continue
+            if reason is None and self.identity is not None:
+                theirs = identity_of(prefix)
+                if theirs is not None and theirs != self.identity:
+                    raise ForeignCheckpoint(f"{prefix} was written by another run ({theirs}), not this "
+                                            f"one ({self.identity})")
             if reason is None:
                 try:
-                    self.checkpoint.restore(prefix).assert_existing_objects_matched()
+                    # expect_partial: the identity is read above, not restored into anything.
+                    self.checkpoint.restore(prefix).assert_existing_objects_matched().expect_partial()
                 except Exception as e:    # noqa: BLE001 (shape/name mismatches of any kind)
                     reason = "it does not match this model: " + _short(e)
             if reason is None:
@@ -168,7 +200,13 @@ class CheckpointStore:
         try:
             os.makedirs(self.directory, exist_ok=True)
             self.checkpoint.save_counter.assign(number)
-            self.checkpoint.write(prefix)
+            if self.identity is not None:
+                self.checkpoint.run = tf.Variable(self.identity, trainable=False)
+            try:
+                self.checkpoint.write(prefix)
+            finally:
+                if self.identity is not None:
+                    del self.checkpoint.run     # restore never binds it: see identity_of
             reason = unreadable_reason(prefix)
             if reason is not None:
                 raise SaveError(f"{name(number)} did not read back whole ({reason})")

@@ -18,6 +18,37 @@ import sys
 
 _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")     # a negative number is a value, not an option
 
+# The largest count any command takes: TensorFlow's int32 shapes and seeds, and the C ints
+# that Python's clocks and timedeltas convert to, stop here.
+INT_MAX = 2**31 - 1
+
+
+def integer(minimum=None, maximum=INT_MAX):
+    """An argparse `type`: an integer in [minimum, maximum], else one line saying which."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be positive" if minimum == 1
+                                             else f"{value} must be at least {minimum}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} must be at most {maximum}")
+        return value
+    return parse
+
+
+def bound_integer_flags(flag_values, module_name):
+    """absl validators: every integer flag that `module_name` defines refuses a value beyond
+    +-INT_MAX at parsing (one line, exit 2, through `parse_absl`)."""
+    from absl import flags
+
+    for flag in flag_values.get_flags_for_module(module_name):
+        if isinstance(flag.parser, flags.IntegerParser):
+            flags.register_validator(flag.name, lambda v: v is None or abs(v) <= INT_MAX,
+                                     f"must be at most {INT_MAX} in size", flag_values=flag_values)
+
 
 def fail(message, code=2):
     """Print `error: message` on stderr, on one line whatever a library's text held, and exit

@@ -18,6 +18,7 @@ OPTIMIZERS = optim.OPTIMIZERS           # name -> OptimizerSpec
 RESNET_SIZES = (20, 32, 44, 56, 110)   # 6n+2; any 6n+2 builds, these are the documented ones
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
 MAX_SEED = 2**31 - 1       # NumPy seeds stop at 2**32 - 1, TF's int32 seeds at 2**31 - 1
+MAX_STEPS = 2**31 - 1      # a run's steps: the step count and the learning-rate schedule's boundaries stay int32
 
 
 FLOAT32_MAX = 3.4028234663852886e38   # training computes in float32: larger numbers overflow
@@ -196,6 +197,9 @@ def steps_per_epoch_for(config, num_train_images):
                           f"{num_train_images} training images")
     steps_per_epoch = config.steps_per_epoch or num_train_images // config.batch_size
     check_steps_per_execution(config, steps_per_epoch)
+    if config.train_epochs * steps_per_epoch > MAX_STEPS:
+        raise ConfigError(f"--train_epochs={config.train_epochs} of {steps_per_epoch} steps each is "
+                          f"{config.train_epochs * steps_per_epoch} steps, more than the {MAX_STEPS} a run can count")
     return steps_per_epoch
 
 

@@ -40,6 +40,11 @@ def bn_lag_note(model_dir, logs, steps, bn_decay):
             "with recomputed BN statistics")
 
 
+def count(n, word):
+    """'1 epoch', '2 epochs': n and the word, plural unless n is 1."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, resumed_after=0,
                  steps=None, bn_decay=None):
     """The block printed when a run has finished, as one string of lines.
@@ -56,7 +61,7 @@ def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, re
     rule = "-" * 72
     lines = [
         rule,
-        f"finished: {epochs} epochs{took}",
+        f"finished: {count(epochs, 'epoch')}{took}",
         f"  test accuracy  {_number(logs, 'val_accuracy', '.2f', 100, ' %')}{test_at}",
         f"  train loss     {_number(logs, 'loss', '.4f')}  (cross entropy of the last epoch)",
         f"  conv_sqsum     {_number(logs, tags.CONV_SQSUM, '.1f')}  (sum of squared conv weights)",
@@ -75,5 +80,9 @@ def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, re
 
 
 def hms(seconds):
-    """0:01:05 for 65 seconds (a negative time is 0:00:00)."""
-    return str(datetime.timedelta(seconds=round(max(seconds, 0))))
+    """0:01:05 for 65 seconds (a negative time is 0:00:00, one beyond a timedelta's range
+    'more than 2 million years')."""
+    seconds = max(seconds, 0)
+    if seconds >= datetime.timedelta.max.total_seconds():
+        return "more than 2 million years"
+    return str(datetime.timedelta(seconds=round(seconds)))

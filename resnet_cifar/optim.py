@@ -96,6 +96,8 @@ def piecewise_by_epoch(base_rate, boundary_epochs, decay_rates, steps_per_epoch)
     """
     import keras
 
+    if not boundary_epochs:          # --boundary_epochs= : one constant rate
+        return float(base_rate) * float(decay_rates[0])
     boundaries = [math.ceil(float(b) * steps_per_epoch) - 1 for b in boundary_epochs]
     return keras.optimizers.schedules.PiecewiseConstantDecay(
         boundaries, [float(base_rate) * float(r) for r in decay_rates])

@@ -19,7 +19,7 @@ import sys
 import time
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import atomic, events, provenance, run_lock, tags
+from resnet_cifar import atomic, console, events, provenance, run_lock, tags
 
 CHECKPOINTS = tags.CHECKPOINTS_DIR
 MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 + phase ends, ~2.2 MB each) and event files, with margin
@@ -143,7 +143,7 @@ def check_checkpoints_cover_the_logs(d, restored):
     if logged > restored + 1:
         have = f"its newest checkpoint is of epoch {restored}" if restored else "it has no checkpoint"
         raise config_lib.ConfigError(
-            f"--model_dir={d} has logged {logged} epochs but {have}: its checkpoints were deleted or "
+            f"--model_dir={d} has logged {console.count(logged, 'epoch')} but {have}: its checkpoints were deleted or "
             f"lost; use --overwrite to start this run afresh (its logs go too), or another --model_dir")
 
 
@@ -203,7 +203,21 @@ def remove_created(d):
 
 
 def finished_message(config):
-    return f"{config.model_dir}: this run already finished ({config.train_epochs} epochs); nothing to do"
+    return (f"{config.model_dir}: this run already finished ({console.count(config.train_epochs, 'epoch')}); "
+            "nothing to do")
+
+
+def identity(config):
+    """The identity a run's checkpoints carry: its seed and a digest of the settings that change
+    what it computes (not the operational ones; a setting at its default is left out, so one
+    added to the code later keeps old checkpoints this run's)."""
+    import hashlib
+
+    defaults = {f.name: f.default for f in dataclasses.fields(config_lib.TrainConfig)}
+    settings = {k: _norm(v) for k, v in config.to_dict().items()
+                if k not in OPERATIONAL and k != "seed" and _norm(v) != _norm(defaults.get(k))}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"seed {config.seed}, settings {digest}"
 
 
 def differing_flags(old, new):

@@ -95,6 +95,8 @@ for _flag in FLAGS.get_flags_for_module(__name__):
         flags.register_validator(_flag.name, lambda v: not config_lib.float_problem(v),
                                  f"must be a finite number, at most {config_lib.FLOAT32_MAX:.3g} in size")
 # (--boundary_epochs and --decay_rates, lists of numbers, get the same check in TrainConfig.)
+# Every integer flag refuses what no count of steps, epochs or images can be.
+command_line.bound_integer_flags(FLAGS, __name__)
 
 
 def config_from_flags(f=FLAGS):

@@ -166,9 +166,13 @@ def _train(config, arrays, progress, model, steps_per_epoch):
     epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable)
     store = checkpoints.CheckpointStore(checkpoint, os.path.join(config.model_dir, run_dir.CHECKPOINTS),
-                                        phase_ends=config.phase_end_epochs)
+                                        phase_ends=config.phase_end_epochs, identity=run_dir.identity(config))
     progress.store = store
-    restored, skipped = store.restore()
+    try:
+        restored, skipped = store.restore()
+    except checkpoints.ForeignCheckpoint as e:
+        raise config_lib.ConfigError(f"{e}: copied from another run's folder? Use --overwrite to start "
+                                     "this run afresh, or another --model_dir") from None
     run_dir.check_checkpoints_cover_the_logs(config.model_dir, restored)
     initial_epoch = int(epoch_variable.numpy())
     skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)

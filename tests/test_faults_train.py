@@ -58,6 +58,42 @@ def test_every_float_flag_refuses_non_finite_and_overflowing_numbers(tmp_path, v
         assert not os.path.exists(tmp_path / "run")
 
 
+def integer_flags():
+    """Every integer flag of resnet_cifar.train."""
+    from absl import flags
+
+    from resnet_cifar import train as train_module
+
+    names = [f.name for f in train_module.FLAGS.get_flags_for_module(train_module.__name__)
+             if isinstance(f.parser, flags.IntegerParser)]
+    assert {"train_epochs", "batch_size", "steps_per_epoch", "seed", "resnet_size"} <= set(names)
+    return names
+
+
+@pytest.mark.parametrize("value", ["100000000000000000000", "-100000000000000000000", "2147483648"])
+def test_every_integer_flag_refuses_absurd_sizes(tmp_path, value):
+    for name in integer_flags():
+        r = train(tmp_path / "run", f"--{name}={value}", timeout=60)
+        one_error_line(r, 2, f"--{name}={value} must be at most 2147483647")
+        assert not os.path.exists(tmp_path / "run")
+
+
+def test_more_steps_than_a_run_can_count_is_one_line(tmp_path):
+    r = train(tmp_path / "run", "--train_epochs=1073741824", "--steps_per_epoch=4", timeout=60)
+    one_error_line(r, 2, "--train_epochs=1073741824 of 4 steps each is 4294967296 steps")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_no_boundaries_is_one_constant_rate(tmp_path):
+    """--boundary_epochs= (empty) with one rate: the base rate throughout, logged as such."""
+    r = train(tmp_path / "run", "--boundary_epochs=", "--decay_rates=0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rates = [float(line.split(" | lr ")[1].split(" ")[0]) for line in r.stdout.splitlines()
+             if line.startswith("epoch ")]
+    assert rates == [0.1 * 16 / 128 * 0.5] * 2, r.stdout
+    one_error_line(train(tmp_path / "other", "--boundary_epochs=", "--decay_rates="), 2, "--decay_rates needs 1 value")
+
+
 # ------------------------------------------------------------------ 2. run identity
 
 
@@ -79,6 +115,50 @@ def test_another_seed_is_refused(held):
     before = snapshot(held)
     one_error_line(train(held, "--seed=3"), 2, "--seed: 0 -> 3")
     assert snapshot(held) == before
+
+
+@pytest.mark.parametrize("other,rename", [(["--seed=1"], False), (["--seed=1"], True),
+                                          (["--weight_decay=1e-3"], False)])
+def test_another_runs_checkpoint_is_refused_whatever_its_name(held, tmp_path, other, rename):
+    """The checkpoint of another run (another seed, or other settings) copied into a stopped
+    run's folder, under the name this run's next one has (ckpt-2), from their ckpt-2 or renamed
+    from their ckpt-1: refused in one line, never resumed as this run; the folder is left as it
+    was (its lock file aside)."""
+    theirs = str(tmp_path / "theirs")
+    r = train(theirs, *other)
+    assert r.returncode == 0, r.stderr[-3000:]
+    source = "ckpt-1" if rename else "ckpt-2"
+    mine = os.path.join(held, run_dir.CHECKPOINTS)
+    for name in os.listdir(os.path.join(theirs, run_dir.CHECKPOINTS)):
+        if name.startswith(source + "."):
+            shutil.copy(os.path.join(theirs, run_dir.CHECKPOINTS, name),
+                        os.path.join(mine, "ckpt-2" + name[len(source):]))
+    before = snapshot(held)
+    what = "seed 1" if "--seed=1" in other else "seed 0, settings"
+    one_error_line(train(held), 2, "ckpt-2 was written by another run", f"({what}", "--overwrite")
+    after = snapshot(held)
+    after.pop(".lock"), before.pop(".lock")          # the lock records its last holder
+    assert after == before
+
+
+def test_a_checkpoint_without_identity_still_resumes(tmp_path):
+    """Checkpoints written before they carried an identity (the shipped campaign's) restore."""
+    import tensorflow as tf
+
+    from resnet_cifar import checkpoints
+
+    v = tf.Variable([1.0, 2.0])
+    ckpt = tf.train.Checkpoint(v=v)
+    folder = str(tmp_path / "ckpts")
+    checkpoints.CheckpointStore(ckpt, folder).save(1)
+    assert checkpoints.identity_of(os.path.join(folder, "ckpt-1")) is None
+    v.assign([0.0, 0.0])
+    store = checkpoints.CheckpointStore(ckpt, folder, identity="seed 0, settings abc")
+    assert store.restore() == (1, []) and v.numpy().tolist() == [1.0, 2.0]
+    store.save(2)
+    assert checkpoints.identity_of(os.path.join(folder, "ckpt-2")) == "seed 0, settings abc"
+    with pytest.raises(checkpoints.ForeignCheckpoint, match=r"another run \(seed 0, settings abc\)"):
+        checkpoints.CheckpointStore(ckpt, folder, identity="seed 1, settings abc").restore()
 
 
 @pytest.mark.parametrize("factor", ["replay", "per_layer", "per_channel"])
