@@ -47,7 +47,7 @@ class Run:
 
     def command(self, python: str = sys.executable) -> List[str]:
         cmd = [python, "-m", "resnet_cifar.train", *self.args,
-               f"--model_dir={self.run_dir}", f"--seed={self.seed}", "--verbose=2"]
+               f"--model_dir={self.run_dir}", f"--seed={self.seed}", "--verbose=0"]
         if self.needs:
             cmd.append(f"--replay_from={self.needs}")
         return cmd

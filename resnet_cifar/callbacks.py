@@ -249,20 +249,43 @@ def _loss_keys(logs):
     return sorted((k for k in (logs or {}) if k.endswith("loss")), key=lambda k: (k != "loss", k))
 
 
+STATUS_SECONDS = 60.0     # without a progress bar: a status line this often within an epoch
+
+
 class EpochSummary(keras.callbacks.ProgbarLogger):
     """Keras' progress bar (as `verbose` asks), then one line per epoch: the numbers that
     matter and the time left. One callback for both, so the bar has always ended its line
     before the summary is printed, wherever this stands in the list (and Keras adds no
-    second bar)."""
+    second bar). Without the bar (verbose 0 or 2, as in a log file), a long epoch also
+    prints a status line about every `status_every` seconds: step, rate and the epoch's ETA."""
 
-    def __init__(self, total_epochs):
+    def __init__(self, total_epochs, status_every=STATUS_SECONDS):
         super().__init__()
         self.total = total_epochs
+        self.status_every = status_every
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._start = time.time()
         self._epochs_run = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._epoch = epoch
+        self._epoch_start = self._last_status = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        now = time.monotonic()
+        # ProgbarLogger.set_params keeps `verbose` and the epoch's steps (`target`), not `params`.
+        if self.verbose == 1 or now - self._last_status < self.status_every:
+            return
+        self._last_status = now
+        done, steps = batch + 1, self.target
+        rate = done / max(now - self._epoch_start, 1e-9)
+        of = f"/{steps}" if steps else ""
+        eta = f", epoch ETA {hms((steps - done) / rate)}" if steps else ""
+        print(f"  epoch {self._epoch + 1}/{self.total}: step {done}{of}, {rate:.2f} steps/s{eta}", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})

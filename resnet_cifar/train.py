@@ -79,9 +79,10 @@ flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
                   "float32 (faithful) or a mixed-precision policy; the conv factor stays float32.")
 flags.DEFINE_boolean("overwrite", False, "Start afresh: delete the run --model_dir holds (finished or not, "
                      "any flags) and train anew.")
-flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch. "
-                     "Not given, and the output is not a terminal (a file, a pipe): 2, so logs hold no "
-                     "progress-bar escape codes.")
+flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 none, 1 progress bar, 2 Keras' line per epoch "
+                     "(the trainer's own line per epoch is always printed; without the bar, also a status "
+                     "line about every minute of a long epoch). Not given, and the output is not a terminal "
+                     "(a file, a pipe): 0, so logs hold one line per epoch and no progress-bar escape codes.")
 # Beyond the post: depth and optimizer.
 flags.DEFINE_integer("resnet_size", fidelity.RESNET_SIZE,
                      "ResNet depth 6n+2 (20: the post; 32, 44, 56, 110), n blocks per stage.")
@@ -114,7 +115,7 @@ def config_from_flags(f=FLAGS):
         conv_l2=f.conv_l2 and not f.flag_noconv_l2,
         jit_compile={"auto": None, "true": True, "false": False}[f.jit_compile],
         # Keras' progress bar writes ANSI codes even into files: a log gets one line per epoch.
-        verbose=f.verbose if f["verbose"].present or sys.stdout.isatty() else 2,
+        verbose=f.verbose if f["verbose"].present or sys.stdout.isatty() else 0,
     )
     same = {field.name: f[field.name].value for field in dataclasses.fields(config_lib.TrainConfig)
             if field.name not in special}

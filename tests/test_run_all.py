@@ -110,7 +110,7 @@ def test_plan_without_grid_keeps_the_old_layout(tmp_path):
                                          str(tmp_path / "noconv_l2" / "seed_0")]
     # The full baseline is exactly the program's default run (the flagfile only documents it).
     base = parse(runs[0].command()[3:])
-    assert base == config_lib.TrainConfig(model_dir=base.model_dir, verbose=2)
+    assert base == config_lib.TrainConfig(model_dir=base.model_dir, verbose=0)
 
 
 # name -> (conv_l2, conv_grad_scale, bn_decay, conv_lr_factor)

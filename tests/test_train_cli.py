@@ -22,7 +22,7 @@ from tests.helpers import LAYERS, ROOT, env, parse, train_cli
 def test_defaults_reproduce_the_baseline():
     cfg = parse(["--model_dir=/tmp/x"])
     # --verbose not given: a progress bar on a terminal, one line per epoch into a pipe or file
-    assert cfg == config_lib.TrainConfig(model_dir="/tmp/x", verbose=1 if sys.stdout.isatty() else 2)
+    assert cfg == config_lib.TrainConfig(model_dir="/tmp/x", verbose=1 if sys.stdout.isatty() else 0)
     assert (cfg.train_epochs, cfg.boundary_epochs, cfg.decay_rates) == (150, (50.0, 100.0), (1.0, 0.1, 0.01))
     assert (cfg.weight_decay, cfg.bn_decay, cfg.batch_size, cfg.conv_l2) == (2e-4, 0.997, 128, True)
     assert not cfg.conv_grad_scale
@@ -117,7 +117,8 @@ def test_learning_rate_defaults_in_help_and_doc_are_the_registrys():
     (["--boundary_epochs=nan,100"], "--boundary_epochs=nan,100 must be finite numbers"),
     (["--decay_rates=1,inf,0.01"], "--decay_rates=1,inf,0.01 must be finite numbers"),
     (["--seed=-1"], "--seed=-1 must be in [0, 2147483647]"),
-    (["--seed=4294967296"], "--seed=4294967296 must be in"),
+    (["--seed=4294967296"], "--seed=4294967296 must be at most 2147483647"),
+    (["--seed=2147483648"], "--seed=2147483648 must be at most 2147483647"),
     # Keras runs whole executions: 7 per call with 5 steps per epoch trained 14 steps in 2 epochs.
     (["--steps_per_epoch=5", "--steps_per_execution=7"], "--steps_per_execution=7 must divide the 5 steps"),
     (["--data_source=synthetic", "--steps_per_execution=7"], "must divide the 390 steps of an epoch"),
@@ -190,11 +191,39 @@ def short_run(tmp_path_factory):
     return model_dir, r
 
 
-def test_output_to_a_pipe_has_no_progress_bar_escape_codes(short_run):
-    """--verbose not given and stdout a pipe: one Keras line per epoch, no ANSI codes."""
+def test_output_to_a_pipe_has_one_line_per_epoch(short_run):
+    """--verbose not given and stdout a pipe: the trainer's line per epoch alone (no Keras line
+    repeating its numbers), no ANSI codes."""
     _, r = short_run
     assert "\x1b" not in r.stdout
-    assert len(re.findall(r"^8/8 - ", r.stdout, flags=re.M)) == 4, r.stdout
+    assert not re.findall(r"^8/8 ", r.stdout, flags=re.M), r.stdout
+    assert len(re.findall(r"^epoch \d/4 \| loss ", r.stdout, flags=re.M)) == 4, r.stdout
+
+
+def test_a_long_epoch_prints_a_status_line_without_the_bar(capsys):
+    """Without the progress bar, an epoch longer than `status_every` prints where it is: step,
+    rate and the epoch's ETA (here every step, with status_every=0)."""
+    import keras
+
+    from resnet_cifar import callbacks
+    from tests.helpers import batch, make_model
+
+    model, _ = make_model(steps_per_epoch=3, resnet_size=8)
+    data = tf_dataset(batch())
+    model.fit(data, epochs=1, steps_per_epoch=3, verbose=0,
+              callbacks=[callbacks.EpochSummary(1, status_every=0.0)])
+    out = capsys.readouterr().out.splitlines()
+    status = [line for line in out if line.startswith("  epoch 1/1: step ")]
+    assert [line.split(",")[0] for line in status] == [f"  epoch 1/1: step {k}/3" for k in (1, 2, 3)], out
+    assert all("steps/s, epoch ETA " in line for line in status), status
+    assert [line.split(" | ")[0] for line in out if line.startswith("epoch ")] == ["epoch 1/1"]
+    keras.backend.clear_session()
+
+
+def tf_dataset(xy):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensors(xy).repeat()
 
 
 def test_no_tensorflow_start_up_lines_on_the_console(short_run):
@@ -341,7 +370,7 @@ def test_progress_output(short_run):
     lines = [line for line in r.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split(" | ")[0] for line in lines] == [f"epoch {i}/4" for i in range(1, 5)]
     assert all("ETA" in line and "test acc" in line for line in lines)
-    # Keras' verbose=2 line of each epoch ends before the summary starts.
+    # One summary line per epoch, each with its ETA.
     assert len([line for line in r.stdout.splitlines() if ", ETA " in line]) == 4
 
 
