@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis import figures, output
+from analysis import figures, loading, output
 from resnet_cifar import events, tags
 from resnet_cifar.atomic import atomic_open
 from resnet_cifar import command_line
@@ -157,8 +157,6 @@ def main(argv=None) -> int:
     (`analysis.make_figures` draws them too, with every point's own figures)."""
     import sys
 
-    from analysis import make_figures
-
     parser = ArgumentParser(
         prog="python -m analysis.grid",
         description="Final test accuracy against each grid flag's value, from a grid sweep's results "
@@ -179,7 +177,7 @@ def main(argv=None) -> int:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         return fail(f"--out={out_dir} is a file, not a folder", 2)
     try:
-        loaded = {point: make_figures.load_results(events.find_runs(os.path.join(args.results_dir, folder)))
+        loaded = {point: loading.load_results(events.find_runs(os.path.join(args.results_dir, folder)))
                   for folder, point in find_points(args.results_dir).items()}
     except events.EventsError as e:
         return fail(str(e), 2)

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from analysis import figures, make_figures, theory
+from analysis import figures, loading, make_figures, theory
 from resnet_cifar import events, tags
 from tests.helpers import f32, write_events
 
@@ -423,7 +423,7 @@ def test_cli_says_there_is_no_theory_for_an_unknown_optimizer(tmp_path):
 
     svg = (out / "relative_step.svg").read_text()
     assert "no theory for optimizer" in svg and figures.LEVEL_LABEL not in svg
-    loaded = make_figures.load_results(events.find_runs(str(root)))
+    loaded = loading.load_results(events.find_runs(str(root)))
     assert theory.baseline_segments(loaded) == []
     label = theory.baseline_level_label(loaded)
     assert label == "no predicted level: no theory for optimizer 'sgd'"

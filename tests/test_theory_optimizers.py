@@ -74,7 +74,7 @@ def test_levels_of_adam_configs():
 
 
 def test_angular_update_figure_draws_the_baselines_level(tmp_path):
-    from analysis import make_figures
+    from analysis import loading, make_figures
     from resnet_cifar import events, tags
     from tests.helpers import write_run
 
@@ -83,13 +83,13 @@ def test_angular_update_figure_draws_the_baselines_level(tmp_path):
               "weight_decay": 0.01, "conv_l2": True, "conv_grad_scale": False, "optimizer": "adamw"}
     write_run(str(tmp_path / "baseline"), {tags.CONV_ANGULAR_UPDATE: (e1, np.full(6, 1e-3))}, config=config,
               done=True, epochs=6)
-    paths = make_figures.write_all(make_figures.load_results(events.find_runs(str(tmp_path))), str(tmp_path / "f"))
+    paths = make_figures.write_all(loading.load_results(events.find_runs(str(tmp_path))), str(tmp_path / "f"))
     assert any(p.endswith("angular_update.png") for p in paths)
     from analysis import angular
 
-    levels = theory.baseline_segments(make_figures.load_results(events.find_runs(str(tmp_path))))
+    levels = theory.baseline_segments(loading.load_results(events.find_runs(str(tmp_path))))
     fig = angular.angular_update(make_figures.curves(
-        make_figures.load_results(events.find_runs(str(tmp_path))), tags.CONV_ANGULAR_UPDATE, tags.TRAIN_DIR),
+        loading.load_results(events.find_runs(str(tmp_path))), tags.CONV_ANGULAR_UPDATE, tags.TRAIN_DIR),
         levels=levels)
     (levels_drawn,) = fig.axes[0].collections          # Axes.hlines, one segment per phase
     segments = levels_drawn.get_segments()
