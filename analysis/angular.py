@@ -3,7 +3,7 @@
 `conv_angular_update` is the per-step angle between a conv kernel before and after
 its update, mean over layers, epoch mean: the quantity of rotational equilibrium
 (Kosson, Messmer & Jaggi 2024). The dashed levels are the baseline's optimizer's
-prediction per phase (`theory.equilibrium_angular_update`; none for Adam with L2).
+prediction per phase (`equilibrium.equilibrium_angular_update`; none for Adam with L2).
 """
 
 from typing import Optional

@@ -18,7 +18,7 @@ NoConvL2 run"), with a note on stderr: partial results still plot, and say so.
 subtitle (data, schedule, seeds) and its learning-rate boundaries, drawn as vertical
 dotted lines. Accuracy is drawn in percent, as in the summary table.
 
-The relative-step figures can also show the theory's prediction (analysis/theory.py):
+The relative-step figures can also show the theory's prediction (analysis/predictions.py):
 `levels`, one (start_epoch, end_epoch, value) per learning-rate phase, drawn as
 dashed black segments after the runs' lines, labelled once in the legend by
 `level_label`. When levels are given but none has a value (the theory predicts
@@ -204,7 +204,7 @@ def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL,
     Returns whether any was drawn.
 
     An entry is (start, end, value), or any tuple with those first two and the value
-    last (e.g. theory.Level); a value of None (no prediction) is skipped.
+    last (e.g. predictions.Level); a value of None (no prediction) is skipped.
     """
     segments = []
     for level in levels or ():

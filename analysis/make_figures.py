@@ -25,7 +25,8 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import angular, figures, grid, loading, output, precise_bn, replay_match, summary, theory
+from analysis import (angular, figures, grid, loading, output, precise_bn, predictions, replay_match, summary,
+                      theory)
 from resnet_cifar import events, tags
 from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser
@@ -61,8 +62,8 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
     replay-match tables; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     labels = legend_labels(loaded)
-    levels = theory.baseline_segments(loaded)
-    level_label = theory.baseline_level_label(loaded)
+    levels = predictions.baseline_segments(loaded)
+    level_label = predictions.baseline_level_label(loaded)
     configs = run_configs(loaded)
     written = []
     for fig_name, (make, tag, subdir) in figures.FIGURES.items():
