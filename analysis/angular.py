@@ -26,7 +26,7 @@ def angular_update(angle: figures.Curves, labels=None, levels=None,
     names = [n for n in figures.ordered_names(angle) if angle.get(n)]
     if not names:
         return None      # runs from before this diagnostic existed: nothing to draw, no note
-    return figures._runs_figure("angular_update", angle, names,
-                                "Angular update of conv layers", "mean angle per step (rad)",
-                                labels, log_y=True, start_epoch=1, levels=levels,
-                                level_label=level_label, configs=configs)
+    return figures.runs_figure("angular_update", angle, names,
+                               "Angular update of conv layers", "mean angle per step (rad)",
+                               labels, log_y=True, start_epoch=1, levels=levels,
+                               level_label=level_label, configs=configs)
