@@ -23,13 +23,15 @@ def save_figure(fig, out_dir: str, name: str) -> List[str]:
     return paths
 
 
-def write_table(out_dir: str, name: str, markdown: str, rows: Sequence[Dict]) -> List[str]:
-    """NAME.md (the Markdown as given) and NAME.csv (the rows, one column per key)."""
+def write_table(out_dir: str, name: str, markdown: str, rows: Sequence[Dict],
+                fields: Optional[Sequence[str]] = None) -> List[str]:
+    """NAME.md (the Markdown as given) and NAME.csv (the rows, one column per key; `fields`,
+    if given, are the columns, so that a table without rows still has its header)."""
     md_path, csv_path = os.path.join(out_dir, f"{name}.md"), os.path.join(out_dir, f"{name}.csv")
     with atomic_open(md_path) as f:
         f.write(markdown)
     with atomic_open(csv_path) as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(fields or rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return [md_path, csv_path]

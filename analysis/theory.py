@@ -18,7 +18,7 @@ import numpy as np
 from analysis.equilibrium import THEORIES, optimizer_of, time_constant
 from analysis.figures import label_of, ordered_names
 from analysis.growth import growth_markdown, growth_rows, write_growth_csv
-from analysis.output import csv_number, epoch_span, scientific, seeds_label
+from analysis.output import csv_number, epoch_span, scientific, seeds_label, write_table
 from analysis.predictions import (Phase, phase_epochs, phases, predicted_levels, prediction_basis,
                                   steps_per_epoch)
 from analysis.summary import mean_std
@@ -222,21 +222,22 @@ PER_LAYER_FIELDS = ("run", "seed", "phase", "start_epoch", "end_epoch", "lr", "l
                     "measured", "predicted")
 
 
-def write_csv(rows: Sequence[Row], path: str) -> None:
-    with atomic_open(path) as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for r in rows:
-            finite = [v for v in r.layer_values if np.isfinite(v)]
-            mean, std = mean_std(r.measured)
-            writer.writerow([r.name, r.label, r.optimizer, r.phase, csv_number(r.start), csv_number(r.end),
-                             csv_number(r.lr), csv_number(r.weight_decay), csv_number(r.momentum), r.basis,
-                             csv_number(r.predicted), len(r.measured), csv_number(mean), csv_number(std),
-                             csv_number(min(finite) if finite else None),
-                             csv_number(max(finite) if finite else None), csv_number(r.ratio),
-                             r.first_epoch, r.last_epoch, r.steps_per_epoch or "",
-                             csv_number(r.tau_steps), csv_number(r.phase_steps),
-                             csv_number(r.phase_over_tau)])
+def csv_rows(rows: Sequence[Row]) -> List[dict]:
+    """theory.csv's rows (CSV_FIELDS): unrounded numbers, empty where there is no value."""
+    out = []
+    for r in rows:
+        finite = [v for v in r.layer_values if np.isfinite(v)]
+        mean, std = mean_std(r.measured)
+        out.append(dict(zip(CSV_FIELDS, [
+            r.name, r.label, r.optimizer, r.phase, csv_number(r.start), csv_number(r.end),
+            csv_number(r.lr), csv_number(r.weight_decay), csv_number(r.momentum), r.basis,
+            csv_number(r.predicted), len(r.measured), csv_number(mean), csv_number(std),
+            csv_number(min(finite) if finite else None),
+            csv_number(max(finite) if finite else None), csv_number(r.ratio),
+            r.first_epoch, r.last_epoch, r.steps_per_epoch or "",
+            csv_number(r.tau_steps), csv_number(r.phase_steps),
+            csv_number(r.phase_over_tau)])))
+    return out
 
 
 def write_per_layer_csv(loaded: Mapping[str, Sequence[events.Run]], path: str,
@@ -270,11 +271,10 @@ def write_theory(loaded: Mapping[str, Sequence[events.Run]], out_dir: str,
     """
     rows = theory_rows(loaded, fraction, momentum)
     growth = growth_rows(loaded, momentum)
-    names = ("theory.md", "theory.csv", "theory_per_layer.csv", "theory_growth.csv")
-    paths = [os.path.join(out_dir, n) for n in names]
-    with atomic_open(paths[0]) as f:
-        f.write(to_markdown(rows, fraction) + ("\n" + growth_markdown(growth, momentum) if growth else ""))
-    write_csv(rows, paths[1])
-    write_per_layer_csv(loaded, paths[2], fraction, momentum)
-    write_growth_csv(growth, paths[3])    # header only when no run grows freely
-    return paths
+    markdown = to_markdown(rows, fraction) + ("\n" + growth_markdown(growth, momentum) if growth else "")
+    per_layer_path = os.path.join(out_dir, "theory_per_layer.csv")
+    growth_path = os.path.join(out_dir, "theory_growth.csv")
+    paths = write_table(out_dir, "theory", markdown, csv_rows(rows), CSV_FIELDS)
+    write_per_layer_csv(loaded, per_layer_path, fraction, momentum)
+    write_growth_csv(growth, growth_path)    # header only when no run grows freely
+    return paths + [per_layer_path, growth_path]

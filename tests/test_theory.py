@@ -386,10 +386,13 @@ def test_theory_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     out.mkdir()
     (out / "theory.csv").write_text("old\n")
 
-    def fail(_):
-        raise OSError("disk full")
+    class Unwritable:
+        """A cell the CSV writer cannot turn into text: writing theory.csv fails at its first row."""
 
-    monkeypatch.setattr(theory, "csv_number", fail)
+        def __str__(self):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(theory, "csv_number", lambda _: Unwritable())
     with pytest.raises(OSError, match="disk full"):
         theory.write_theory({figures.BASELINE: [run]}, str(out))
     assert (out / "theory.csv").read_text() == "old\n"
