@@ -3,7 +3,7 @@
 `conv_angular_update` is the per-step angle between a conv kernel before and after
 its update, mean over layers, epoch mean: the quantity of rotational equilibrium
 (Kosson, Messmer & Jaggi 2024). The dashed levels are the baseline's optimizer's
-prediction per phase (`theory.equilibrium_angular_update`; none for Adam with L2).
+prediction per phase (`equilibrium.equilibrium_angular_update`; none for Adam with L2).
 """
 
 from typing import Optional
@@ -26,7 +26,7 @@ def angular_update(angle: figures.Curves, labels=None, levels=None,
     names = [n for n in figures.ordered_names(angle) if angle.get(n)]
     if not names:
         return None      # runs from before this diagnostic existed: nothing to draw, no note
-    return figures._runs_figure("angular_update", angle, names,
-                                "Angular update of conv layers", "mean angle per step (rad)",
-                                labels, log_y=True, start_epoch=1, levels=levels,
-                                level_label=level_label, configs=configs)
+    return figures.runs_figure("angular_update", angle, names,
+                               "Angular update of conv layers", "mean angle per step (rad)",
+                               labels, log_y=True, start_epoch=1, levels=levels,
+                               level_label=level_label, configs=configs)

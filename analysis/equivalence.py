@@ -35,7 +35,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from analysis import figures, output, precise_bn, replay_match
+from analysis import figures, loading, output, precise_bn, replay_match
 from resnet_cifar import events, tags
 from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
@@ -78,14 +78,8 @@ def load_grid(results_dir: str) -> Dict[float, Dict[str, List[events.Run]]]:
             continue
         runs = events.find_runs(os.path.join(results_dir, entry))
         grid[wd] = {}
-        for name, dirs in runs.items():
-            for d in dirs:
-                try:
-                    run = events.load_run(d)
-                except events.EventsError as e:     # one bad run does not stop the study
-                    figures.note(f"skipped {d}: {e}")
-                    continue
-                grid[wd].setdefault(name, []).append(run)
+        for name, run in loading.read_runs(runs):     # one bad run does not stop the study
+            grid[wd].setdefault(name, []).append(run)
     if not grid:
         raise events.EventsError(f"{results_dir}: no {GRID_FLAG}=<value>/ folders (run the grid first)")
     return grid

@@ -18,7 +18,7 @@ NoConvL2 run"), with a note on stderr: partial results still plot, and say so.
 subtitle (data, schedule, seeds) and its learning-rate boundaries, drawn as vertical
 dotted lines. Accuracy is drawn in percent, as in the summary table.
 
-The relative-step figures can also show the theory's prediction (analysis/theory.py):
+The relative-step figures can also show the theory's prediction (analysis/predictions.py):
 `levels`, one (start_epoch, end_epoch, value) per learning-rate phase, drawn as
 dashed black segments after the runs' lines, labelled once in the legend by
 `level_label`. When levels are given but none has a value (the theory predicts
@@ -80,7 +80,8 @@ def label_of(name: str, labels: Optional[Mapping[str, str]] = None) -> str:
     return LABELS.get(name, name)
 
 
-def _color_of(name: str) -> str:
+def color_of(name: str) -> str:
+    """The run's colour in every figure: the post's runs' own, a stable one per name for others."""
     if name in _COLORS:
         return _COLORS[name]
     # Stable per name, so one extra run keeps its colour across figures.
@@ -108,7 +109,7 @@ def piecewise_np(epochs) -> np.ndarray:
     return fidelity.piecewise(np.asarray(epochs, dtype=np.float64), np.where)
 
 
-def _new_figure(title: str, ylabel: str, subtitle: str = ""):
+def new_figure(title: str, ylabel: str, subtitle: str = ""):
     """Title above the axes (fig.suptitle), the subtitle in small grey (the axes' title)."""
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.add_subplot()
@@ -175,10 +176,11 @@ def _last_epoch(curves: Curves, names: Sequence[str]) -> int:
     return max([int(np.max(s)) for n in names for s, _ in curves.get(n) or () if len(s)] or [0])
 
 
-def _draw_boundaries(ax, epochs: Sequence[float], upto: Optional[float] = None) -> None:
-    """Rate boundaries as vertical lines, those up to epoch `upto` only (None: all); one
-    legend entry. The lines span the axes' height: y runs from 0 (bottom) to 1 (top) in
-    the x-axis transform, so they leave the y limits alone, on log axes too."""
+def draw_boundaries(ax, epochs: Sequence[float], upto: Optional[float] = None) -> None:
+    """The learning-rate boundaries up to epoch `upto` (None: all) as vertical lines, one legend entry.
+
+    The lines span the axes' height: y runs from 0 (bottom) to 1 (top) in the x-axis
+    transform, so they leave the y limits alone, on log axes too."""
     epochs = [e for e in epochs if upto is None or e <= upto]
     if epochs:
         ax.vlines(epochs, 0, 1, transform=ax.get_xaxis_transform(), label=BOUNDARY_LABEL,
@@ -204,7 +206,7 @@ def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL,
     Returns whether any was drawn.
 
     An entry is (start, end, value), or any tuple with those first two and the value
-    last (e.g. theory.Level); a value of None (no prediction) is skipped.
+    last (e.g. predictions.Level); a value of None (no prediction) is skipped.
     """
     segments = []
     for level in levels or ():
@@ -220,11 +222,11 @@ def _draw_levels(ax, levels: Optional[Levels], label: str = LEVEL_LABEL,
     return True
 
 
-def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, ylabel: str,
-                 labels=None, log_y=False, start_epoch=0, levels=None, subject=None,
-                 configs: Optional[Configs] = None, scale: float = 1.0,
-                 level_label: Optional[str] = None) -> Optional[Figure]:
-    """One line (or band) per run of `names` that has data.
+def runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, ylabel: str,
+                labels=None, log_y=False, start_epoch=0, levels=None, subject=None,
+                configs: Optional[Configs] = None, scale: float = 1.0,
+                level_label: Optional[str] = None) -> Optional[Figure]:
+    """A figure of one tag: one line (or band) per run of `names` that has data.
 
     None (not drawn) if the `subject` run, or every run, is missing; other missing
     runs are named in the title. level_label: the legend entry of the levels
@@ -243,12 +245,12 @@ def _runs_figure(figure: str, curves: Curves, names: Sequence[str], title: str, 
         note(f"{figure}: no {label_of(name)} ({name}) data, drawn without it")
     if missing:
         title += "\n(no " + ", no ".join(f"{label_of(n)} run" for n in missing) + ")"
-    fig, ax = _new_figure(title, ylabel, subtitle(present, curves, configs))
+    fig, ax = new_figure(title, ylabel, subtitle(present, curves, configs))
     for name in present:
-        _draw(ax, curves[name], label_of(name, labels), _color_of(name), start_epoch, scale)
+        _draw(ax, curves[name], label_of(name, labels), color_of(name), start_epoch, scale)
     last = _last_epoch(curves, present)
     drawn = _draw_levels(ax, levels, level_label or LEVEL_LABEL, upto=last)
-    _draw_boundaries(ax, boundaries(present, configs), upto=last)
+    draw_boundaries(ax, boundaries(present, configs), upto=last)
     if log_y:
         ax.set_yscale("log")
     no_levels = levels is not None and not drawn
@@ -271,16 +273,16 @@ def _post_three_and_extras(curves: Curves) -> list:
 
 def test_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
     """Test accuracy of the baseline and NoConvL2 (the post's first plot)."""
-    return _runs_figure("test_accuracy", accuracy, [BASELINE, NOCONV_L2],
-                        "Test accuracy without conv L2", TEST_ACCURACY, labels,
-                        subject=NOCONV_L2, configs=configs, scale=100.0)
+    return runs_figure("test_accuracy", accuracy, [BASELINE, NOCONV_L2],
+                       "Test accuracy without conv L2", TEST_ACCURACY, labels,
+                       subject=NOCONV_L2, configs=configs, scale=100.0)
 
 
 def conv_sqsum(sqsum: Curves, labels=None, configs=None) -> Optional[Figure]:
     """Sum of squared conv weights: without conv L2 they grow much faster."""
-    return _runs_figure("conv_sqsum", sqsum, [BASELINE, NOCONV_L2],
-                        "Sum of squared conv weights", CONV_SQSUM, labels,
-                        subject=NOCONV_L2, configs=configs)
+    return runs_figure("conv_sqsum", sqsum, [BASELINE, NOCONV_L2],
+                       "Sum of squared conv weights", CONV_SQSUM, labels,
+                       subject=NOCONV_L2, configs=configs)
 
 
 def relative_step(step: Curves, labels=None, levels: Optional[Levels] = None,
@@ -294,18 +296,18 @@ def relative_step(step: Curves, labels=None, levels: Optional[Levels] = None,
     log_y: a log scale, which make_figures uses since the phases' levels differ by
     about 10x each.
     """
-    return _runs_figure("relative_step", step, [BASELINE, NOCONV_L2],
-                        "Relative step size of conv layers", RELATIVE_STEP,
-                        labels, log_y=log_y, start_epoch=1, levels=levels,
-                        subject=NOCONV_L2, configs=configs, level_label=level_label)
+    return runs_figure("relative_step", step, [BASELINE, NOCONV_L2],
+                       "Relative step size of conv layers", RELATIVE_STEP,
+                       labels, log_y=log_y, start_epoch=1, levels=levels,
+                       subject=NOCONV_L2, configs=configs, level_label=level_label)
 
 
 def conv_lr_scale_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
     """Test accuracy once conv L2 is replaced by conv gradient scaling."""
-    return _runs_figure("conv_lr_scale_accuracy", accuracy,
-                        [BASELINE, NOCONV_L2, CONV_LR_SCALE],
-                        "Test accuracy with conv gradient scaling", TEST_ACCURACY, labels,
-                        subject=CONV_LR_SCALE, configs=configs, scale=100.0)
+    return runs_figure("conv_lr_scale_accuracy", accuracy,
+                       [BASELINE, NOCONV_L2, CONV_LR_SCALE],
+                       "Test accuracy with conv gradient scaling", TEST_ACCURACY, labels,
+                       subject=CONV_LR_SCALE, configs=configs, scale=100.0)
 
 
 def piecewise_factor(sqsum: Curves, labels=None, configs=None) -> Figure:
@@ -319,13 +321,13 @@ def piecewise_factor(sqsum: Curves, labels=None, configs=None) -> Figure:
     title = "Baseline conv weight-scale factor and its piecewise fit"
     if not baseline:
         title += f"\n(no {label_of(BASELINE)} run: the fit alone)"
-    fig, ax = _new_figure(title, f"{fidelity.INITIAL_CONV_SQSUM:g} / sum of squared conv weights",
-                          subtitle([BASELINE], sqsum, configs) if baseline else "")
+    fig, ax = new_figure(title, f"{fidelity.INITIAL_CONV_SQSUM:g} / sum of squared conv weights",
+                         subtitle([BASELINE], sqsum, configs) if baseline else "")
     last = fidelity.TRAIN_EPOCHS
     if baseline:
         ratios = [(s, fidelity.INITIAL_CONV_SQSUM / v) for s, v in baseline]
         _draw(ax, ratios, f"{fidelity.INITIAL_CONV_SQSUM:g} / {label_of(BASELINE, labels)} conv_sqsum",
-              _color_of(BASELINE))
+              color_of(BASELINE))
         last = _last_epoch(sqsum, [BASELINE])
     else:
         note(f"piecewise_factor: no {label_of(BASELINE)} ({BASELINE}) data, drawing the fit alone")
@@ -333,7 +335,7 @@ def piecewise_factor(sqsum: Curves, labels=None, configs=None) -> Figure:
     ax.plot(epochs, piecewise_np(epochs), label="piecewise(epoch), the post's fit", color="black",
             linestyle="--", linewidth=1.2)
     if baseline:
-        _draw_boundaries(ax, boundaries([BASELINE], configs), upto=last)
+        draw_boundaries(ax, boundaries([BASELINE], configs), upto=last)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -341,10 +343,10 @@ def piecewise_factor(sqsum: Curves, labels=None, configs=None) -> Figure:
 
 def bn098_accuracy(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
     """A faster BN moving average (0.98) lets test-time statistics keep up."""
-    return _runs_figure("bn098_accuracy", accuracy,
-                        [BASELINE, CONV_LR_SCALE, CONV_LR_SCALE_BN098],
-                        "Test accuracy with BN decay 0.98", TEST_ACCURACY, labels,
-                        subject=CONV_LR_SCALE_BN098, configs=configs, scale=100.0)
+    return runs_figure("bn098_accuracy", accuracy,
+                       [BASELINE, CONV_LR_SCALE, CONV_LR_SCALE_BN098],
+                       "Test accuracy with BN decay 0.98", TEST_ACCURACY, labels,
+                       subject=CONV_LR_SCALE_BN098, configs=configs, scale=100.0)
 
 
 def relative_step_all(step: Curves, labels=None, levels: Optional[Levels] = None,
@@ -352,24 +354,24 @@ def relative_step_all(step: Curves, labels=None, levels: Optional[Levels] = None
                       level_label: Optional[str] = None) -> Optional[Figure]:
     """Gradient scaling reproduces the baseline's relative step size (levels, log_y,
     level_label: as `relative_step`)."""
-    return _runs_figure("relative_step_all", step, _post_three_and_extras(step),
-                        "Relative step size of conv layers, with gradient scaling", RELATIVE_STEP,
-                        labels, log_y=log_y, start_epoch=1, levels=levels,
-                        subject=CONV_LR_SCALE, configs=configs, level_label=level_label)
+    return runs_figure("relative_step_all", step, _post_three_and_extras(step),
+                       "Relative step size of conv layers, with gradient scaling", RELATIVE_STEP,
+                       labels, log_y=log_y, start_epoch=1, levels=levels,
+                       subject=CONV_LR_SCALE, configs=configs, level_label=level_label)
 
 
 def conv_sqsum_log(sqsum: Curves, labels=None, configs=None) -> Optional[Figure]:
     """On a log scale: under gradient scaling the weights grow exponentially."""
-    return _runs_figure("conv_sqsum_log", sqsum, _post_three_and_extras(sqsum),
-                        "Sum of squared conv weights (log scale)", CONV_SQSUM,
-                        labels, log_y=True, subject=CONV_LR_SCALE, configs=configs)
+    return runs_figure("conv_sqsum_log", sqsum, _post_three_and_extras(sqsum),
+                       "Sum of squared conv weights (log scale)", CONV_SQSUM,
+                       labels, log_y=True, subject=CONV_LR_SCALE, configs=configs)
 
 
 def test_accuracy_all(accuracy: Curves, labels=None, configs=None) -> Optional[Figure]:
     """Not in the post: every run's test accuracy, so extra runs are seen too."""
-    return _runs_figure("test_accuracy_all", accuracy, ordered_names(accuracy),
-                        "Test accuracy, all runs", TEST_ACCURACY, labels,
-                        configs=configs, scale=100.0)
+    return runs_figure("test_accuracy_all", accuracy, ordered_names(accuracy),
+                       "Test accuracy, all runs", TEST_ACCURACY, labels,
+                       configs=configs, scale=100.0)
 
 
 # File name -> (function, tag it plots, event sub-folder of that tag).

@@ -9,16 +9,14 @@ with a min-max band, against the flag's value, with a table of the same numbers
 tables of each point into `figures/<point>/`.
 """
 
-import csv
 import os
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis import figures, output
+from analysis import figures, loading, output
 from resnet_cifar import events, tags
-from resnet_cifar.atomic import atomic_open
 from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
@@ -124,6 +122,20 @@ def to_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def csv_rows(rows: Sequence[dict], flags: Sequence[str]) -> List[dict]:
+    """grid.csv's rows: each grid flag's value (empty where a point has none), then the run
+    and its final test accuracy, unrounded."""
+    out = []
+    for r in rows:
+        point = dict(r["point"])
+        cells = {flag: point.get(flag, "") for flag in flags}
+        cells.update(run=r["run"], seeds=r["seeds"], test_accuracy_mean=repr(r["mean"]),
+                     test_accuracy_std=repr(r["std"]), min=repr(r["min"]), max=repr(r["max"]),
+                     complete=r["complete"])
+        out.append(cells)
+    return out
+
+
 def write(loaded: Mapping[Point, Mapping[str, Sequence[events.Run]]], out_dir: str, save) -> List[str]:
     """grid.md, grid.csv and grid_test_accuracy[_<flag>].png/svg; `save(fig, out_dir, name)`."""
     rows = table(loaded)
@@ -135,20 +147,7 @@ def write(loaded: Mapping[Point, Mapping[str, Sequence[events.Run]]], out_dir: s
     for flag in flags:
         name = "grid_test_accuracy" if len(flags) == 1 else f"grid_test_accuracy_{flag}"
         written += save(accuracy_figure(rows, flag), out_dir, name)
-    path = os.path.join(out_dir, "grid.md")
-    with atomic_open(path) as f:
-        f.write(to_markdown(rows))
-    written.append(path)
-    path = os.path.join(out_dir, "grid.csv")
-    with atomic_open(path) as f:
-        w = csv.writer(f)
-        w.writerow(flags + ["run", "seeds", "test_accuracy_mean", "test_accuracy_std", "min", "max", "complete"])
-        for r in rows:
-            point = dict(r["point"])
-            w.writerow([point.get(flag, "") for flag in flags]
-                       + [r["run"], r["seeds"]] + [repr(r[k]) for k in ("mean", "std", "min", "max")]
-                       + [r["complete"]])
-    written.append(path)
+    written += output.write_table(out_dir, "grid", to_markdown(rows), csv_rows(rows, flags))
     return written
 
 
@@ -156,8 +155,6 @@ def main(argv=None) -> int:
     """`python -m analysis.grid RESULTS [--out DIR]`: the grid figure and table alone
     (`analysis.make_figures` draws them too, with every point's own figures)."""
     import sys
-
-    from analysis import make_figures
 
     parser = ArgumentParser(
         prog="python -m analysis.grid",
@@ -179,7 +176,7 @@ def main(argv=None) -> int:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         return fail(f"--out={out_dir} is a file, not a folder", 2)
     try:
-        loaded = {point: make_figures.load_results(events.find_runs(os.path.join(args.results_dir, folder)))
+        loaded = {point: loading.load_results(events.find_runs(os.path.join(args.results_dir, folder)))
                   for folder, point in find_points(args.results_dir).items()}
     except events.EventsError as e:
         return fail(str(e), 2)

@@ -25,45 +25,13 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import angular, figures, grid, output, precise_bn, replay_match, summary, theory
+from analysis import (angular, figures, grid, loading, output, precise_bn, predictions, replay_match, summary,
+                      theory)
 from resnet_cifar import events, tags
-from resnet_cifar import runs as run_registry
 from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser
 
 EXIT_NO_RUNS = 2
-
-
-def load_results(runs: Dict[str, List[str]], data_name: str = "") -> Dict[str, List[events.Run]]:
-    """Read every run folder once; an unreadable one is skipped with a note. `data_name`,
-    if given, names the data in every figure's subtitle (figures.DATA_NAME)."""
-    loaded = {}
-    for name, run_dirs in runs.items():
-        for run_dir in run_dirs:
-            try:
-                run = events.load_run(run_dir)
-            except events.EventsError as e:
-                figures.note(f"skipped {run_dir}: {e}")
-                continue
-            for damage in run.damaged:
-                figures.note(f"damaged event file {damage}; read up to the damage, run marked incomplete")
-            if data_name:
-                run.config = dict(run.config, **{figures.DATA_NAME: data_name})
-            loaded.setdefault(name, []).append(run)
-    return recognise(loaded)
-
-
-def recognise(loaded: Dict[str, List[events.Run]]) -> Dict[str, List[events.Run]]:
-    """Folders not named after a run (runs/a, runs/b) take the name of the run their
-    run_config.json describes (`runs.name_of`), when no other folder has that name."""
-    out = {}
-    for name, seeds in loaded.items():
-        guess = None if name in run_registry.LABELS else run_registry.name_of(seeds[0].config)
-        if guess and guess not in loaded and guess not in out:
-            figures.note(f"{name}: recognised as {figures.label_of(guess)} ({guess}) by its run_config.json")
-            name = guess
-        out[name] = seeds
-    return out
 
 
 def curves(loaded: Dict[str, List[events.Run]], tag: str, subdir: str) -> figures.Curves:
@@ -89,31 +57,27 @@ def legend_labels(loaded: Dict[str, List[events.Run]]) -> Dict[str, str]:
             for name, seeds in loaded.items()}
 
 
-def save(fig, out_dir: str, name: str) -> List[str]:
-    return output.save_figure(fig, out_dir, name)
-
-
 def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
     """Every figure that has data, in every format, plus the summary, theory and
     replay-match tables; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     labels = legend_labels(loaded)
-    levels = theory.baseline_segments(loaded)
-    level_label = theory.baseline_level_label(loaded)
+    levels = predictions.baseline_segments(loaded)
+    level_label = predictions.baseline_level_label(loaded)
     configs = run_configs(loaded)
     written = []
     for fig_name, (make, tag, subdir) in figures.FIGURES.items():
         extra = dict(levels=levels, log_y=True, level_label=level_label) if fig_name in figures.LEVEL_FIGURES else {}
         fig = make(curves(loaded, tag, subdir), labels=labels, configs=configs, **extra)
         if fig is not None:
-            written += save(fig, out_dir, fig_name)
+            written += output.save_figure(fig, out_dir, fig_name)
     fig = angular.angular_update(curves(loaded, angular.TAG, tags.TRAIN_DIR), labels, levels,
                                  level_label, configs)
     if fig is not None:
-        written += save(fig, out_dir, "angular_update")
+        written += output.save_figure(fig, out_dir, "angular_update")
     fig = replay_match.replay_match_figure(loaded, labels)
     if fig is not None:
-        written += save(fig, out_dir, "replay_match")
+        written += output.save_figure(fig, out_dir, "replay_match")
     written += replay_match.write(loaded, out_dir)
     written += summary.write_summary(summary.summarize(loaded), out_dir)
     written += theory.write_theory(loaded, out_dir)
@@ -151,7 +115,7 @@ def main(argv=None) -> int:
     if not runs:
         return fail(f"no runs in {args.results_dir} (no run_config.json in it, "
                     f"its <name>/ or <name>/seed_<k>/ folders)", EXIT_NO_RUNS)
-    loaded = load_results(runs, args.data_name)
+    loaded = loading.load_results(runs, args.data_name)
     if not loaded:
         return fail(f"no readable runs in {args.results_dir}", EXIT_NO_RUNS)
 
@@ -173,7 +137,7 @@ def grid_main(results_dir: str, points, out, fail, data_name: str = "") -> int:
     loaded_points, written = {}, []
     try:
         for folder, point in points.items():
-            loaded = load_results(events.find_runs(os.path.join(results_dir, folder)), data_name)
+            loaded = loading.load_results(events.find_runs(os.path.join(results_dir, folder)), data_name)
             if not loaded:
                 figures.note(f"skipped grid point {folder}: no readable runs")
                 continue
@@ -181,7 +145,7 @@ def grid_main(results_dir: str, points, out, fail, data_name: str = "") -> int:
             written += write_all(loaded, os.path.join(out_dir, folder))
         if not loaded_points:
             return fail(f"no readable runs in the grid points of {results_dir}", EXIT_NO_RUNS)
-        written += grid.write(loaded_points, out_dir, save)
+        written += grid.write(loaded_points, out_dir, output.save_figure)
     except OSError as e:
         return fail(f"cannot write to {out_dir}: {e}", 1)
     for path in written:

@@ -79,14 +79,14 @@ def replay_match_figure(loaded, labels=None) -> Optional[Figure]:
         return None
     configs = {name: [run.config for run in seeds] for name, seeds in loaded.items()}
     seeds = {name: [None] * len(pair_with_baseline(loaded, name)) for name in names}
-    fig, ax = figures._new_figure("Relative step / the baseline's (line: mean; band: layers)",
-                                  "relative step / baseline's, same epoch",
-                                  figures.subtitle(names, seeds, configs))
+    fig, ax = figures.new_figure("Relative step / the baseline's (line: mean; band: layers)",
+                                 "relative step / baseline's, same epoch",
+                                 figures.subtitle(names, seeds, configs))
     for name in names:
         results = [m for m in (match(r, b) for r, b in pair_with_baseline(loaded, name)) if m]
         if not results:
             continue
-        color = figures._color_of(name)
+        color = figures.color_of(name)
         epochs = results[0]["epochs"]
         results = [m for m in results if np.array_equal(m["epochs"], epochs)]
         mean = np.mean([m["mean"] for m in results], axis=0)
@@ -97,7 +97,7 @@ def replay_match_figure(loaded, labels=None) -> Optional[Figure]:
         ax.plot(epochs, mean, color=color, label=figures.label_of(name, labels), linewidth=1.2)
     for y in (1 - TOLERANCE, 1.0, 1 + TOLERANCE):
         ax.axhline(y, color="black", linewidth=0.8, linestyle="-" if y == 1.0 else ":")
-    figures._draw_boundaries(ax, figures.boundaries(names, configs), upto=ax.dataLim.x1)
+    figures.draw_boundaries(ax, figures.boundaries(names, configs), upto=ax.dataLim.x1)
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()

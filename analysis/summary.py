@@ -8,7 +8,6 @@ Unfinished runs, and runs with a damaged event file, are summarised from what
 they logged and marked incomplete.
 """
 
-import csv
 import dataclasses
 import math
 import os
@@ -16,7 +15,7 @@ from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from analysis import precise_bn
+from analysis import output, precise_bn
 from analysis.figures import label_of, ordered_names
 from resnet_cifar import events, fidelity, tags
 from resnet_cifar import runs as run_registry
@@ -204,29 +203,24 @@ def _csv_number(x: float) -> str:
     return "" if math.isnan(x) else repr(x)
 
 
-def write_csv(rows: Sequence[Row], path: str) -> None:
-    """Unrounded numbers, one row per run name; empty cells where there is no value."""
-    with atomic_open(path) as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_FIELDS)
-        for r in rows:
-            cells = [r.name, r.label, r.seeds, r.complete_seeds, "yes" if r.complete else "no",
-                     r.damaged_seeds,
-                     min(r.epochs), max(r.epochs), "" if r.train_epochs is None else r.train_epochs]
-            for values in (r.test_accuracy, r.train_loss, r.loss_gap, r.precise_accuracy, r.conv_sqsum):
-                cells += [_csv_number(x) for x in mean_std(values)]
-            writer.writerow(cells)
+def csv_rows(rows: Sequence[Row]) -> List[dict]:
+    """summary.csv's rows (CSV_FIELDS): unrounded numbers, one row per run name; empty cells
+    where there is no value."""
+    out = []
+    for r in rows:
+        cells = [r.name, r.label, r.seeds, r.complete_seeds, "yes" if r.complete else "no",
+                 r.damaged_seeds,
+                 min(r.epochs), max(r.epochs), "" if r.train_epochs is None else r.train_epochs]
+        for values in (r.test_accuracy, r.train_loss, r.loss_gap, r.precise_accuracy, r.conv_sqsum):
+            cells += [_csv_number(x) for x in mean_std(values)]
+        out.append(dict(zip(CSV_FIELDS, cells)))
+    return out
 
 
 def write_summary(rows: Sequence[Row], out_dir: str) -> List[str]:
     """summary.md and summary.csv in `out_dir`, and post.md (the post beside these runs) when
     they are the post's 150-epoch runs; returns their paths."""
-    md_path = os.path.join(out_dir, "summary.md")
-    csv_path = os.path.join(out_dir, "summary.csv")
-    with atomic_open(md_path) as f:
-        f.write(to_markdown(rows))
-    write_csv(rows, csv_path)
-    paths = [md_path, csv_path]
+    paths = output.write_table(out_dir, "summary", to_markdown(rows), csv_rows(rows), CSV_FIELDS)
     if is_post_schedule(rows):
         paths.append(os.path.join(out_dir, "post.md"))
         with atomic_open(paths[-1]) as f:

@@ -12,7 +12,7 @@ import pytest
 
 import tensorflow as tf
 
-from analysis import angular, figures, make_figures, summary
+from analysis import angular, figures, loading, make_figures, summary
 from resnet_cifar import events, fidelity, tags
 from tests.helpers import f32, hand_piecewise, python, write_events, write_run
 
@@ -362,7 +362,7 @@ def test_events_skip_the_custom_scalars_layout(tmp_path):
 
 def test_summary_values_match_hand_computation(results):
     root, logs = results
-    loaded = make_figures.load_results(events.find_runs(root))
+    loaded = loading.load_results(events.find_runs(root))
     rows = {r.name: r for r in summary.summarize(loaded)}
     assert list(rows) == ALL_NAMES                 # the post's order, extras after
 
@@ -400,7 +400,7 @@ def test_summary_adds_recomputed_bn_accuracy_where_evaluated(tmp_path):
                 epoch = EPOCHS if name == figures.BASELINE else EPOCHS - 1   # NoConvL2: stale
                 with open(os.path.join(run, precise_bn.RESULT_FILE), "w") as f:
                     json.dump(dict(epoch=epoch, train_epochs=EPOCHS, precise_bn=value), f)
-    rows = {r.name: r for r in summary.summarize(make_figures.load_results(events.find_runs(str(tmp_path))))}
+    rows = {r.name: r for r in summary.summarize(loading.load_results(events.find_runs(str(tmp_path))))}
     assert rows[figures.BASELINE].precise_accuracy == [0.70, 0.74]
     assert all(np.isnan(rows[figures.NOCONV_L2].precise_accuracy))
     markdown = summary.to_markdown(rows.values())
@@ -412,7 +412,7 @@ def test_summary_adds_recomputed_bn_accuracy_where_evaluated(tmp_path):
 
 def test_summary_marks_incomplete_runs(results):
     root, _ = results
-    rows = {r.name: r for r in summary.summarize(make_figures.load_results(events.find_runs(root)))}
+    rows = {r.name: r for r in summary.summarize(loading.load_results(events.find_runs(root)))}
     bn = rows[figures.CONV_LR_SCALE_BN098]
     assert not bn.complete and bn.epochs == [4] and bn.train_epochs == EPOCHS
     assert rows[figures.BASELINE].complete

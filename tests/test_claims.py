@@ -176,11 +176,11 @@ def test_the_fidelity_doc_lists_the_claims():
 def test_post_table_sets_the_posts_words_beside_the_runs_final_numbers(tmp_path):
     """analysis.make_figures writes post.md for the post's 150-epoch runs: each run's last logged
     values (by hand from the fabricated levels and zigzags) beside what the post says."""
-    from analysis import make_figures, summary
+    from analysis import loading, summary
     from resnet_cifar import events
 
     root = make_results(str(tmp_path / "post"))
-    rows = summary.summarize(make_figures.load_results(events.find_runs(root)))
+    rows = summary.summarize(loading.load_results(events.find_runs(root)))
     assert summary.is_post_schedule(rows)
     table = summary.to_post_markdown(rows)
     last = EPOCHS                                              # zigzag sign at the last epoch / index
@@ -209,7 +209,7 @@ def test_post_table_sets_the_posts_words_beside_the_runs_final_numbers(tmp_path)
     make_results(str(quick), epochs={n: 20 for n in LEVELS})
     for config in quick.glob("*/seed_0/run_config.json"):
         config.write_text(json.dumps({"config": {"train_epochs": 20, "seed": 0}}))
-    rows = summary.summarize(make_figures.load_results(events.find_runs(str(quick))))
+    rows = summary.summarize(loading.load_results(events.find_runs(str(quick))))
     assert not summary.is_post_schedule(rows)
     (out / "q").mkdir()
     assert not any(p.endswith("post.md") for p in summary.write_summary(rows, str(out / "q")))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from analysis import make_figures, replay_match
+from analysis import loading, make_figures, replay_match
 from resnet_cifar import events, tags
 from tests.helpers import write_run
 
@@ -41,7 +41,7 @@ def fabricate(tmp_path, old_baseline=False):
     # NoConvL2 does not scale gradients: not in the comparison.
     write_run(str(tmp_path / "noconv_l2" / "seed_0"), run_logs(base_rel / 3, base_layers, np.full(5, 5e3)),
               config={"conv_grad_scale": False}, done=True, epochs=RUN_EPOCHS)
-    return make_figures.load_results(events.find_runs(str(tmp_path)))
+    return loading.load_results(events.find_runs(str(tmp_path)))
 
 
 @pytest.mark.parametrize("old_baseline", [False, True], ids=["per_layer_names", "earlier_names"])
@@ -81,7 +81,7 @@ def test_two_baseline_seeds_give_a_noise_floor_row(tmp_path):
     layers = [rel * k * 1.1 for k in (0.5, 1.0, 2.0)]          # seed 1: every layer 10% higher
     write_run(str(tmp_path / "baseline" / "seed_1"), run_logs(rel * 1.1, layers, np.full(5, 990.0)),
               config={"conv_grad_scale": False}, done=True, epochs=RUN_EPOCHS)
-    loaded = make_figures.load_results(events.find_runs(str(tmp_path)))
+    loaded = loading.load_results(events.find_runs(str(tmp_path)))
     table = {r["run"]: r for r in replay_match.rows(loaded)}
     floor = table[replay_match.NOISE_FLOOR]
     assert abs(floor["mean_step_max_dev"] - 0.1) < 1e-5 and abs(floor["layer_max_dev"] - 0.1) < 1e-5

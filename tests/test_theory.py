@@ -1,6 +1,8 @@
-"""Tests of the theory overlay (analysis/theory.py): the equilibrium formula against a
-simulation, phases and predictions of a config, late-phase measurements of fabricated
-event logs, the dashed level lines of the figures and the theory tables of the CLI.
+"""Tests of the theory overlay: the equilibrium formula against a simulation
+(analysis/equilibrium.py), phases and predictions of a config (analysis/predictions.py),
+the growth law without decay (analysis/growth.py), late-phase measurements of fabricated
+event logs and the theory tables of the CLI (analysis/theory.py), and the dashed level
+lines of the figures.
 
 Fast: the simulation is a NumPy toy (a few thousand steps in R^1000), runs are
 fabricated with tf.summary, nothing is trained.
@@ -14,7 +16,7 @@ import os
 import numpy as np
 import pytest
 
-from analysis import figures, make_figures, theory
+from analysis import equilibrium, figures, growth, loading, make_figures, predictions, theory
 from resnet_cifar import events, tags
 from tests.helpers import f32, write_events
 
@@ -51,14 +53,14 @@ def simulate(lr, wd, momentum, steps, d=1000, norm0=1.0, seed=0, chunk=1000):
 @pytest.mark.parametrize("lr, wd, momentum", [(0.1, 5e-3, 0.0), (0.1, 5e-3, 0.5),
                                               (0.1, 5e-3, 0.9), (0.1, 1e-3, 0.9)])
 def test_equilibrium_relative_step_matches_simulation(lr, wd, momentum):
-    tau = theory.equilibrium_time_constant(lr, wd, momentum)
+    tau = equilibrium.equilibrium_time_constant(lr, wd, momentum)
     # From a norm far from equilibrium, 5 τ to settle, then 2,000 steps (≥ 2 τ) measured.
     settle = int(5 * tau)
     measure = int(max(2000, 2 * tau))
     rel, _ = simulate(lr, wd, momentum, settle + measure)
 
     measured = rel[settle:].mean()
-    predicted = theory.equilibrium_relative_step(lr, wd, momentum)
+    predicted = equilibrium.equilibrium_relative_step(lr, wd, momentum)
     print(f"lr={lr} wd={wd} m={momentum}: measured {measured:.5g}, formula {predicted:.5g}, "
           f"ratio {measured / predicted:.4f}")
     assert measured == pytest.approx(predicted, rel=0.03)
@@ -71,7 +73,7 @@ def test_norm_relaxes_with_time_constant_one_minus_m_over_2_lr_wd(momentum):
     """Far above equilibrium ||w||² decays as exp(-t/τ), τ = (1-m)/(2·lr·wd): momentum
     shortens the plain-SGD time 1/(2·lr·wd) by (1-m)."""
     lr, wd, d = 0.1, 1e-3, 1000
-    tau = theory.equilibrium_time_constant(lr, wd, momentum)
+    tau = equilibrium.equilibrium_time_constant(lr, wd, momentum)
     assert tau == pytest.approx((1 - momentum) / (2 * lr * wd))
     eq_sqnorm = math.sqrt(lr * (d - 1) / (2 * wd * (1 - momentum)))  # ||w||⁴ = lr·||g||²||w||²/(2wd(1-m))
     _, sqnorm = simulate(lr, wd, momentum, int(tau), d=d, norm0=10 * math.sqrt(eq_sqnorm))
@@ -82,10 +84,10 @@ def test_norm_relaxes_with_time_constant_one_minus_m_over_2_lr_wd(momentum):
 
 
 def test_time_constant_numbers():
-    assert theory.equilibrium_time_constant(0.1, 2e-4, 0.9) == pytest.approx(2_500)
-    assert theory.equilibrium_time_constant(0.01, 2e-4, 0.9) == pytest.approx(25_000)
-    assert theory.equilibrium_time_constant(0.1, 2e-4, 0.0) == pytest.approx(25_000)
-    assert theory.equilibrium_time_constant(0.1, 0.0, 0.9) == math.inf
+    assert equilibrium.equilibrium_time_constant(0.1, 2e-4, 0.9) == pytest.approx(2_500)
+    assert equilibrium.equilibrium_time_constant(0.01, 2e-4, 0.9) == pytest.approx(25_000)
+    assert equilibrium.equilibrium_time_constant(0.1, 2e-4, 0.0) == pytest.approx(25_000)
+    assert equilibrium.equilibrium_time_constant(0.1, 0.0, 0.9) == math.inf
 
 
 # --- phases and predictions of a config ------------------------------------------------
@@ -95,19 +97,19 @@ POST_CONFIG = {"batch_size": 128, "boundary_epochs": [50.0, 100.0], "decay_rates
 
 
 def test_phases_and_predicted_levels_by_hand():
-    np.testing.assert_allclose(theory.phases(POST_CONFIG),
+    np.testing.assert_allclose(predictions.phases(POST_CONFIG),
                                [(0.0, 50.0, 0.1), (50.0, 100.0, 0.01), (100.0, 150.0, 0.001)], rtol=1e-12)
-    levels = theory.predicted_levels(POST_CONFIG)
+    levels = predictions.predicted_levels(POST_CONFIG)
     # sqrt(2 * lr * 2e-4 / 1.9)
     np.testing.assert_allclose([lv.predicted for lv in levels], [4.588e-3, 1.451e-3, 4.588e-4],
                                rtol=1e-3)
-    assert [lv[:3] for lv in levels] == theory.phases(POST_CONFIG)
-    assert theory.level_segments(POST_CONFIG) == [(lv.start, lv.end, lv.predicted) for lv in levels]
+    assert [lv[:3] for lv in levels] == predictions.phases(POST_CONFIG)
+    assert predictions.level_segments(POST_CONFIG) == [(lv.start, lv.end, lv.predicted) for lv in levels]
 
     # Batch 256: lr 0.2 · rates; a run cut at 75 epochs has two phases.
     big = dict(POST_CONFIG, batch_size=256, train_epochs=75)
-    np.testing.assert_allclose(theory.phases(big), [(0.0, 50.0, 0.2), (50.0, 75.0, 0.02)], rtol=1e-12)
-    assert theory.predicted_levels(big)[0].predicted == pytest.approx(math.sqrt(2 * 0.2 * 2e-4 / 1.9))
+    np.testing.assert_allclose(predictions.phases(big), [(0.0, 50.0, 0.2), (50.0, 75.0, 0.02)], rtol=1e-12)
+    assert predictions.predicted_levels(big)[0].predicted == pytest.approx(math.sqrt(2 * 0.2 * 2e-4 / 1.9))
 
 
 def test_predictions_per_kind_of_run():
@@ -115,27 +117,27 @@ def test_predictions_per_kind_of_run():
     scaled = dict(noconv, conv_grad_scale=True, conv_lr_factor="replay")
     both = dict(POST_CONFIG, conv_grad_scale=True)
     no_wd = dict(POST_CONFIG, weight_decay=0.0)
-    baseline = [lv.predicted for lv in theory.predicted_levels(POST_CONFIG)]
-    assert [lv.predicted for lv in theory.predicted_levels(noconv)] == [None] * 3
-    assert [lv.predicted for lv in theory.predicted_levels(scaled)] == baseline
-    assert [lv.predicted for lv in theory.predicted_levels(both)] == [None] * 3
-    assert [lv.predicted for lv in theory.predicted_levels(no_wd)] == [None] * 3
-    assert theory.level_segments(noconv) == []
+    baseline = [lv.predicted for lv in predictions.predicted_levels(POST_CONFIG)]
+    assert [lv.predicted for lv in predictions.predicted_levels(noconv)] == [None] * 3
+    assert [lv.predicted for lv in predictions.predicted_levels(scaled)] == baseline
+    assert [lv.predicted for lv in predictions.predicted_levels(both)] == [None] * 3
+    assert [lv.predicted for lv in predictions.predicted_levels(no_wd)] == [None] * 3
+    assert predictions.level_segments(noconv) == []
     # Missing keys: the training defaults (the post's schedule), cut at train_epochs.
-    assert theory.phases({"train_epochs": 6}) == [(0.0, 6.0, 0.1)]
+    assert predictions.phases({"train_epochs": 6}) == [(0.0, 6.0, 0.1)]
 
 
 def test_phase_epochs_and_late_windows():
     # Logged epoch e is the mean over [e-1, e): a phase [s, t) holds epochs s+1..t.
-    assert theory.phase_epochs(theory.Phase(0.0, 50.0, 0.1)) == (1, 50)
-    assert theory.phase_epochs(theory.Phase(50.0, 100.0, 0.01)) == (51, 100)
-    assert theory.late_window(theory.Phase(0.0, 50.0, 0.1)) == (41, 50)
-    assert theory.late_window(theory.Phase(4.0, 6.0, 0.1)) == (6, 6)      # at least one epoch
-    assert theory.late_window(theory.Phase(0.0, 10.0, 0.1), 0.5) == (6, 10)
+    assert predictions.phase_epochs(predictions.Phase(0.0, 50.0, 0.1)) == (1, 50)
+    assert predictions.phase_epochs(predictions.Phase(50.0, 100.0, 0.01)) == (51, 100)
+    assert theory.late_window(predictions.Phase(0.0, 50.0, 0.1)) == (41, 50)
+    assert theory.late_window(predictions.Phase(4.0, 6.0, 0.1)) == (6, 6)      # at least one epoch
+    assert theory.late_window(predictions.Phase(0.0, 10.0, 0.1), 0.5) == (6, 10)
     # Fractional boundary: epoch 3 straddles 2.5 and belongs to neither phase.
-    assert theory.phase_epochs(theory.Phase(0.0, 2.5, 0.1)) == (1, 2)
-    assert theory.phase_epochs(theory.Phase(2.5, 6.0, 0.01)) == (4, 6)
-    assert theory.phase_epochs(theory.Phase(2.2, 2.7, 0.01)) == (3, 3)   # shorter than an epoch
+    assert predictions.phase_epochs(predictions.Phase(0.0, 2.5, 0.1)) == (1, 2)
+    assert predictions.phase_epochs(predictions.Phase(2.5, 6.0, 0.01)) == (4, 6)
+    assert predictions.phase_epochs(predictions.Phase(2.2, 2.7, 0.01)) == (3, 3)   # shorter than an epoch
 
 
 # --- late-phase measurements of fabricated logs ------------------------------------------
@@ -214,7 +216,7 @@ def test_relative_step_figures_show_the_predicted_levels(make):
     data = {figures.BASELINE: [(steps, np.full(150, 3e-3))],
             figures.NOCONV_L2: [(steps, np.full(150, 1e-3))],
             figures.CONV_LR_SCALE: [(steps, np.full(150, 2e-3))]}
-    levels = theory.level_segments(POST_CONFIG)
+    levels = predictions.level_segments(POST_CONFIG)
 
     ax = make(data, levels=levels, log_y=True).axes[0]
 
@@ -238,7 +240,7 @@ def test_relative_step_figures_show_the_predicted_levels(make):
 def test_levels_without_prediction_are_skipped():
     steps = np.arange(1, 7)
     data = {figures.BASELINE: [(steps, np.full(6, 3e-3))], figures.NOCONV_L2: [(steps, np.full(6, 1e-3))]}
-    noconv = theory.predicted_levels(dict(POST_CONFIG, conv_l2=False, train_epochs=6))
+    noconv = predictions.predicted_levels(dict(POST_CONFIG, conv_l2=False, train_epochs=6))
     ax = figures.relative_step(data, levels=noconv).axes[0]
     assert len(ax.lines) == 2 and not ax.collections and ax.get_yscale() == "linear"
 
@@ -341,13 +343,13 @@ def test_steps_per_epoch_is_what_the_run_recorded_not_50000_over_the_batch(tmp_p
     config = {"batch_size": 128, "steps_per_epoch": None}
     (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "steps_per_epoch": 7,
                                                             "num_train_images": 1000}))
-    assert theory.steps_per_epoch(config, str(tmp_path)) == 7
+    assert predictions.steps_per_epoch(config, str(tmp_path)) == 7
     # Only the training-set size recorded: size // batch, as training computes it.
     (tmp_path / tags.RUN_CONFIG_FILE).write_text(json.dumps({"config": config, "num_train_images": 1000}))
-    assert theory.steps_per_epoch(config, str(tmp_path)) == 7            # 1000 // 128
-    assert theory.steps_per_epoch(dict(config, batch_size=100), str(tmp_path)) == 10
-    assert theory.steps_per_epoch(dict(config, steps_per_epoch=160)) == 160
-    assert theory.steps_per_epoch(config) is None                     # nothing recorded: unknown
+    assert predictions.steps_per_epoch(config, str(tmp_path)) == 7            # 1000 // 128
+    assert predictions.steps_per_epoch(dict(config, batch_size=100), str(tmp_path)) == 10
+    assert predictions.steps_per_epoch(dict(config, steps_per_epoch=160)) == 160
+    assert predictions.steps_per_epoch(config) is None                     # nothing recorded: unknown
 
 
 def test_a_run_without_recorded_steps_per_epoch_says_so(tmp_path):
@@ -384,10 +386,13 @@ def test_theory_tables_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     out.mkdir()
     (out / "theory.csv").write_text("old\n")
 
-    def fail(_):
-        raise OSError("disk full")
+    class Unwritable:
+        """A cell the CSV writer cannot turn into text: writing theory.csv fails at its first row."""
 
-    monkeypatch.setattr(theory, "_num", fail)
+        def __str__(self):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(theory, "csv_number", lambda _: Unwritable())
     with pytest.raises(OSError, match="disk full"):
         theory.write_theory({figures.BASELINE: [run]}, str(out))
     assert (out / "theory.csv").read_text() == "old\n"
@@ -423,9 +428,9 @@ def test_cli_says_there_is_no_theory_for_an_unknown_optimizer(tmp_path):
 
     svg = (out / "relative_step.svg").read_text()
     assert "no theory for optimizer" in svg and figures.LEVEL_LABEL not in svg
-    loaded = make_figures.load_results(events.find_runs(str(root)))
-    assert theory.baseline_segments(loaded) == []
-    label = theory.baseline_level_label(loaded)
+    loaded = loading.load_results(events.find_runs(str(root)))
+    assert predictions.baseline_segments(loaded) == []
+    label = predictions.baseline_level_label(loaded)
     assert label == "no predicted level: no theory for optimizer 'sgd'"
     steps = np.arange(1, 11)
     data = {figures.BASELINE: [(steps, np.full(10, 3e-3))], figures.NOCONV_L2: [(steps, np.full(10, 1e-3))]}
@@ -478,7 +483,7 @@ def test_free_growth_law_holds_whatever_the_gradients(lr, momentum, correlation,
     print(f"m={momentum} rho={correlation} varying={varying}: gain {gain:.5g}, "
           f"(1+m)/(1-m)·Σ||dw||² {(1 + momentum) / (1 - momentum) * steps_sq:.5g}")
     assert gain > 0.02 * sqnorm[0]
-    assert gain == pytest.approx(theory.growth_per_step(momentum) * steps_sq, rel=5e-3)
+    assert gain == pytest.approx(growth.growth_per_step(momentum) * steps_sq, rel=5e-3)
     if momentum:   # the momentum factor is needed: plain SGD's 1 per ||dw||² is far off
         assert gain / steps_sq > 2
 
@@ -489,19 +494,19 @@ def test_epoch_wise_prediction_matches_simulation(lr, momentum, correlation):
     """Without decay ||w||² gains (1+m)/(1-m)·||dw||² per step, whatever the correlation of
     successive gradients: predicted per 'epoch' of 400 steps from the squared norm at its
     start and its mean relative step, as the table does from logged values."""
-    assert theory.growth_per_step(momentum) == pytest.approx((1 + momentum) / (1 - momentum))
+    assert growth.growth_per_step(momentum) == pytest.approx((1 + momentum) / (1 - momentum))
     epoch, epochs = 400, 10
     rel, sqnorm = simulate_free_growth(lr, momentum, epoch * epochs, correlation)
 
     measured = sqnorm[-1] - sqnorm[0]
-    predicted = sum(theory.predicted_growth({"w": sqnorm[e * epoch]}, {"w": rel[e * epoch:(e + 1) * epoch].mean()},
+    predicted = sum(growth.predicted_growth({"w": sqnorm[e * epoch]}, {"w": rel[e * epoch:(e + 1) * epoch].mean()},
                                             epoch, momentum) for e in range(epochs))
     print(f"m={momentum} rho={correlation}: ||w||² {sqnorm[0]:.1f} -> {sqnorm[-1]:.1f}, gain measured "
           f"{measured:.4g}, predicted {predicted:.4g}, ratio {measured / predicted:.4f}")
     assert measured > 0.02 * sqnorm[0]            # a gain well above float noise
     assert measured == pytest.approx(predicted, rel=0.02)
     if momentum:   # the momentum factor is needed: plain SGD's 1 per ||dw||² is far off
-        plain = sum(theory.predicted_growth({"w": sqnorm[e * epoch]}, {"w": rel[e * epoch:(e + 1) * epoch].mean()},
+        plain = sum(growth.predicted_growth({"w": sqnorm[e * epoch]}, {"w": rel[e * epoch:(e + 1) * epoch].mean()},
                                             epoch, 0.0) for e in range(epochs))
         assert measured / plain > 2
 
@@ -553,7 +558,7 @@ def test_growth_rows_match_hand_computation(tmp_path):
             str(tmp_path / "a"), dict(SMALL_CONFIG, conv_l2=False, optimizer="adamw"), *noconv))],
     }
 
-    rows = theory.growth_rows(loaded)
+    rows = growth.growth_rows(loaded)
 
     # Phases 0-10, 10-15, 15-20: epochs 1-10, 11-15, 16-20; the unfinished run's 11-12.
     expected = [(figures.NOCONV_L2, 0, 1, 10, noconv, 195), (figures.NOCONV_L2, 1, 11, 15, noconv, 195),
@@ -567,7 +572,7 @@ def test_growth_rows_match_hand_computation(tmp_path):
         assert row.predicted == [pytest.approx(predicted, rel=1e-9)]
         assert row.ratios == [pytest.approx(measured / predicted, rel=1e-9)]
 
-    md = theory.growth_markdown(rows)
+    md = growth.growth_markdown(rows)
     assert md.count("| NoConvL2 |") == 3 and md.count("| ConvLRScale |") == 2
     assert f"{rows[0].measured[0] / rows[0].predicted[0]:.3f} |" in md and "19×" in md
 
@@ -579,7 +584,7 @@ def test_cli_writes_the_growth_table_only_for_runs_without_conv_decay(tmp_path):
     only_baseline = tmp_path / "figs0"
     assert make_figures.main([str(root), "--out", str(only_baseline)]) == 0
     assert "Conv weight growth" not in (only_baseline / "theory.md").read_text()
-    assert (only_baseline / "theory_growth.csv").read_text().strip() == ",".join(theory.GROWTH_FIELDS)
+    assert (only_baseline / "theory_growth.csv").read_text().strip() == ",".join(growth.GROWTH_FIELDS)
 
     noconv = fake_growth(rng, 10)
     write_growth_run(str(root / figures.NOCONV_L2 / "seed_0"), dict(CLI_CONFIG, conv_l2=False), *noconv)
@@ -618,7 +623,7 @@ def test_growth_rows_where_values_are_missing_and_without_decay(tmp_path):
             str(tmp_path / "w"), dict(SMALL_CONFIG, weight_decay=0.0), *no_wd))],
     }
 
-    rows = {(r.name, r.phase): r for r in theory.growth_rows(loaded)}
+    rows = {(r.name, r.phase): r for r in growth.growth_rows(loaded)}
 
     assert sorted(rows) == sorted([(figures.NOCONV_L2, 0), (figures.NOCONV_L2, 1), (figures.CONV_LR_SCALE, 0),
                                    (figures.CONV_LR_SCALE, 1), ("no_weight_decay", 0), ("no_weight_decay", 1)])
@@ -629,5 +634,5 @@ def test_growth_rows_where_values_are_missing_and_without_decay(tmp_path):
     assert rows[(figures.CONV_LR_SCALE, 1)].ratios == [pytest.approx(hand_growth(*holed, 11, 12, 195)[1]
                                                                      / hand_growth(*holed, 11, 12, 195)[2], rel=1e-9)]
     assert rows[("no_weight_decay", 0)].predicted == [pytest.approx(hand_growth(*no_wd, 1, 10, 195)[2], rel=1e-9)]
-    md = theory.growth_markdown(list(rows.values()))
+    md = growth.growth_markdown(list(rows.values()))
     assert "| n/a |" in md and "n/a: a layer's conv_sqsum or relative step is missing" in md

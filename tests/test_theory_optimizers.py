@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis import theory
+from analysis import equilibrium, predictions
 
 
 def simulate_adamw(lr, wd, steps, d=1000, norm0=None, b1=0.9, b2=0.999, eps=1e-7, seed=0):
@@ -37,11 +37,11 @@ def simulate_adamw(lr, wd, steps, d=1000, norm0=None, b1=0.9, b2=0.999, eps=1e-7
 @pytest.mark.parametrize("lr, wd", [(1e-3, 1.0), (2e-3, 0.25)])
 def test_adamw_equilibrium_angular_update_matches_simulation(lr, wd):
     d = 1000
-    tau = theory.adamw_time_constant(lr, wd)
+    tau = equilibrium.adamw_time_constant(lr, wd)
     settle, measure = int(4 * tau), 4000
     # Start 3x off the equilibrium norm, so that the relaxation is part of the test.
     angle, sq = simulate_adamw(lr, wd, settle + measure, d=d, norm0=math.sqrt(3 * lr * d / (2 * wd)))
-    predicted = theory.equilibrium_angular_update("adamw", lr, wd)
+    predicted = equilibrium.equilibrium_angular_update("adamw", lr, wd)
     measured = float(np.sqrt(np.mean(angle[settle:] ** 2)))
     assert measured == pytest.approx(predicted, rel=0.02)
     assert sq == pytest.approx(lr * d / (2 * wd), rel=0.1)       # equilibrium norm lr·C/(2·wd)
@@ -51,30 +51,30 @@ def test_adamw_equilibrium_angular_update_matches_simulation(lr, wd):
 
 def test_per_optimizer_predictions():
     lr, wd = 0.1, 2e-4
-    assert theory.equilibrium_angular_update("momentum", lr, wd) == pytest.approx(math.sqrt(2 * lr * wd / 1.9))
-    assert theory.equilibrium_angular_update("adam", 1e-3, wd) is None
-    assert theory.equilibrium_angular_update("adamw", 1e-3, 0.01) == pytest.approx(
+    assert equilibrium.equilibrium_angular_update("momentum", lr, wd) == pytest.approx(math.sqrt(2 * lr * wd / 1.9))
+    assert equilibrium.equilibrium_angular_update("adam", 1e-3, wd) is None
+    assert equilibrium.equilibrium_angular_update("adamw", 1e-3, 0.01) == pytest.approx(
         math.sqrt(2 * 1e-3 * 0.01 * 0.1 / 1.9))
-    assert theory.equilibrium_angular_update("adamw", 1e-3, 0.0) is None
+    assert equilibrium.equilibrium_angular_update("adamw", 1e-3, 0.0) is None
 
 
 def test_levels_of_adam_configs():
     base = {"batch_size": 128, "boundary_epochs": [2, 4], "decay_rates": [1, 0.1, 0.01],
             "train_epochs": 6, "weight_decay": 0.01, "conv_l2": True, "conv_grad_scale": False}
-    adamw = theory.predicted_levels(dict(base, optimizer="adamw"))
+    adamw = predictions.predicted_levels(dict(base, optimizer="adamw"))
     assert [lv.predicted for lv in adamw] == pytest.approx(
         [math.sqrt(2 * r * 0.01 * 0.1 / 1.9) for r in (1e-3, 1e-4, 1e-5)])
-    assert theory.prediction_basis(dict(base, optimizer="adam")).startswith("none")
-    assert all(lv.predicted is None for lv in theory.predicted_levels(dict(base, optimizer="adam")))
-    assert all(lv.predicted is None for lv in theory.predicted_levels(dict(base, optimizer="adamw", conv_l2=False)))
+    assert predictions.prediction_basis(dict(base, optimizer="adam")).startswith("none")
+    assert all(lv.predicted is None for lv in predictions.predicted_levels(dict(base, optimizer="adam")))
+    assert all(lv.predicted is None for lv in predictions.predicted_levels(dict(base, optimizer="adamw", conv_l2=False)))
     # Momentum configs (with or without the new key) are predicted as before.
-    old = theory.predicted_levels(base)
-    assert [lv.predicted for lv in old] == [lv.predicted for lv in theory.predicted_levels(dict(base, optimizer="momentum"))]
+    old = predictions.predicted_levels(base)
+    assert [lv.predicted for lv in old] == [lv.predicted for lv in predictions.predicted_levels(dict(base, optimizer="momentum"))]
     assert old[0].predicted == pytest.approx(math.sqrt(2 * 0.1 * 0.01 / 1.9))
 
 
 def test_angular_update_figure_draws_the_baselines_level(tmp_path):
-    from analysis import make_figures
+    from analysis import loading, make_figures
     from resnet_cifar import events, tags
     from tests.helpers import write_run
 
@@ -83,13 +83,13 @@ def test_angular_update_figure_draws_the_baselines_level(tmp_path):
               "weight_decay": 0.01, "conv_l2": True, "conv_grad_scale": False, "optimizer": "adamw"}
     write_run(str(tmp_path / "baseline"), {tags.CONV_ANGULAR_UPDATE: (e1, np.full(6, 1e-3))}, config=config,
               done=True, epochs=6)
-    paths = make_figures.write_all(make_figures.load_results(events.find_runs(str(tmp_path))), str(tmp_path / "f"))
+    paths = make_figures.write_all(loading.load_results(events.find_runs(str(tmp_path))), str(tmp_path / "f"))
     assert any(p.endswith("angular_update.png") for p in paths)
     from analysis import angular
 
-    levels = theory.baseline_segments(make_figures.load_results(events.find_runs(str(tmp_path))))
+    levels = predictions.baseline_segments(loading.load_results(events.find_runs(str(tmp_path))))
     fig = angular.angular_update(make_figures.curves(
-        make_figures.load_results(events.find_runs(str(tmp_path))), tags.CONV_ANGULAR_UPDATE, tags.TRAIN_DIR),
+        loading.load_results(events.find_runs(str(tmp_path))), tags.CONV_ANGULAR_UPDATE, tags.TRAIN_DIR),
         levels=levels)
     (levels_drawn,) = fig.axes[0].collections          # Axes.hlines, one segment per phase
     segments = levels_drawn.get_segments()
@@ -102,29 +102,29 @@ def test_angular_update_figure_draws_the_baselines_level(tmp_path):
 def test_an_optimizer_without_an_entry_gets_no_prediction_and_no_time_constant(optimizer):
     config = {"batch_size": 128, "boundary_epochs": [2], "decay_rates": [1, 0.1], "train_epochs": 4,
               "weight_decay": 2e-4, "conv_l2": True, "optimizer": optimizer}
-    assert theory.equilibrium_angular_update(optimizer, 0.1, 2e-4) is None
-    assert math.isnan(theory.time_constant(optimizer, 0.1, 2e-4))
-    assert theory.prediction_basis(config) == f"none: no theory for optimizer {optimizer!r}"
-    assert [lv.predicted for lv in theory.predicted_levels(config)] == [None, None]
-    assert theory.level_label(config) == f"no predicted level: no theory for optimizer {optimizer!r}"
+    assert equilibrium.equilibrium_angular_update(optimizer, 0.1, 2e-4) is None
+    assert math.isnan(equilibrium.time_constant(optimizer, 0.1, 2e-4))
+    assert predictions.prediction_basis(config) == f"none: no theory for optimizer {optimizer!r}"
+    assert [lv.predicted for lv in predictions.predicted_levels(config)] == [None, None]
+    assert predictions.level_label(config) == f"no predicted level: no theory for optimizer {optimizer!r}"
     # Adam (an entry without a level) has no τ either, not momentum's.
-    assert math.isnan(theory.time_constant("adam", 1e-3, 2e-4))
+    assert math.isnan(equilibrium.time_constant("adam", 1e-3, 2e-4))
 
 
 def test_adding_an_optimizers_theory_is_one_entry(monkeypatch):
     """Plain SGD as a new entry: its levels sqrt(2·lr·wd) and τ = 1/(2·lr·wd) (the m = 0
     case of the momentum formulas, by hand) reach the levels, the basis and the legend."""
-    sgd = theory.OptimizerTheory(basis="SGD equilibrium", formula="SGD equilibrium sqrt(2·lr·wd)",
-                                 level=lambda lr, wd, m: math.sqrt(2 * lr * wd),
-                                 time_constant=lambda lr, wd, m: 1 / (2 * lr * wd))
-    monkeypatch.setitem(theory.THEORIES, "sgd", sgd)
+    sgd = equilibrium.OptimizerTheory(basis="SGD equilibrium", formula="SGD equilibrium sqrt(2·lr·wd)",
+                                      level=lambda lr, wd, m: math.sqrt(2 * lr * wd),
+                                      time_constant=lambda lr, wd, m: 1 / (2 * lr * wd))
+    monkeypatch.setitem(equilibrium.THEORIES, "sgd", sgd)
     config = {"batch_size": 128, "boundary_epochs": [2], "decay_rates": [1, 0.1], "train_epochs": 4,
               "weight_decay": 5e-4, "conv_l2": True, "optimizer": "sgd", "learning_rate": 0.2}
-    assert [lv.predicted for lv in theory.predicted_levels(config)] == pytest.approx(
+    assert [lv.predicted for lv in predictions.predicted_levels(config)] == pytest.approx(
         [math.sqrt(2 * 0.2 * 5e-4), math.sqrt(2 * 0.02 * 5e-4)])
-    assert theory.time_constant("sgd", 0.2, 5e-4) == pytest.approx(5000)
-    assert theory.prediction_basis(config) == "SGD equilibrium"
-    assert theory.level_label(config) == "SGD equilibrium sqrt(2·lr·wd)"
+    assert equilibrium.time_constant("sgd", 0.2, 5e-4) == pytest.approx(5000)
+    assert predictions.prediction_basis(config) == "SGD equilibrium"
+    assert predictions.level_label(config) == "SGD equilibrium sqrt(2·lr·wd)"
     # Gradient-scaled runs take the baseline's level only where the entry says so.
     scaled = dict(config, conv_l2=False, conv_grad_scale=True)
-    assert all(lv.predicted is None for lv in theory.predicted_levels(scaled))
+    assert all(lv.predicted is None for lv in predictions.predicted_levels(scaled))
