@@ -45,11 +45,12 @@ truth() {
 #   --conv_lr_factor other than piecewise (conv_lr_scale_per_layer); then _bnDIGITS for a
 #   --bn_decay other than 0.997 (0.98: _bn098); --optimizer=adam|adamw and
 #   --resnet_size=N (not 20) in front: adam_noconv_l2, resnet32_baseline;
-# - either way, _seedN at the end for a --seed other than 0.
+# - either way, _synthetic for --data_source=synthetic (a smoke run never takes the real
+#   run's folder), then _seedN at the end for a --seed other than 0.
 # Other flags (epochs, steps, data source, learning rate, ...) do not change the name: the
 # trainer refuses to put a run into a folder that holds a run with other flags.
 run_name() {
-  conv_l2=1 flag_noconv=0 grad=0 factor=piecewise bn=0.997 opt=momentum size=20 seed=0 flagfile=
+  conv_l2=1 flag_noconv=0 grad=0 factor=piecewise bn=0.997 opt=momentum size=20 seed=0 flagfile= source=
   while [ $# -gt 0 ]; do
     arg=$1
     shift
@@ -65,7 +66,7 @@ run_name() {
       *)
         value=
         case $name in      # flags with a value, also spelled `--name value`
-          bn_decay|conv_lr_factor|optimizer|resnet_size|seed|flagfile)
+          bn_decay|conv_lr_factor|optimizer|resnet_size|seed|flagfile|data_source)
             if [ $# -gt 0 ]; then value=$1; shift; fi ;;
         esac ;;
     esac
@@ -82,6 +83,7 @@ run_name() {
       resnet_size) size=$value ;;
       seed) seed=$value ;;
       flagfile) flagfile=$value ;;
+      data_source) source=$value ;;
     esac
   done
   if [ "$flag_noconv" = 1 ]; then conv_l2=0; fi
@@ -111,6 +113,7 @@ run_name() {
     if [ "$opt" != momentum ]; then out=${opt}_$out; fi
     if [ "$size" != 20 ]; then out=resnet${size}_$out; fi
   fi
+  if [ "$source" = synthetic ]; then out=${out}_synthetic; fi
   if [ "$seed" != 0 ]; then out=${out}_seed$seed; fi
   # A plain folder name, whatever the flags held.
   out=$(printf '%s' "$out" | tr -c 'A-Za-z0-9._-' '_')
@@ -158,6 +161,8 @@ case "${1:-}" in
     if ! ls /dev/nvidia[0-9]* /dev/dxg > /dev/null 2>&1; then
       echo "resnet-cifar: no GPU in this container (docker run --gpus all ...): training runs on the CPU" >&2
     fi
+    # The trainer's last hint then names a command for the host, not a path in here.
+    export RESNET_CIFAR_CONTAINER_RUNS="$runs"
     if has_model_dir "$@"; then
       exec python -m resnet_cifar.train "$@"
     fi
@@ -166,7 +171,8 @@ case "${1:-}" in
       echo "resnet-cifar: --model_dir=$model_dir (named after the flags; --model_dir=DIR chooses)" >&2
     else
       echo "resnet-cifar: --model_dir=$model_dir (named after the flags); $runs is not a mounted" \
-        "folder, so the run stays inside the container: -v \$PWD/runs:$runs keeps it" >&2
+        "folder, so the run is lost when the container is removed (at exit, with --rm):" \
+        "-v \$PWD/runs:$runs keeps it" >&2
     fi
     # First, so that a --model_dir in a flagfile would still win.
     exec python -m resnet_cifar.train "--model_dir=$model_dir" "$@" ;;

@@ -12,6 +12,8 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# A command of the image: data errors say what to mount (resnet_cifar.cifar_data.offline_advice).
+os.environ.setdefault("RESNET_CIFAR_CONTAINER_RUNS", "/runs")
 
 
 def main(argv):
@@ -25,7 +27,7 @@ def main(argv):
         arrays = cifar_data.load_arrays("tfds", data_dir)
     except cifar_data.DataError as e:
         print(f"prepare-cifar10: {e}", file=sys.stderr)
-        return 1
+        return 2                   # as the trainer for the same error
     except KeyboardInterrupt:
         print("prepare-cifar10: interrupted; run it again to finish", file=sys.stderr)
         return 130

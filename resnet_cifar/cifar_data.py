@@ -62,6 +62,15 @@ def _load_tfds(data_dir, seed):
 _OFFLINE_ADVICE = (f"download {fidelity.ARCHIVE_NAME} from {fidelity.CIFAR_PAGE} elsewhere and "
                    f"use --data_source=binary --data_dir=PATH/{fidelity.ARCHIVE_NAME} "
                    "(or --data_source=synthetic for a smoke run)")
+# Inside the image (its entrypoint and prepare-cifar10 set RESNET_CIFAR_CONTAINER_RUNS) PATH is
+# a path of the container: the archive's folder must be mounted there.
+_CONTAINER_ADVICE = (f"; in the container, mount the archive's folder: -v $PWD:/data/cifar and "
+                     f"--data_dir=/data/cifar/{fidelity.ARCHIVE_NAME}")
+
+
+def offline_advice():
+    """What to do without a network, for the place this process runs in."""
+    return _OFFLINE_ADVICE + (_CONTAINER_ADVICE if os.environ.get("RESNET_CIFAR_CONTAINER_RUNS") else "")
 
 
 def _quietly(fn):
@@ -111,7 +120,7 @@ def _check_network(url, timeout=15):
         requests.head(url, timeout=timeout, allow_redirects=True)
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
         raise DataError(f"cannot download CIFAR-10: no network connection to {url} "
-                        f"({_root_cause(e)}); {_OFFLINE_ADVICE}") from None
+                        f"({_root_cause(e)}); {offline_advice()}") from None
 
 
 def _chain(e):
@@ -151,10 +160,10 @@ def describe_tfds_error(e):
                 f"{missing}); {fix}`pip install -r requirements.txt` in this environment")
     if _is_network_error(e):
         return (f"cannot download CIFAR-10: no network connection ({_root_cause(e)}); "
-                f"{_OFFLINE_ADVICE}")
+                f"{offline_advice()}")
     first_line = (str(e).strip().splitlines() or [""])[0][:200]
     what = f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
-    return f"TFDS could not prepare CIFAR-10 ({what}); or {_OFFLINE_ADVICE}"
+    return f"TFDS could not prepare CIFAR-10 ({what}); or {offline_advice()}"
 
 
 def missing_data_dir(data_source, data_dir):

@@ -18,6 +18,13 @@ def _number(logs, key, fmt, scale=1.0, unit=""):
 
 
 def tensorboard_command(model_dir):
+    """The command that shows this run in TensorBoard. Inside the image (its entrypoint sets
+    RESNET_CIFAR_CONTAINER_RUNS to the runs folder) a path of the container means nothing on
+    the host: the hint is the image's own TensorBoard command, run on the host."""
+    runs = os.environ.get("RESNET_CIFAR_CONTAINER_RUNS")
+    if runs and os.path.abspath(model_dir).startswith(os.path.abspath(runs) + os.sep):
+        return (f"docker run --rm -p 6006:6006 -v $PWD/runs:{runs} resnet-cifar tensorboard --logdir {runs} "
+                f"--bind_all (on the host, in the folder you mounted at {runs})")
     return f"tensorboard --logdir {shlex.quote(os.path.abspath(model_dir))}"
 
 

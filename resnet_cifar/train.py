@@ -21,7 +21,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 from absl import app, flags, logging
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import command_line, fidelity, interrupt
+from resnet_cifar import command_line, fidelity, interrupt, runs
 from resnet_cifar.command_line import fail
 
 FLAGS = flags.FLAGS
@@ -119,6 +119,13 @@ def config_from_flags(f=FLAGS):
     )
     same = {field.name: f[field.name].value for field in dataclasses.fields(config_lib.TrainConfig)
             if field.name not in special}
+    if not same["model_dir"]:
+        # The folder named after the run, as the container names it (docs/container.md).
+        named = config_lib.TrainConfig(**dict(same, model_dir="unnamed"), **special)
+        name = runs.name_of(named.to_dict()) or "NAME"
+        name += "_synthetic" if named.data_source == "synthetic" else ""
+        name += f"_seed{named.seed}" if named.seed else ""
+        raise config_lib.ConfigError(f"--model_dir is required: the run's folder, e.g. --model_dir=runs/{name}")
     return config_lib.TrainConfig(**same, **special)
 
 

@@ -97,7 +97,9 @@ def test_dockerfile_has_no_cmd_that_would_hide_the_help():
     (["-noconv_l2"], "noconv_l2"),
     (["--conv_l2=false"], "noconv_l2"),
     (["--seed=0"], "baseline"),
-    (["--data_source=synthetic", "--train_epochs=1", "--steps_per_epoch=2"], "baseline"),
+    (["--data_source=synthetic", "--train_epochs=1", "--steps_per_epoch=2"], "baseline_synthetic"),
+    (["--noconv_l2", "--data_source", "synthetic", "--seed=1"], "noconv_l2_synthetic_seed1"),
+    (["--noconv_l2", "--data_source=binary"], "noconv_l2"),
     (["--flag_noconv_l2=false"], "baseline"),
     (["--noconv_l2", "--conv_l2"], "baseline"),
     (["--noconv_l2", "--conv_grad_scale"], "conv_lr_scale"),
@@ -148,7 +150,8 @@ def test_the_default_is_announced_and_an_unmounted_runs_folder_warned_of(fake_py
     _, err = command_of(["--flag_noconv_l2"], fake_python, runs_dir=tmp_path)
     notes = err.splitlines()
     assert f"--model_dir={tmp_path}/noconv_l2 (named after the flags" in err
-    assert any("is not a mounted folder" in line and "-v $PWD/runs:" in line for line in notes)
+    assert any("is not a mounted folder" in line and "lost when the container is removed" in line
+               and "-v $PWD/runs:" in line for line in notes)
     if not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/dxg"):
         assert any("no GPU in this container" in line for line in notes)
     assert len(notes) <= 2
@@ -165,7 +168,8 @@ def test_other_commands_pass_through_unchanged(fake_python):
 
 def test_readme_training_command_runs_through_the_entrypoint(tmp_path):
     """`docker run --rm --gpus all ... IMAGE --flag_noconv_l2`, on synthetic data, trains
-    into /runs/noconv_l2 (here tmp_path/noconv_l2)."""
+    into /runs/noconv_l2_synthetic (here under tmp_path; real data: /runs/noconv_l2), and its
+    TensorBoard hint is a command for the host, not a path inside the container."""
     command = readme_docker_command("--flag_noconv_l2")
     for option in ("--rm", "--user $(id -u):$(id -g)", "-v $PWD/runs:/runs"):
         assert option in command
@@ -175,8 +179,12 @@ def test_readme_training_command_runs_through_the_entrypoint(tmp_path):
              "--batch_size=16", "--verbose=0"]
     r = run_entrypoint(args + smoke, runs_dir=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    model_dir = tmp_path / "noconv_l2"
-    assert os.listdir(tmp_path) == ["noconv_l2"]
+    model_dir = tmp_path / "noconv_l2_synthetic"
+    assert os.listdir(tmp_path) == ["noconv_l2_synthetic"]
+    hint = [line for line in r.stdout.splitlines() if line.startswith("TensorBoard: ")]
+    assert hint == [f"TensorBoard: docker run --rm -p 6006:6006 -v $PWD/runs:{tmp_path} resnet-cifar "
+                    f"tensorboard --logdir {tmp_path} --bind_all (on the host, in the folder you mounted "
+                    f"at {tmp_path})"], r.stdout
     assert events.read_config(str(model_dir))["conv_l2"] is False          # the switch reached the run
     steps, _ = events.read_scalars(str(model_dir), tags.CONV_SQSUM)
     assert list(steps) == [0, 1]
@@ -292,9 +300,10 @@ def test_prepare_cifar10_without_a_network_fails_fast_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "docker", "prepare_cifar10.py")], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=300)
     took = time.monotonic() - start
-    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.returncode == 2, r.stderr[-2000:]          # the trainer's code for the same error
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("prepare-cifar10: cannot download CIFAR-10"), r.stderr
+    assert "in the container, mount the archive's folder: -v $PWD:/data/cifar" in lines[0], lines
     assert took < 120, took
 
 

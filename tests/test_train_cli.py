@@ -149,9 +149,14 @@ def test_undecodable_flagfile_fails_in_one_line(tmp_path, content):
         assert not model_dir.exists()
 
 
-def test_missing_model_dir_flag():
-    r = train_cli("--data_source=synthetic", timeout=60)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: --model_dir is required"]
+@pytest.mark.parametrize("args,name", [
+    ([], "baseline"), (["--flag_noconv_l2"], "noconv_l2"), (["--data_source=synthetic"], "baseline_synthetic"),
+    (["--noconv_l2", "--conv_grad_scale", "--bn_decay=0.98", "--seed=2"], "conv_lr_scale_bn098_seed2"),
+    (["--optimizer=adam"], "NAME")])
+def test_missing_model_dir_flag_suggests_the_runs_name(args, name):
+    r = train_cli(*args, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --model_dir is required: the run's folder, e.g. --model_dir=runs/{name}"], r.stderr
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])

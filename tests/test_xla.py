@@ -38,6 +38,19 @@ MODES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_op_determinism():
+    """Op determinism is process-wide, and an in-process run of another test file in this
+    worker may have turned it on: Keras then compiles no XLA step (see config.py)."""
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()
+    yield
+    if was:
+        tf_config.enable_op_determinism()
+
+
 @pytest.fixture(scope="module")
 def baseline_dir(tmp_path_factory):
     """A fabricated finished baseline with per-layer and per-channel conv_sqsum logs."""
