@@ -33,6 +33,15 @@ The noise, and why:
 - Ratios of conv_sqsum and of the relative step are far above noise; they are judged
   against the thresholds named below (FASTER, FAR_LARGER, REPLICATES).
 
+With two or more seeds of a run the noise is measured instead (`spread`, the one rule):
+- a run's final value is the mean over its seeds, with noise std(seeds) / sqrt(n);
+- a difference between runs is taken seed by seed over the seeds both have (paired), its
+  noise std(differences) / sqrt(n): what the two runs share within a seed cancels;
+- two to four seeds estimate a std poorly (two seeds: within a factor 3 of the truth only
+  about 90% of the time), so below MIN_TRUSTED_SEEDS seeds a measured std smaller than the
+  assumed one above is not trusted: the assumed std is used, and the line says so;
+- every line then gives each seed's value after the mean, and which noise it used.
+
 Test accuracy here is the logged one (BN moving averages), as the post plotted it.
 """
 
@@ -53,6 +62,7 @@ LAST_EPOCHS = 10           # epochs whose fluctuation measures a final value's e
 FASTER = 2.0               # "grow much faster": final conv_sqsum at least this many times the baseline's
 FAR_LARGER = 10.0          # "far larger": final conv_sqsum at least this many times the baseline's
 REPLICATES = 0.15          # "replicates" / "approximates": median |ratio - 1| over epochs at most this
+MIN_TRUSTED_SEEDS = 5      # fewer seeds: a measured std below the assumed one is not trusted (see above)
 
 BASELINE, NOCONV, SCALE, BN098 = figures.POST_RUNS
 HOLDS, NOISE, FAILS, MISSING = "holds", "within noise", "does not hold", "not measured"
@@ -77,6 +87,7 @@ class RunData:
     boundary_epochs: tuple   # where the learning rate drops
     train: Dict[str, events.Series]
     test: Dict[str, events.Series]
+    seeds: Dict[int, "RunData"] = dataclasses.field(default_factory=dict)   # each seed alone, if several
 
     def series(self, tag, subdir=tags.TRAIN_DIR):
         return (self.train if subdir == tags.TRAIN_DIR else self.test).get(tag)
@@ -128,12 +139,69 @@ def load(results_dir: str) -> Dict[str, RunData]:
             train_steps = run.scalars.get(tags.TRAIN_DIR, {}).get(tags.EPOCH_LOSS, (np.empty(0),))[0]
             epochs.append(int(min(steps.max(initial=0), train_steps.max(initial=0))))
         config = runs[0].config
-        out[name] = RunData(name=name, epochs=min(epochs),
-                            train_epochs=int(config.get("train_epochs") or fidelity.TRAIN_EPOCHS),
-                            boundary_epochs=tuple(config.get("boundary_epochs") or fidelity.BOUNDARY_EPOCHS),
-                            train=_average_seeds(runs, tags.TRAIN_DIR),
-                            test=_average_seeds(runs, tags.VALIDATION_DIR))
+
+        def run_data(group):
+            return RunData(name=name, epochs=min(epochs),
+                           train_epochs=int(config.get("train_epochs") or fidelity.TRAIN_EPOCHS),
+                           boundary_epochs=tuple(config.get("boundary_epochs") or fidelity.BOUNDARY_EPOCHS),
+                           train=_average_seeds(group, tags.TRAIN_DIR),
+                           test=_average_seeds(group, tags.VALIDATION_DIR))
+        out[name] = run_data(runs)
+        if len(runs) > 1:
+            out[name].seeds = {int(r.config.get("seed", i)): run_data([r]) for i, r in enumerate(runs)}
     return out
+
+
+@dataclasses.dataclass
+class Estimate:
+    """A measured quantity: its value (the mean over seeds), its noise (std of that value),
+    each seed's value (empty with one seed) and how the noise was found."""
+
+    value: float
+    noise: float
+    seeds: tuple = ()
+    how: str = ""
+
+    def seeds_text(self, fmt, scale=1.0) -> str:
+        if not self.seeds:
+            return ""
+        return "; seeds " + ", ".join(format(scale * v, fmt) for v in self.seeds) + f"; {self.how}"
+
+
+def spread(values, assumed: float) -> tuple:
+    """(noise of the mean of `values`, one per seed, how it was found): the rule of the module
+    docstring. `assumed`: one seed's std as assumed without seeds (what one seed gets)."""
+    n = len(values)
+    if n < 2:
+        return assumed, ""
+    measured = float(np.std(values, ddof=1))
+    if n < MIN_TRUSTED_SEEDS and measured < assumed:
+        return (assumed / math.sqrt(n),
+                f"seed std {measured:.3g} over {n} seeds is below the assumed {assumed:.3g} and "
+                f"fewer than {MIN_TRUSTED_SEEDS} seeds: the assumed used")
+    return measured / math.sqrt(n), f"seed std {measured:.3g} measured over {n} seeds"
+
+
+def estimate(run: "RunData", quantity, assumed_noise) -> Estimate:
+    """`quantity(run)` as a value, with the noise of `spread` over the run's seeds (or
+    `assumed_noise(run)` with one seed)."""
+    if len(run.seeds) < 2:
+        return Estimate(quantity(run), assumed_noise(run))
+    values = [quantity(r) for _, r in sorted(run.seeds.items())]
+    noise, how = spread(values, assumed_noise(run))
+    return Estimate(float(np.mean(values)), noise, tuple(values), how)
+
+
+def difference(a: "RunData", b: "RunData", quantity, assumed_noise) -> Estimate:
+    """quantity(a) - quantity(b): paired by seed over the seeds both runs have (two or more),
+    else of the runs' values with their assumed noises combined."""
+    shared = sorted(set(a.seeds) & set(b.seeds))
+    assumed = math.hypot(assumed_noise(a), assumed_noise(b))
+    if len(shared) < 2:
+        return Estimate(quantity(a) - quantity(b), assumed)
+    values = [quantity(a.seeds[k]) - quantity(b.seeds[k]) for k in shared]
+    noise, how = spread(values, assumed)
+    return Estimate(float(np.mean(values)), noise, tuple(values), how + " (paired by seed)")
 
 
 def _schedule(train_epochs, boundary_epochs) -> str:
@@ -193,31 +261,34 @@ def measure(runs: Dict[str, RunData]) -> List[Verdict]:
         why = _needs(runs, [name])
         if why:
             return add(key, MISSING, f"~{post_acc[name]:g}%", why)
-        value, s = _final_accuracy(runs[name])
-        band = 0.5 + 2 * s      # the post rounds to 0.5 points, plus 2 std of the run
-        diff = value - post_acc[name]
+        e = estimate(runs[name], lambda r: _final_accuracy(r)[0], lambda r: _final_accuracy(r)[1])
+        band = 0.5 + 2 * e.noise      # the post rounds to 0.5 points, plus 2 std of the run
+        diff = e.value - post_acc[name]
         add(key, HOLDS if abs(diff) <= band else FAILS, f"~{post_acc[name]:g}%",
-            f"{value:.2f}% ({diff:+.2f} pts; tolerance ±{band:.2f}: the post's rounding 0.5 + 2 std)")
+            f"{e.value:.2f}% ({diff:+.2f} pts; tolerance ±{band:.2f}: the post's rounding 0.5 + 2 std"
+            f"{e.seeds_text('.2f')})")
 
     def acc_difference(key, a, b, sign, post):
         why = _needs(runs, [a, b])
         if why:
             return add(key, MISSING, post, why)
-        (va, sa), (vb, sb) = _final_accuracy(runs[a]), _final_accuracy(runs[b])
-        band = 2 * math.hypot(sa, sb)
-        diff = va - vb
+        va, vb = (estimate(runs[n], lambda r: _final_accuracy(r)[0], lambda r: 0.0).value for n in (a, b))
+        e = difference(runs[a], runs[b], lambda r: _final_accuracy(r)[0], lambda r: _final_accuracy(r)[1])
+        band = 2 * e.noise
+        diff = e.value
         verdict = (HOLDS if abs(diff) <= band else FAILS) if sign == 0 else _difference_verdict(diff, band, sign)
-        add(key, verdict, post, f"{diff:+.2f} pts ({va:.2f}% vs {vb:.2f}%; noise ±{band:.2f})")
+        add(key, verdict, post, f"{diff:+.2f} pts ({va:.2f}% vs {vb:.2f}%; noise ±{band:.2f}{e.seeds_text('+.2f')})")
 
     def loss_difference(key, tag_values, post_value):
         why = _needs(runs, [NOCONV, BASELINE])
         if why:
             return add(key, MISSING, f"+{post_value:g}", why)
-        (va, sa), (vb, sb) = tag_values(runs[NOCONV]), tag_values(runs[BASELINE])
-        band = 2 * math.hypot(sa, sb)
-        diff = va - vb
-        add(key, _difference_verdict(diff, band, +1), f"+{post_value:g}",
-            f"{diff:+.4f} ({va:.4f} vs {vb:.4f}; noise ±{band:.4f}, epoch-to-epoch only)")
+        va, vb = (estimate(runs[n], lambda r: tag_values(r)[0], lambda r: 0.0).value for n in (NOCONV, BASELINE))
+        e = difference(runs[NOCONV], runs[BASELINE], lambda r: tag_values(r)[0], lambda r: tag_values(r)[1])
+        band = 2 * e.noise
+        how = e.seeds_text("+.4f") if e.seeds else ", epoch-to-epoch only"
+        add(key, _difference_verdict(e.value, band, +1), f"+{post_value:g}",
+            f"{e.value:+.4f} ({va:.4f} vs {vb:.4f}; noise ±{band:.4f}{how})")
 
     def train_loss(run):
         return run.final(tags.EPOCH_LOSS), run.epoch_noise(tags.EPOCH_LOSS)
@@ -232,19 +303,28 @@ def measure(runs: Dict[str, RunData]) -> List[Verdict]:
         if why:
             return add(key, MISSING, post, why)
         ratio = runs[name].final(tags.CONV_SQSUM) / runs[BASELINE].final(tags.CONV_SQSUM)
+        shared = sorted(set(runs[name].seeds) & set(runs[BASELINE].seeds))
+        seeds = ("; seeds " + ", ".join(
+            f"{runs[name].seeds[k].final(tags.CONV_SQSUM) / runs[BASELINE].seeds[k].final(tags.CONV_SQSUM):.3g}x"
+            for k in shared)) if len(shared) > 1 else ""
         add(key, HOLDS if ratio >= threshold else FAILS, post,
-            f"final conv_sqsum {ratio:.3g}x the baseline's (holds from {threshold:g}x)")
+            f"final conv_sqsum {ratio:.3g}x the baseline's (holds from {threshold:g}x{seeds})")
 
     def phase1_mean(key, a, b, sign, post):
         why = _needs(runs, [a, b], epoch=phase1)
         if why:
             return add(key, MISSING, post, why)
-        (ma, sa), (mb, sb) = (runs[n].window_mean(tags.EPOCH_ACCURACY, 1, phase1) for n in (a, b))
-        sa, sb = math.hypot(SEED_STD_ACCURACY / 100, sa), math.hypot(SEED_STD_ACCURACY / 100, sb)
-        band = 2 * math.hypot(sa, sb)
-        diff = ma - mb
-        add(key, _difference_verdict(diff, band, sign), post,
-            f"mean {100 * diff:+.2f} pts ({100 * ma:.2f}% vs {100 * mb:.2f}%; noise ±{100 * band:.2f})")
+        def mean(r):
+            return r.window_mean(tags.EPOCH_ACCURACY, 1, phase1)[0]
+
+        def noise(r):
+            return math.hypot(SEED_STD_ACCURACY / 100, r.window_mean(tags.EPOCH_ACCURACY, 1, phase1)[1])
+        ma, mb = (estimate(runs[n], mean, noise).value for n in (a, b))
+        e = difference(runs[a], runs[b], mean, noise)
+        band = 2 * e.noise
+        add(key, _difference_verdict(e.value, band, sign), post,
+            f"mean {100 * e.value:+.2f} pts ({100 * ma:.2f}% vs {100 * mb:.2f}%; noise ±{100 * band:.2f}"
+            f"{e.seeds_text('+.2f', 100)})")
 
     absolute("baseline_final", BASELINE)
     absolute("noconv_final", NOCONV)
@@ -296,10 +376,11 @@ def measure(runs: Dict[str, RunData]) -> List[Verdict]:
     if why:
         add("bn098_training", MISSING, "no effect", why)
     else:
-        (va, sa), (vb, sb) = train_loss(runs[BN098]), train_loss(runs[SCALE])
-        band = 2 * math.hypot(sa, sb)
-        add("bn098_training", HOLDS if abs(va - vb) <= band else FAILS, "no effect",
-            f"final train loss {va - vb:+.4f} ({va:.4f} vs {vb:.4f}; noise ±{band:.4f})")
+        va, vb = (estimate(runs[n], lambda r: train_loss(r)[0], lambda r: 0.0).value for n in (BN098, SCALE))
+        e = difference(runs[BN098], runs[SCALE], lambda r: train_loss(r)[0], lambda r: train_loss(r)[1])
+        band = 2 * e.noise
+        add("bn098_training", HOLDS if abs(e.value) <= band else FAILS, "no effect",
+            f"final train loss {e.value:+.4f} ({va:.4f} vs {vb:.4f}; noise ±{band:.4f}{e.seeds_text('+.4f')})")
 
     phase1_mean("bn098_phase1_fix", BN098, SCALE, +1, "better")
     phase1_mean("bn098_phase1_baseline", BN098, BASELINE, +1, "a little above")

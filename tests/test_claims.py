@@ -213,3 +213,76 @@ def test_post_table_sets_the_posts_words_beside_the_runs_final_numbers(tmp_path)
     assert not summary.is_post_schedule(rows)
     (out / "q").mkdir()
     assert not any(p.endswith("post.md") for p in summary.write_summary(rows, str(out / "q")))
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+
+def make_seeded_results(root, final_offsets):
+    """Every run at LEVELS, one folder per seed; `final_offsets`: name -> the final test accuracy
+    of each seed, in points from its level (the zigzag's noise is the same in every seed)."""
+    for name, lv in LEVELS.items():
+        for seed, offset in enumerate(final_offsets[name]):
+            phase1, final, train_loss, test_loss = lv
+            write_run(os.path.join(root, name, f"seed_{seed}"),
+                      *curves(name, (phase1, final + offset / 100, train_loss, test_loss)),
+                      config={"seed": seed}, done=True, epochs=EPOCHS)
+    return verdicts(root)
+
+
+def band_of(text):
+    return float(re.search(r"noise ±([0-9.]+)", text).group(1))
+
+
+def test_five_seeds_measure_the_noise_of_a_difference_paired_by_seed(tmp_path):
+    """Paired: baseline and NoConvL2 share a seed's offset (+x in both), which cancels; the
+    difference's own spread is what counts, std(d) / sqrt(5), by hand."""
+    shared = [0.0, 1.0, -1.0, 2.0, -2.0]               # large, and the same in both runs
+    own = [0.1, -0.1, 0.2, -0.2, 0.0]                  # NoConvL2's own, on top
+    v = make_seeded_results(str(tmp_path), {
+        "baseline": shared, "noconv_l2": [s + o for s, o in zip(shared, own)],
+        "conv_lr_scale": [0.0] * 5, "conv_lr_scale_bn098": [0.0] * 5})
+    d = np.array(own) - 1.5                            # NoConvL2 - baseline, per seed, points
+    std = np.std(d, ddof=1)
+    text = v["noconv_below_baseline"].measured
+    assert band_of(text) == pytest.approx(2 * std / math.sqrt(5), abs=0.006), text
+    assert f"measured over 5 seeds (paired by seed)" in text and f"{d.mean():+.2f} pts" in text, text
+    assert "seeds " + ", ".join(f"{x:+.2f}" for x in d) in text, text
+    assert v["noconv_below_baseline"].verdict == claims.HOLDS
+    # Each run's final accuracy: the mean over its seeds, noise its seeds' std / sqrt(5).
+    base = v["baseline_final"].measured
+    final = 91.0 + 100 * ZIGZAG_ACC + np.mean(shared)     # epoch 150: the zigzag at +
+    assert base.startswith(f"{final:.2f}%") and "measured over 5 seeds" in base, base
+
+
+def test_a_difference_within_its_seeds_spread_is_within_noise(tmp_path):
+    """One seed: -1.5 points against the assumed noise holds. Five seeds whose paired differences
+    scatter by 3 points: the same mean difference is within the measured noise."""
+    own = [3.0, -3.0, 3.0, -3.0, 0.0]
+    v = make_seeded_results(str(tmp_path), {
+        "baseline": [0.0] * 5, "noconv_l2": own, "conv_lr_scale": [0.0] * 5, "conv_lr_scale_bn098": [0.0] * 5})
+    assert v["noconv_below_baseline"].verdict == claims.NOISE, v["noconv_below_baseline"].measured
+    one = verdicts(make_results(str(tmp_path / "one")))
+    assert one["noconv_below_baseline"].verdict == claims.HOLDS
+
+
+def test_two_seeds_that_agree_too_well_keep_the_assumed_noise(tmp_path):
+    """Two seeds 0.02 points apart: a measured std far below the assumed 0.2 points is not
+    trusted with fewer than MIN_TRUSTED_SEEDS seeds; the line says the assumed was used."""
+    v = make_seeded_results(str(tmp_path), {name: [0.0, 0.02] for name in LEVELS})
+    text = v["baseline_final"].measured
+    assert "below the assumed" in text and "the assumed used" in text, text
+    s_one = math.hypot(claims.SEED_STD_ACCURACY, np.std(np.diff(100 * ZIGZAG_ACC * (-1.0) ** np.arange(10)),
+                                                        ddof=1) / math.sqrt(2))
+    assert float(re.search(r"tolerance ±([0-9.]+)", text).group(1)) == pytest.approx(
+        0.5 + 2 * s_one / math.sqrt(2), abs=0.006)
+
+
+def test_spread_rule_by_hand():
+    assert claims.spread([1.0], 0.3) == (0.3, "")
+    noise, how = claims.spread([1.0, 2.0, 3.0, 4.0, 5.0], 0.3)
+    assert noise == pytest.approx(np.std([1, 2, 3, 4, 5], ddof=1) / math.sqrt(5)) and "measured over 5" in how
+    noise, how = claims.spread([1.0, 1.01], 0.3)
+    assert noise == pytest.approx(0.3 / math.sqrt(2)) and "the assumed used" in how
+    noise, how = claims.spread([1.0, 3.0], 0.3)                # above the assumed: trusted
+    assert noise == pytest.approx(np.std([1, 3], ddof=1) / math.sqrt(2)) and "measured over 2" in how

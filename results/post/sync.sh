@@ -10,6 +10,7 @@
 set -euo pipefail
 src=${1:?CAMPAIGN_RESULTS}; data=${2:?DATA_DIR}; code=${3:?SOURCE_CHECKOUT}
 dst=$(cd "$(dirname "$0")" && pwd)
+training=$(cd "$dst/.." && pwd)/training
 src=$(cd "$src" && pwd)
 for run_dir in "$src"/*/seed_*; do
   rel=${run_dir#"$src"/}
@@ -17,6 +18,11 @@ for run_dir in "$src"/*/seed_*; do
     (cd "$dst/../.." && python -c "import sys; from analysis import precise_bn; print(precise_bn.export_final_weights(sys.argv[1]))" "$run_dir")
   fi
   out="$dst/$rel"
+  if [ ! -f "$run_dir/done.json" ]; then
+    out="$training/$rel"
+  else
+    rm -rf "${training:?}/$rel"
+  fi
   mkdir -p "$out"
   rsync -a --delete --exclude .lock --exclude 'checkpoints/' --exclude '*.tmp*' "$run_dir/" "$out/"
   rm -rf "$out/checkpoints"
@@ -31,4 +37,5 @@ for run_dir in "$src"/*/seed_*; do
     [ -f "$f" ] && sed -i -e "s#$src/#results/post/#g" -e "s#$data#DATA_DIR#g" -e "s#$code/#./#g" "$f"
   done
 done
-echo "synced $(ls -d "$dst"/*/seed_* | wc -l) run folders into $dst"
+echo "synced $(ls -d "$dst"/*/seed_* | wc -l) finished run folders into $dst" \
+  "and $(ls -d "$training"/*/seed_* 2>/dev/null | wc -l) unfinished ones into $training"
