@@ -77,7 +77,10 @@ def load_grid(results_dir: str) -> Dict[float, Dict[str, List[events.Run]]]:
         except ValueError:
             continue
         runs = events.find_runs(os.path.join(results_dir, entry))
-        grid[wd] = {}
+        if wd in grid:                                 # weight_decay=2e-4 and =0.0002: one point
+            figures.note(f"equivalence: {entry} is the weight decay {decay_label(wd)} of another folder: "
+                         "their runs are one point")
+        grid.setdefault(wd, {})
         for name, run in loading.read_runs(runs):     # one bad run does not stop the study
             grid[wd].setdefault(name, []).append(run)
     if not grid:
@@ -266,6 +269,10 @@ def main(argv=None) -> int:
         return 2
     except OSError as e:
         print(f"error: cannot write to {out_dir}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if not paths:        # every pair unreadable, unfinished or missing: a study with no result
+        print(f"error: {args.results_dir}: nothing to compare: no finished baseline with a finished replay "
+              "or a second seed (the notes above say which runs were left out)", file=sys.stderr)
         return 1
     for path in paths:
         print(path)

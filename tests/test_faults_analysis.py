@@ -183,6 +183,35 @@ def test_equivalence_skips_a_run_with_garbage_run_config(finished, tmp_path):
     assert os.path.exists(results / "figures" / "equivalence.md")
 
 
+def test_equivalence_with_only_unreadable_replays_fails_naming_them(finished, tmp_path):
+    """One baseline and one replay whose run_config.json is garbage: nothing can be compared,
+    which is an error (exit 1) after the note naming the skipped run, never a silent success."""
+    results = tmp_path / "results"
+    shutil.copytree(finished, results / "weight_decay=2e-4" / "baseline" / "seed_0")
+    bad = results / "weight_decay=2e-4" / "conv_lr_scale" / "seed_0"
+    shutil.copytree(finished, bad)
+    (bad / tags.RUN_CONFIG_FILE).write_text("{garbage")
+    r = command("analysis.equivalence", results)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"skipped {bad}" in r.stderr and "error: " in r.stderr and "nothing to compare" in r.stderr
+    assert not os.path.exists(results / "figures" / "equivalence.md")
+
+
+def test_two_spellings_of_one_weight_decay_are_one_point(finished, tmp_path):
+    """weight_decay=2e-4/ and weight_decay=0.0002/: their runs are pooled as one point (two
+    baseline seeds, so a noise-floor row of one pair), with a note; neither is dropped."""
+    from analysis import equivalence
+
+    results = tmp_path / "results"
+    shutil.copytree(finished, results / "weight_decay=2e-4" / "baseline" / "seed_0")
+    shutil.copytree(finished, results / "weight_decay=0.0002" / "baseline" / "seed_1")
+    grid = equivalence.load_grid(str(results))
+    assert list(grid) == [2e-4] and len(grid[2e-4]["baseline"]) == 2
+    r = command("analysis.equivalence", results)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is the weight decay 2e-4 of another folder" in r.stderr
+
+
 # ------------------------------------------------------------------ 8. every named command runs
 
 
