@@ -88,6 +88,7 @@ class RunData:
     train: Dict[str, events.Series]
     test: Dict[str, events.Series]
     seeds: Dict[int, "RunData"] = dataclasses.field(default_factory=dict)   # each seed alone, if several
+    data: str = ""           # what the runs recorded of their data (cifar_data.fingerprint's name)
 
     def series(self, tag, subdir=tags.TRAIN_DIR):
         return (self.train if subdir == tags.TRAIN_DIR else self.test).get(tag)
@@ -147,6 +148,8 @@ def load(results_dir: str) -> Dict[str, RunData]:
                            train=_average_seeds(group, tags.TRAIN_DIR),
                            test=_average_seeds(group, tags.VALIDATION_DIR))
         out[name] = run_data(runs)
+        out[name].data = " / ".join(dict.fromkeys(
+            (events.recorded_data(r.run_dir) or {}).get("name") or "data not recorded" for r in runs))
         if len(runs) > 1:
             out[name].seeds = {int(r.config.get("seed", i)): run_data([r]) for i, r in enumerate(runs)}
     return out
@@ -266,7 +269,7 @@ def measure(runs: Dict[str, RunData]) -> List[Verdict]:
         diff = e.value - post_acc[name]
         add(key, HOLDS if abs(diff) <= band else FAILS, f"~{post_acc[name]:g}%",
             f"{e.value:.2f}% ({diff:+.2f} pts; tolerance ±{band:.2f}: the post's rounding 0.5 + 2 std"
-            f"{e.seeds_text('.2f')})")
+            f"{e.seeds_text('.2f')}) on {runs[name].data}")
 
     def acc_difference(key, a, b, sign, post):
         why = _needs(runs, [a, b])

@@ -58,8 +58,8 @@ CONV_SQSUM = "sum of squared conv weights"
 RELATIVE_STEP = "relative step ||Δw|| / ||w|| (mean over conv layers)"
 DATA_NAMES = {"binary": "CIFAR-10 (binary files)", "tfds": "CIFAR-10 (TFDS)",
               "synthetic": "synthetic random images"}
-# A run config key that names the data in place of DATA_NAMES (make_figures --data_name):
-# run_config.json records where the data came from, not whether those files are the official ones.
+# A run config key that names the data in place of DATA_NAMES: make_figures --data_name, else
+# what the run recorded of its data (run_config.json "data", cifar_data.fingerprint).
 DATA_NAME = "data_name"
 
 

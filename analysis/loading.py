@@ -26,14 +26,17 @@ def read_runs(found: Mapping[str, Sequence[str]]) -> Iterator[Tuple[str, events.
 
 
 def load_results(runs: Dict[str, List[str]], data_name: str = "") -> Dict[str, List[events.Run]]:
-    """Read every run folder once; an unreadable one is skipped with a note. `data_name`,
-    if given, names the data in every figure's subtitle (figures.DATA_NAME)."""
+    """Read every run folder once; an unreadable one is skipped with a note. The data is named
+    in every figure's subtitle (figures.DATA_NAME) by `data_name` if given, else by what the
+    run recorded of its data ("official CIFAR-10", "CIFAR-10 layout, not the official
+    files", ...: `cifar_data.fingerprint`), else by its data source."""
     loaded = {}
     for name, run in read_runs(runs):
         for damage in run.damaged:
             figures.note(f"damaged event file {damage}; read up to the damage, run marked incomplete")
-        if data_name:
-            run.config = dict(run.config, **{figures.DATA_NAME: data_name})
+        named = data_name or (events.recorded_data(run.run_dir) or {}).get("name")
+        if named:
+            run.config = dict(run.config, **{figures.DATA_NAME: named})
         loaded.setdefault(name, []).append(run)
     return recognise(loaded)
 

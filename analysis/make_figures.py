@@ -12,9 +12,9 @@ are drawn on a log scale with the predicted equilibrium level of each phase (fro
 the baseline's config) as dashed segments. Runs still training are drawn from what they
 logged so far and marked "(incomplete)" in legends and the table; missing runs are
 left out with a note, so the script is useful from the first finished run on.
-Subtitles name the data from the runs' configs ("CIFAR-10 (binary files)" for
---data_source=binary); --data_name names it instead, for data the configs cannot tell
-apart (a re-encoded copy in the official layout).
+Subtitles name the data as the runs recorded it ("official CIFAR-10", "CIFAR-10 layout, not
+the official files", ...: run_config.json "data"; runs that did not record it by their
+--data_source); --data_name names it instead (e.g. which re-encoding a copy is).
 
 A grid sweep (`experiments.run_all --grid`, RESULTS/<flag>=<value>[,...]/<run>/seed_<k>/)
 gets all of the above per grid point in DIR/<flag>=<value>[,...]/, and in DIR the final

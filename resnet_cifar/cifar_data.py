@@ -289,6 +289,62 @@ SOURCES = {
 }
 
 
+# ----------------------------------------------------------------------------- what the data is
+
+OFFICIAL = "official CIFAR-10"
+NOT_OFFICIAL = "CIFAR-10 layout, not the official files"
+UNVERIFIED = "CIFAR-10 layout, not verified as the official files"
+SYNTHETIC = "synthetic random images"
+
+
+def _sha256_file(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def arrays_sha256(images, labels):
+    """SHA-256 of a split as decoded: its labels (as uint8), then its images (uint8 N,32,32,3)."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    digest.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(arrays, data_source, data_dir=None):
+    """What a run's data is, for run_config.json: per split its size and the digest of its
+    decoded arrays; the digests of the files read, where there are files; and whether it is
+    the official release, with the name figures and tables give it:
+    - tfds: TFDS checked its download of the official archive against ARCHIVE_SHA256: official;
+    - binary, the archive: official when its SHA-256 is ARCHIVE_SHA256, else not;
+    - binary, extracted files: their official digests are not known here, so "not verified";
+    - synthetic: random images."""
+    out = {"source": data_source}
+    for split, images, labels in (("train", arrays.train_images, arrays.train_labels),
+                                  ("test", arrays.test_images, arrays.test_labels)):
+        out[split] = {"images": int(len(labels)), "arrays_sha256": arrays_sha256(images, labels)}
+    if data_source == "tfds":
+        out.update(official=True, name=OFFICIAL)
+    elif data_source == "binary" and data_dir and os.path.isfile(data_dir):
+        digest = _sha256_file(data_dir)
+        out["files_sha256"] = {os.path.basename(data_dir): digest}
+        official = digest == fidelity.ARCHIVE_SHA256
+        out.update(official=official, name=OFFICIAL if official else NOT_OFFICIAL)
+    elif data_source == "binary":
+        folder = find_binary_folder(data_dir)
+        out["files_sha256"] = {n: _sha256_file(os.path.join(folder, n))
+                               for n in fidelity.TRAIN_FILES + fidelity.TEST_FILES}
+        out.update(official=None, name=UNVERIFIED)
+    else:
+        out.update(official=False, name=SYNTHETIC)
+    return out
+
+
 def load_arrays(data_source, data_dir=None, seed=0):
     """The `Arrays` of source `data_source` of `SOURCES`."""
     if data_source not in SOURCES:

@@ -181,6 +181,17 @@ def read_config(run_dir: str) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def recorded_data(run_dir: str) -> Optional[dict]:
+    """The fingerprint of the data a run trained on ("data" of run_config.json), None for a
+    run that did not record it."""
+    try:
+        with open(os.path.join(run_dir, tags.RUN_CONFIG_FILE)) as f:
+            data = json.load(f).get("data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _recorded_count(run_dir: str, key: str) -> Optional[int]:
     """A positive integer that training recorded at the top level of run_config.json
     (beside its "config", not a flag), None if not recorded."""

@@ -37,6 +37,10 @@ BINARY_FOLDER = "cifar-10-batches-bin"
 CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 ARCHIVE_NAME = "cifar-10-binary.tar.gz"        # holds BINARY_FOLDER/
 ARCHIVE_URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE_NAME}"
+# The official archive's size and SHA-256, as TFDS records them for ARCHIVE_URL
+# (tensorflow_datasets/url_checksums/cifar10.txt; TFDS checks its download against them).
+ARCHIVE_BYTES = 170_052_171
+ARCHIVE_SHA256 = "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
 
 # --- Objective and optimizer (resnet_run_loop.py, cifar10_main.py) ---
 WEIGHT_DECAY = 2e-4               # cifar10_main: weight_decay=2e-4

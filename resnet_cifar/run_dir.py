@@ -254,8 +254,9 @@ def clear(d):
             os.remove(path)
 
 
-def write_run_config(config, model, steps_per_epoch, num_train_images):
-    """run_config.json: every setting, versions, parameter count, seed: a figure's provenance."""
+def write_run_config(config, model, steps_per_epoch, num_train_images, data=None):
+    """run_config.json: every setting, versions, parameter count, seed, the data's fingerprint
+    (`cifar_data.fingerprint`): a figure's provenance."""
     import tensorflow as tf
 
     path = os.path.join(config.model_dir, tags.RUN_CONFIG_FILE)
@@ -275,6 +276,7 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
         "trainable_parameters": int(sum(int(v.numpy().size) for v in model.trainable_variables)),
         "steps_per_epoch": steps_per_epoch,
         "num_train_images": num_train_images,
+        "data": data,
         "versions": provenance.versions(),
         "devices": [d.name for d in tf.config.list_logical_devices()],
         "runtime": dict(provenance.runtime(), xla=bool(model.jit_compile)),   # the step as compiled
@@ -283,6 +285,20 @@ def write_run_config(config, model, steps_per_epoch, num_train_images):
         "command": sys.argv,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
+
+
+def record_data(run_dir, data):
+    """Adds the data's fingerprint to a run folder's run_config.json (a run trained before runs
+    recorded it), nothing else changed. Refuses one that records other data."""
+    path = os.path.join(run_dir, tags.RUN_CONFIG_FILE)
+    with open(path) as f:
+        payload = json.load(f)
+    old = payload.get("data")
+    if old and any(old.get(k) != data.get(k) for k in ("train", "test")):
+        raise config_lib.ConfigError(f"{path} records other data ({old.get('name')}, train arrays "
+                                     f"{old['train'].get('arrays_sha256', '?')[:12]}) than these")
+    payload["data"] = data
+    atomic.write_json(path, payload)
 
 
 def mark_done(config, final_logs):

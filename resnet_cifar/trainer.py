@@ -182,7 +182,8 @@ def _train(config, arrays, progress, model, steps_per_epoch):
     elif skipped:
         print(f"{config.model_dir}: no checkpoint to resume from{skipped_text}", flush=True)
 
-    run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels))
+    run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels),
+                             data=cifar_data.fingerprint(arrays, config.data_source, config.data_dir))
 
     train_ds = input_pipeline.train_dataset(arrays.train_images, arrays.train_labels, config.batch_size,
                                             seed=config.seed, start_step=initial_epoch * steps_per_epoch)

@@ -466,6 +466,29 @@ def test_data_name_replaces_the_configs_data_in_every_subtitle(tmp_path):
         assert "CIFAR-10 (binary files)" in plain[file] and name not in plain[file], file
 
 
+def test_the_runs_recorded_data_names_it_without_data_name(tmp_path):
+    """Runs that recorded their data (run_config.json "data") are labelled by it in every
+    subtitle; --data_name still overrides it."""
+    import json
+
+    rng = np.random.default_rng(8)
+    for name in ALL_NAMES:
+        run_dir = str(tmp_path / "results" / name)
+        write_run(run_dir, *fake_logs(rng), {"data_source": "binary"}, done=True, epochs=EPOCHS)
+        path = os.path.join(run_dir, "run_config.json")
+        payload = json.load(open(path))
+        payload["data"] = {"name": "CIFAR-10 layout, not the official files", "official": False}
+        json.dump(payload, open(path, "w"))
+    root = str(tmp_path / "results")
+    assert make_figures.main([root, "--out", str(tmp_path / "recorded")]) == 0
+    assert make_figures.main([root, "--out", str(tmp_path / "named"), "--data_name", "mine"]) == 0
+    for svg in (tmp_path / "recorded").glob("*.svg"):
+        text = svg.read_text()
+        assert "not the official files" in text and "binary files" not in text, svg.name
+    for svg in (tmp_path / "named").glob("*.svg"):
+        assert "mine" in svg.read_text() and "not the official" not in svg.read_text(), svg.name
+
+
 def test_cli_writes_no_figure_about_a_missing_run(tmp_path):
     rng = np.random.default_rng(5)
     root = tmp_path / "results"

@@ -250,3 +250,91 @@ def test_unknown_source_error_lists_exactly_the_registered_names(monkeypatch, ad
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.TrainConfig(model_dir="/x", data_source="imagenet")
     assert str(e.value).split("choose one of ")[1].split(", ") == want
+
+
+# ----------------------------------------------------------------------------- the data names itself
+
+
+def test_the_official_archive_checksum_is_tfds_own():
+    """fidelity's ARCHIVE_SHA256 and size are the ones the installed TFDS checks its download
+    of the official archive against (its url_checksums file, read here as text)."""
+    import os
+
+    import tensorflow_datasets as tfds
+
+    path = os.path.join(os.path.dirname(tfds.__file__), "url_checksums", "cifar10.txt")
+    rows = [line.split("\t") for line in open(path).read().splitlines() if line.strip()]
+    row = [r for r in rows if r[0] == fidelity.ARCHIVE_URL]
+    assert row and int(row[0][1]) == fidelity.ARCHIVE_BYTES and row[0][2] == fidelity.ARCHIVE_SHA256, rows
+
+
+def hand_arrays_sha256(contents, names):
+    """The digest of a split by hand: its files' label bytes, then their R,G,B planes as HWC."""
+    labels = b"".join(np.asarray(contents[n][1], np.uint8).tobytes() for n in names)
+    images = b"".join(np.asarray(contents[n][0], np.uint8).tobytes() for n in names)
+    return hashlib.sha256(labels + images).hexdigest()
+
+
+def test_fingerprint_of_extracted_files_is_not_verified(tmp_path):
+    import os
+
+    contents = {}
+    folder = cifar_files.write_binary_cifar(str(tmp_path), per_train_file=4, num_test=6)
+    for name in fidelity.TRAIN_FILES + fidelity.TEST_FILES:
+        with open(os.path.join(folder, name), "rb") as f:
+            raw = np.frombuffer(f.read(), np.uint8).reshape(-1, fidelity.RECORD_BYTES)
+        contents[name] = (raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), raw[:, 0])
+    arrays = cifar_data.load_arrays("binary", str(tmp_path))
+    fp = cifar_data.fingerprint(arrays, "binary", str(tmp_path))
+    assert fp["train"] == {"images": 20, "arrays_sha256": hand_arrays_sha256(contents, fidelity.TRAIN_FILES)}
+    assert fp["test"] == {"images": 6, "arrays_sha256": hand_arrays_sha256(contents, fidelity.TEST_FILES)}
+    for name, digest in fp["files_sha256"].items():
+        with open(os.path.join(folder, name), "rb") as f:
+            assert digest == hashlib.sha256(f.read()).hexdigest(), name
+    assert fp["official"] is None and fp["name"] == "CIFAR-10 layout, not verified as the official files"
+
+
+def test_fingerprint_of_an_archive_is_official_only_with_the_official_checksum(archive, monkeypatch):
+    path, contents = archive
+    arrays = cifar_data.load_arrays("binary", str(path))
+    fp = cifar_data.fingerprint(arrays, "binary", str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert fp["files_sha256"] == {fidelity.ARCHIVE_NAME: digest}
+    assert fp["official"] is False and fp["name"] == "CIFAR-10 layout, not the official files"
+    assert fp["train"]["arrays_sha256"] == hand_arrays_sha256(contents, fidelity.TRAIN_FILES)
+    monkeypatch.setattr(fidelity, "ARCHIVE_SHA256", digest)        # as if this were the release
+    fp = cifar_data.fingerprint(arrays, "binary", str(path))
+    assert fp["official"] is True and fp["name"] == "official CIFAR-10"
+
+
+def test_a_run_records_its_data_and_record_data_adds_it_to_older_runs(tmp_path):
+    """A trained run's run_config.json names its data; analysis.record_data adds the same to a
+    run that lacks it (nothing else changed), repeats harmlessly, and refuses other data."""
+    import json
+    import os
+    import shutil
+
+    from tests.helpers import train_small
+
+    data_dir = str(tmp_path / "data")
+    cifar_files.write_binary_cifar(data_dir, per_train_file=16, num_test=16)
+    run = tmp_path / "run"
+    r = train_small(run, "--data_source=binary", f"--data_dir={data_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = json.loads((run / "run_config.json").read_text())["data"]
+    want = cifar_data.fingerprint(cifar_data.load_arrays("binary", data_dir), "binary", data_dir)
+    assert recorded == want and recorded["train"]["images"] == 80
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    payload = json.loads((old / "run_config.json").read_text())
+    del payload["data"]
+    (old / "run_config.json").write_text(json.dumps(payload))
+    for _ in range(2):
+        r = python("-m", "analysis.record_data", str(old), "--data_source=binary", f"--data_dir={data_dir}")
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads((old / "run_config.json").read_text()) == dict(payload, data=want)
+    other = str(tmp_path / "other")
+    cifar_files.write_binary_cifar(other, per_train_file=16, num_test=16, seed=5)
+    r = python("-m", "analysis.record_data", str(old), "--data_source=binary", f"--data_dir={other}")
+    assert r.returncode == 2 and "records other data" in r.stderr, r.stderr
+    assert os.path.exists(old / "run_config.json")
