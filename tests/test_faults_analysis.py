@@ -299,3 +299,44 @@ def test_output_into_a_pipe_whose_reader_has_gone_is_quiet(name, run, tmp_path):
     finally:
         os.close(write)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ 9. integer options at absurd sizes
+
+
+HUGE = "100000000000000000000"
+
+
+@pytest.mark.parametrize("module,args,needle", [
+    ("experiments.run_all", ["--results_dir=x", f"--seeds={HUGE}"], "--seeds: 100000000000000000000 must be at most 10000"),
+    ("experiments.run_all", ["--results_dir=x", "--seeds=10001"], "must be at most 10000"),
+    ("experiments.run_all", ["--results_dir=x", f"--runs_per_gpu={HUGE}"], "--runs_per_gpu"),
+    ("experiments.run_all", ["--results_dir=x", f"--max_retries={HUGE}"], "--max_retries"),
+    ("analysis.precise_bn", [".", f"--epoch={HUGE}"], "--epoch"),
+    ("analysis.precise_bn", [".", f"--bn_batches={HUGE}"], "--bn_batches"),
+    ("experiments.benchmark", [f"--steps={HUGE}"], f"--steps={HUGE} must be at most 2147483647"),
+    ("experiments.benchmark", [f"--repeats=-{HUGE}"], "--repeats"),
+])
+def test_integer_options_at_absurd_sizes_are_one_line(tmp_path, module, args, needle):
+    """Every command's integer options refuse what no count can be, in one line, exit 2,
+    before any work starts (the trainer's: tests/test_faults_train.py)."""
+    r = python("-m", module, *args, log_level=2, timeout=120)
+    one_error_line(r, 2, needle)
+
+
+def test_every_integer_option_of_the_commands_is_bounded():
+    """No argparse option of the runner and the analysis commands parses with a bare int, and
+    every absl integer flag of the benchmark is bounded: the list above cannot miss a new one."""
+    import inspect
+
+    from analysis import equivalence, grid, make_figures, precise_bn as pb, record_data
+    from experiments import benchmark, run_all
+
+    for module in (run_all, pb, equivalence, grid, make_figures, record_data):
+        source = inspect.getsource(module)
+        assert "type=int" not in source, module.__name__
+    from absl import flags
+
+    names = [f.name for f in benchmark.FLAGS.get_flags_for_module(benchmark.__name__)
+             if isinstance(f.parser, flags.IntegerParser)]
+    assert names and all(benchmark.FLAGS[f].validators for f in names), names
