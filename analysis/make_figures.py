@@ -6,7 +6,7 @@ RESULTS_DIR holds runs as `<name>/` or `<name>/seed_<k>/` (see `events.find_runs
 figures go to DIR (default RESULTS_DIR/figures) as NAME.png and NAME.svg, with
 summary.md and summary.csv beside them, and the theory comparison theory.md,
 theory.csv, theory_per_layer.csv and theory_growth.csv (analysis/theory.py), and bn_lag.md/.csv
-(analysis/precise_bn.py: test accuracy at each phase end, logged and with recomputed BN statistics,
+(analysis/bn_lag.py: test accuracy at each phase end, logged and with recomputed BN statistics,
 for runs that analysis.precise_bn evaluated). The relative-step figures
 are drawn on a log scale with the predicted equilibrium level of each phase (from
 the baseline's config) as dashed segments. Runs still training are drawn from what they
@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Dict, List
 
-from analysis import (angular, figures, grid, loading, output, precise_bn, predictions, replay_match, summary,
+from analysis import (angular, bn_lag, figures, grid, loading, output, predictions, replay_match, summary,
                       theory)
 from resnet_cifar import events, tags
 from resnet_cifar import command_line
@@ -81,7 +81,7 @@ def write_all(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
     written += replay_match.write(loaded, out_dir)
     written += summary.write_summary(summary.summarize(loaded), out_dir)
     written += theory.write_theory(loaded, out_dir)
-    written += precise_bn.write_phase_ends(loaded, out_dir)
+    written += bn_lag.write(loaded, out_dir)
     return written
 
 

@@ -48,6 +48,11 @@ def scientific(x: Optional[float]) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.3e}"
 
 
+def percent(x: Optional[float]) -> str:
+    """A Markdown cell: an accuracy in [0, 1] as a percentage to 2 decimals, "n/a" for None."""
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
 def epoch_span(a: float, b: float) -> str:
     """Epochs a to b as a Markdown cell: "a–b", or "a" when they are one."""
     return f"{a:g}" if a == b else f"{a:g}–{b:g}"

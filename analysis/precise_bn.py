@@ -37,10 +37,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from analysis import output
+from analysis.output import percent
 from resnet_cifar import atomic, cifar_data, events, fidelity, tags
 from resnet_cifar import command_line
-from resnet_cifar import runs as run_registry
-from resnet_cifar.config import phase_end_epochs
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
 RESULT_FILE = tags.PRECISE_BN_FILE
@@ -310,10 +309,6 @@ def accuracy_at(run_dir: str, epoch: int) -> float:
     return float(result["precise_bn"])
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
-
-
 def _other_data(r: dict) -> str:
     return "" if r.get("own_data", True) else f" (on {r['data_source']} data, not the run's)"
 
@@ -323,71 +318,9 @@ def to_markdown(rows: List[dict]) -> str:
              "| recomputed − stored |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         epoch = f"{r['epoch']}" + ("" if r["epoch"] == r["train_epochs"] else f" of {r['train_epochs']}")
-        lines.append(f"| {r['run']}{_other_data(r)} | {epoch} | {_pct(r['logged'])} | {_pct(r['stored_bn'])} | "
-                     f"{_pct(r['precise_bn'])} | {100 * (r['precise_bn'] - r['stored_bn']):+.2f} pts |")
+        lines.append(f"| {r['run']}{_other_data(r)} | {epoch} | {percent(r['logged'])} | {percent(r['stored_bn'])} | "
+                     f"{percent(r['precise_bn'])} | {100 * (r['precise_bn'] - r['stored_bn']):+.2f} pts |")
     return "\n".join(lines) + "\n"
-
-
-# --- the table of make_figures: BN's lag at the ends of the learning-rate phases
-
-PHASE_ENDS_TABLE = "bn_lag"
-
-
-def phase_end_rows(loaded: Dict[str, List[events.Run]]) -> List[dict]:
-    """One row per run, seed and phase end (the last epoch of each learning-rate phase, the final
-    one included) of the runs with any result on their own data: the accuracy logged at that epoch
-    (BN moving averages) and, where evaluated, with recomputed BN statistics (precise_bn.json for
-    the final weights, precise_bn_epochN.json for a kept checkpoint; None where not evaluated)."""
-    rows = []
-    names = [n for n in run_registry.POST_RUNS if n in loaded] + sorted(set(loaded) - set(run_registry.POST_RUNS))
-    for name in names:
-        for run in loaded[name]:
-            train_epochs = int(run.config.get("train_epochs", fidelity.TRAIN_EPOCHS))
-            ends = phase_end_epochs(run.config.get("boundary_epochs", fidelity.BOUNDARY_EPOCHS), train_epochs)
-            results = {}
-            for epoch in (*ends, train_epochs):
-                files = [read_result(run.run_dir, epoch=epoch)]
-                if epoch == train_epochs:
-                    files.insert(0, read_result(run.run_dir))          # the final weights' first
-                usable = [r for r in files if r and r.get("epoch") == epoch and r.get("own_data", True)]
-                if usable:
-                    results[epoch] = usable[0]
-            if not results:
-                continue
-            steps, values = run.scalars.get(tags.VALIDATION_DIR, {}).get(
-                tags.EPOCH_ACCURACY, (np.empty(0), np.empty(0)))
-            logged = {int(s): float(v) for s, v in zip(steps, values)}
-            folder = os.path.basename(os.path.normpath(run.run_dir))
-            seed = folder if folder.startswith("seed_") else ""        # a run stored as <name>/
-            for epoch in (*ends, train_epochs):
-                precise = results[epoch]["precise_bn"] if epoch in results else None
-                rows.append(dict(run=run_registry.LABELS.get(name, name), seed=seed, epoch=epoch,
-                                 train_epochs=train_epochs, logged=logged.get(epoch), precise_bn=precise))
-    return rows
-
-
-def phase_ends_markdown(rows: List[dict]) -> str:
-    lines = ["| run | seed | epoch | logged test accuracy | recomputed BN statistics | recomputed − logged |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        gap = ("n/a" if r["logged"] is None or r["precise_bn"] is None
-               else f"{100 * (r['precise_bn'] - r['logged']):+.2f} pts")
-        lines.append(f"| {r['run']} | {r['seed']} | {r['epoch']} of {r['train_epochs']} | {_pct(r['logged'])} | "
-                     f"{_pct(r['precise_bn'])} | {gap} |")
-    lines += ["", "Test accuracy at the last epoch of each learning-rate phase, as logged (BN moving "
-                  "averages) and with BN statistics recomputed from training batches "
-                  "(`python -m analysis.precise_bn RESULTS --epoch=N` for a phase end the trainer kept in "
-                  "checkpoints/phase_ends/, without --epoch for the final weights); n/a: not evaluated, "
-                  "or not logged (yet, or at that epoch)."]
-    return "\n".join(lines) + "\n"
-
-
-def write_phase_ends(loaded: Dict[str, List[events.Run]], out_dir: str) -> List[str]:
-    """bn_lag.md and bn_lag.csv when any run has a precise-BN result; returns their paths."""
-    rows = phase_end_rows(loaded)
-    if not rows:
-        return []
-    return output.write_table(out_dir, PHASE_ENDS_TABLE, phase_ends_markdown(rows), rows)
 
 
 def main(argv=None) -> int:
@@ -447,8 +380,8 @@ def main(argv=None) -> int:
         row = dict(run=name, **result)
         rows.append(row)
         file = result_file(None if row["own_data"] else row["data_source"], args.epoch)
-        print(f"{row['run']}{_other_data(row)}: epoch {row['epoch']}, logged {_pct(row['logged'])}, stored BN "
-              f"{_pct(row['stored_bn'])}, recomputed BN {_pct(row['precise_bn'])}"
+        print(f"{row['run']}{_other_data(row)}: epoch {row['epoch']}, logged {percent(row['logged'])}, stored BN "
+              f"{percent(row['stored_bn'])}, recomputed BN {percent(row['precise_bn'])}"
               + (f" (from its {file}; --again to redo)" if cached else f" -> {os.path.join(folder, file)}"),
               flush=True)
     if rows:

@@ -17,9 +17,13 @@ from resnet_cifar import checkpoints, events, tags
 from resnet_cifar.runs import BASELINE, POST_RUNS, REPLAY_FACTORS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-# A flagfile with a line starting with this is run only when --runs names it.
-OPTIONAL_MARK = "# optional"
+ROOT = os.path.dirname(HERE)       # the folder holding experiments/: the repository, or site-packages
+# The flags every run of a preset shares, in its folder; each run's flagfile includes it with a
+# line `--flagfile=experiments/<preset>/_common.flags`. A flagfile whose name starts with "_" is
+# not a run.
+COMMON_FLAGS = "_common.flags"
+# The runs of a preset that run only when --runs names them: one name a line, in its folder.
+OPTIONAL_RUNS = "optional_runs.txt"
 # Set by the runner for each run; not allowed in flagfiles' extras or grids.
 RUNNER_FLAGS = ("model_dir", "seed", "replay_from", "verbose", "flagfile", "overwrite")
 # One switch, three spellings (docs/cli.md): a grid over any of them sets --conv_l2 / --noconv_l2.
@@ -67,17 +71,34 @@ def presets() -> dict:
 
 
 def run_names(folder: str) -> List[str]:
-    """The runs of a preset folder: its flagfiles' names, the post's runs first in the post's order."""
-    names = [n[:-len(".flags")] for n in os.listdir(folder) if n.endswith(".flags")]
+    """The runs of a preset folder: its flagfiles' names but those starting with "_" (flags the runs
+    include, COMMON_FLAGS), the post's runs first in the post's order."""
+    names = [n[:-len(".flags")] for n in os.listdir(folder) if n.endswith(".flags") and not n.startswith(("_", "."))]
     return sorted(names, key=lambda n: (POST_RUNS.index(n) if n in POST_RUNS else len(POST_RUNS), n))
 
 
+def optional_runs(folder: str) -> List[str]:
+    """The runs the preset's OPTIONAL_RUNS file names (none without one); "#" starts a comment."""
+    path = os.path.join(folder, OPTIONAL_RUNS)
+    try:
+        with open(path) as f:
+            names = [line.split("#", 1)[0].strip() for line in f]
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    names = [n for n in names if n]
+    known = run_names(folder)
+    for name in names:
+        if name not in known:
+            raise PlanError(f"{path}: {name!r} is not a run of this preset (its runs: {', '.join(known)})")
+    return names
+
+
 def default_runs(folder: str) -> List[str]:
-    """What `--runs` defaults to: the preset's runs less those marked optional (OPTIONAL_MARK)."""
-    def optional(name):
-        with open(os.path.join(folder, f"{name}.flags")) as f:
-            return any(line.startswith(OPTIONAL_MARK) for line in f)
-    return [n for n in run_names(folder) if not optional(n)]
+    """What `--runs` defaults to: the preset's runs but those its OPTIONAL_RUNS file names."""
+    optional = optional_runs(folder)
+    return [n for n in run_names(folder) if n not in optional]
 
 
 def point_dir(point) -> str:
@@ -174,10 +195,51 @@ def check_extra(extra: Sequence[str], grid, known_flags) -> None:
             raise PlanError(f"{arg} after --: --{name} is already a --grid flag")
 
 
-def flagfile_args(path: str) -> List[str]:
-    """The flags of a flagfile, as absl reads them (comments dropped, nested flagfiles expanded)."""
-    from absl import flags
-    return flags.FlagValues().read_flags_from_files([f"--flagfile={path}"], force_gnu=False)
+def flagfile_args(path: str, including: Tuple[str, ...] = ()) -> List[str]:
+    """The flags of a flagfile as absl reads them (blank lines and lines starting with # or //
+    dropped, a nested `--flagfile=PATH` line expanded in its place), but with a relative nested
+    PATH read from ROOT, not from the working directory: a preset's
+    `--flagfile=experiments/quick/_common.flags` is found wherever the runner starts, as absl finds
+    it for `python -m resnet_cifar.train` started in the repository. A file that includes itself
+    is refused (absl skips it with a warning)."""
+    if os.path.realpath(path) in map(os.path.realpath, including):
+        raise PlanError(f"{including[-1]} includes {path}, which includes it again")
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        where = f"{including[-1]}: --flagfile={path}" if including else path
+        raise PlanError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    args = []
+    for line in lines:
+        if line.isspace() or line.startswith(("#", "//")):
+            continue
+        if not line.startswith(("--flagfile=", "-flagfile=")):
+            args.append(line.strip())
+            continue
+        name = os.path.expanduser(line.split("=", 1)[1].strip())
+        if name:                         # absl skips an empty one
+            nested = os.path.join(ROOT, name)
+            check_own_copy(path, nested)
+            args += flagfile_args(nested, including + (path,))
+    return args
+
+
+def check_own_copy(path: str, nested: str) -> None:
+    """A copied preset's flagfiles include the original's _common.flags until their --flagfile=
+    lines name the copy's folder: refused once the copy's own file of that name differs, whose
+    edits would change nothing."""
+    own = os.path.join(os.path.dirname(path), os.path.basename(nested))
+    if not os.path.isfile(nested) or os.path.samefile(os.path.dirname(path), os.path.dirname(nested)):
+        return                           # unreadable (said by flagfile_args), or the folder's own
+    try:
+        with open(own, "rb") as mine, open(nested, "rb") as theirs:
+            if mine.read() == theirs.read():
+                return
+    except OSError:
+        return                           # no such file beside it: nothing was copied
+    raise PlanError(f"{path} includes {os.path.relpath(nested, ROOT)}, not the {os.path.basename(nested)} "
+                    f"beside it, which differs: make that line --flagfile={os.path.relpath(own, ROOT)}")
 
 
 def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
@@ -198,6 +260,9 @@ def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
     files = {}
     for name in runs:
         if name not in known:                         # a plain name of the preset, never a path
+            if name.startswith("_") and os.path.isfile(os.path.join(folder, f"{name}.flags")):
+                raise PlanError(f"--runs: {name}.flags holds flags that the runs of preset {preset} include; "
+                                f"it is not a run ({', '.join(known)})")
             raise PlanError(f"--runs: no flagfile {name}.flags in {folder} for run {name!r} "
                             f"(preset {preset}: {', '.join(known)})")
         files[name] = flagfile_args(os.path.join(folder, f"{name}.flags"))

@@ -90,7 +90,7 @@ def make_parser():
                         + " (default: full, the post's 150 epochs; quick: 6 compressed epochs for CPUs)")
     p.add_argument("--runs", default=None, metavar="A,B,...",
                    help="runs (flagfile names of the preset) to do (default: the preset's runs but those "
-                        "marked '# optional' in their flagfile, e.g. conv_lr_scale_per_layer)")
+                        f"its {plan_lib.OPTIONAL_RUNS} names, e.g. conv_lr_scale_per_layer)")
     p.add_argument("--seeds", type=command_line.integer(1, MAX_SEEDS), default=1, metavar="N",
                    help=f"seeds 0..N-1 of every run (default: 1; at most {MAX_SEEDS})")
     p.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2,...",
@@ -240,7 +240,10 @@ def main(argv=None):
     if args.max_retries < 0:
         fail(f"--max_retries={args.max_retries} must not be negative")
     results_dir = os.path.abspath(args.results_dir)
-    runs = run_names(args)
+    try:
+        runs = run_names(args)
+    except plan_lib.PlanError as e:
+        fail(str(e))
     if not runs:
         fail("--runs is empty")
 

@@ -9,8 +9,6 @@ from resnet_cifar import config as config_lib
 from resnet_cifar import tags
 from tests.helpers import ROOT, hand_parameter_count, parse, train_cli
 
-EXP = os.path.join(ROOT, "experiments")
-
 
 def test_new_flags_reach_the_config():
     cfg = parse(["--model_dir=/x", "--resnet_size=56", "--optimizer=adamw", "--learning_rate=3e-3",
@@ -32,17 +30,18 @@ def test_new_flags_reach_the_config():
     ("adamw/baseline", dict(optimizer="adamw", weight_decay=0.2, conv_l2=True)),
     ("adamw/noconv_l2", dict(optimizer="adamw", weight_decay=0.2, conv_l2=False)),
 ])
-def test_flagfiles(name, want):
+def test_flagfiles(name, want, monkeypatch):
+    """As the README runs them: from the repository, whose root their --flagfile= lines start from."""
+    monkeypatch.chdir(ROOT)
     extra = ["--replay_from=/b"] if want.get("conv_grad_scale") else []
-    cfg = parse([f"--flagfile={os.path.join(EXP, name + '.flags')}", "--model_dir=/x"] + extra)
+    cfg = parse([f"--flagfile=experiments/{name}.flags", "--model_dir=/x"] + extra)
     for key, value in want.items():
         assert getattr(cfg, key) == value, (name, key)
     if name.startswith("equivalence/"):
         assert cfg.weight_decay == 2e-4           # not set: the grid sets it
         assert (cfg.train_epochs, cfg.steps_per_epoch, cfg.boundary_epochs) == (6, 160, (2.0, 4.0))
         # The grid's value, appended after the flagfile, wins.
-        grid = parse([f"--flagfile={os.path.join(EXP, name + '.flags')}", "--model_dir=/x",
-                      "--weight_decay=5e-4"] + extra)
+        grid = parse([f"--flagfile=experiments/{name}.flags", "--model_dir=/x", "--weight_decay=5e-4"] + extra)
         assert grid.weight_decay == 5e-4
 
 

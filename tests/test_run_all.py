@@ -53,11 +53,15 @@ def main(argv, out=None):
 
 def test_presets_are_the_folders_of_flagfiles_and_their_default_runs():
     found = plan.presets()
-    assert set(found) == {"full", "quick", "equivalence", "adam", "adamw"}
+    experiments = os.path.join(ROOT, "experiments")
+    folders = {name for name in os.listdir(experiments)
+               if os.path.isfile(os.path.join(experiments, name, f"{plan.BASELINE}.flags"))}
+    assert set(found) == folders and "full" in folders and "quick" in folders
     for folder in found.values():
         assert plan.run_names(folder)[0] == plan.BASELINE          # baselines first
+        assert not any(name.startswith("_") for name in plan.run_names(folder))    # _common.flags
         assert set(plan.default_runs(folder)) <= set(plan.run_names(folder))
-    # the post's four; the per-layer run is marked optional in its flagfile
+    # the post's four; the per-layer run is named in their optional_runs.txt
     assert plan.default_runs(found["full"]) == plan.default_runs(found["quick"]) == list(plan.POST_RUNS)
     assert "conv_lr_scale_per_layer" in plan.run_names(found["full"])
     assert plan.default_runs(found["equivalence"]) == plan.run_names(found["equivalence"])
@@ -123,18 +127,34 @@ FULL = dict(QUICK, conv_lr_scale=(False, True, 0.997, "piecewise"),
             conv_lr_scale_bn098=(False, True, 0.98, "piecewise"))
 
 
-@pytest.mark.parametrize("preset", ["quick", "full"])
+# preset -> its runs as above, and its schedule (train_epochs, boundary_epochs, steps_per_epoch)
+POST_PRESETS = {"quick": (QUICK, (6, (2.0, 4.0), 160)), "full": (FULL, (150, (50.0, 100.0), None))}
+
+
+@pytest.mark.parametrize("preset", sorted(plan.presets()))
 def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
-    want = {"quick": QUICK, "full": FULL}[preset]
-    for r in plan.plan(str(tmp_path), preset, ALL_RUNS, 1):
-        cfg = parse(r.command()[3:])
-        assert (cfg.conv_l2, cfg.conv_grad_scale, cfg.bn_decay, cfg.conv_lr_factor) == want[r.name], r.name
-        assert cfg.weight_decay == 2e-4 and cfg.batch_size == 128 and cfg.decay_rates == (1.0, 0.1, 0.01)
-        if preset == "quick":
-            assert (cfg.train_epochs, cfg.boundary_epochs, cfg.steps_per_epoch) == (6, (2.0, 4.0), 160)
-        else:
-            assert (cfg.train_epochs, cfg.boundary_epochs, cfg.steps_per_epoch) == (150, (50.0, 100.0), None)
+    """Every preset: its runs share one schedule, weight decay and optimizer (its _common.flags),
+    the baseline keeps conv L2 unscaled, and a run replays the baseline exactly when its factor
+    says so. The post's presets: each run's switches and the schedule, as intended."""
+    runs = plan.plan(str(tmp_path), preset, plan.run_names(plan.presets()[preset]), 1)
+    configs = {r.name: parse(r.command()[3:]) for r in runs}
+    shared = {(c.train_epochs, c.boundary_epochs, c.steps_per_epoch, c.decay_rates, c.weight_decay, c.batch_size,
+               c.optimizer) for c in configs.values()}
+    assert len(shared) == 1, shared
+    base = configs[plan.BASELINE]
+    assert base.conv_l2 and not base.conv_grad_scale and base.replay_from is None
+    for r in runs:
+        cfg = configs[r.name]
         assert r.train_epochs == cfg.train_epochs
+        assert (r.needs is not None) == (cfg.conv_grad_scale and cfg.conv_lr_factor in plan.REPLAY_FACTORS)
+    if preset not in POST_PRESETS:
+        return
+    want, schedule = POST_PRESETS[preset]
+    assert set(configs) == set(want)
+    for name, cfg in configs.items():
+        assert (cfg.conv_l2, cfg.conv_grad_scale, cfg.bn_decay, cfg.conv_lr_factor) == want[name], name
+        assert cfg.weight_decay == 2e-4 and cfg.batch_size == 128 and cfg.decay_rates == (1.0, 0.1, 0.01)
+        assert (cfg.train_epochs, cfg.boundary_epochs, cfg.steps_per_epoch) == schedule
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -170,6 +190,8 @@ def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     (["--preset=quick", "--runs=../baseline"], "no flagfile ../baseline.flags"),
     (["--runs=/tmp/baseline"], "no flagfile /tmp/baseline.flags"),
     (["--preset=equivalence", "--runs=noconv_l2,baseline"], "no flagfile noconv_l2.flags"),
+    (["--preset=quick", "--runs=_common"],
+     "--runs: _common.flags holds flags that the runs of preset quick include; it is not a run"),
     # Grid keys and arguments after -- are the training program's own flags, not absl's.
     *[([f"--grid={flag}=true"], f"--{flag} is not a training flag")
       for flag in ("only_check_args", "helpfull", "flagfile", "verbosity", "undefok")],
