@@ -27,6 +27,15 @@ def tiny_run(tmp_path_factory):
     return tmp, run
 
 
+def test_each_pass_of_a_run_is_announced(tiny_run, capsys):
+    """Progress within a run: its three passes on stderr as they start."""
+    tmp, _ = tiny_run
+    assert precise_bn.main([str(tmp / "results"), "--bn_batches=3", "--again"]) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  baseline/seed_0: ")]
+    assert [line.split(": ", 1)[1][:3] for line in progress] == ["1/3", "2/3", "3/3"], progress
+    assert "BN statistics from 3 training batches" in progress[1]
+
+
 def test_stored_statistics_reproduce_the_logged_accuracy(tiny_run, capsys):
     tmp, run = tiny_run
     out = tmp / "tables"
