@@ -180,13 +180,14 @@ rc=$?
 set -e
 echo "$out" | tail -8 | sed 's/^/   | /'
 echo "   exit $rc; runs/: $(cd "$workdir/runs" && ls)"
-if [ "$rc" = 0 ] && [ -f "$workdir/runs/noconv_l2/run_config.json" ]; then
-  ok "--flag_noconv_l2 trained into /runs/noconv_l2"
+# A synthetic run is named apart from the real one (docs/container.md, "Where a run goes").
+if [ "$rc" = 0 ] && [ -f "$workdir/runs/noconv_l2_synthetic/run_config.json" ]; then
+  ok "--flag_noconv_l2 --data_source=synthetic trained into /runs/noconv_l2_synthetic"
 else
-  bad "--flag_noconv_l2: exit $rc, no /runs/noconv_l2/run_config.json"
+  bad "--flag_noconv_l2: exit $rc, no /runs/noconv_l2_synthetic/run_config.json"
 fi
 owners=$(find "$workdir/runs" -mindepth 1 ! -user "${user%%:*}" | head -3)
-[ -z "$owners" ] && [ -d "$workdir/runs/noconv_l2" ] && ok "every output owned by $user" \
+[ -z "$owners" ] && [ -d "$workdir/runs/noconv_l2_synthetic" ] && ok "every output owned by $user" \
   || bad "outputs not owned by $user: $owners"
 noisy=$(echo "$out" | grep -E "oneDNN|cuInit|cudart|cuda drivers|TF-TRT|absl::InitializeLog|computation placer" || true)
 [ -z "$noisy" ] && ok "no TensorFlow C++ start-up lines" || bad "C++ start-up lines: $noisy"
