@@ -26,8 +26,9 @@ schedule), or one still in the rotation; its result goes to `precise_bn_epochN.j
         [--data_source=binary --data_dir=DIR] [--out=DIR]
 
 Data: the run's own `data_source` and `data_dir` (from run_config.json) unless given.
-Progress: each run's three passes (test set, BN statistics, test set again) are announced on
-stderr as they start; a ResNet-20 run takes about two minutes on 2 CPU cores.
+Progress: each run's three passes (test set, BN statistics, test set again) are announced as
+they start, indented above its result line; a ResNet-20 run takes about two minutes on 2 CPU
+cores.
 """
 
 import glob
@@ -376,8 +377,7 @@ def main(argv=None) -> int:
     for folder, name in folders:
         try:
             result = evaluate(folder, args.bn_batches, args.data_source, args.data_dir, cache, args.again,
-                              args.epoch, progress=lambda text, name=name: print(
-                                  f"  {name}: {text}", file=sys.stderr, flush=True))
+                              args.epoch, progress=lambda text, name=name: print(f"  {name}: {text}", flush=True))
         except EvaluationError as e:
             if isinstance(e, NothingToEvaluate) and os.path.normpath(folder) not in named:
                 why = ("no final weights (not finished) and no checkpoints" if args.epoch is None

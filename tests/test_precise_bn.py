@@ -28,10 +28,12 @@ def tiny_run(tmp_path_factory):
 
 
 def test_each_pass_of_a_run_is_announced(tiny_run, capsys):
-    """Progress within a run: its three passes on stderr as they start."""
+    """Progress within a run: its three passes as they start, above its result line."""
     tmp, _ = tiny_run
     assert precise_bn.main([str(tmp / "results"), "--bn_batches=3", "--again"]) == 0
-    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  baseline/seed_0: ")]
+    out = capsys.readouterr().out.splitlines()
+    progress = [line for line in out if line.startswith("  baseline/seed_0: ")]
+    assert out.index(progress[-1]) + 1 == [i for i, line in enumerate(out) if line.startswith("baseline/seed_0: ")][0]
     assert [line.split(": ", 1)[1][:3] for line in progress] == ["1/3", "2/3", "3/3"], progress
     assert "BN statistics from 3 training batches" in progress[1]
 

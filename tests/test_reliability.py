@@ -28,7 +28,7 @@ import types
 import numpy as np
 import pytest
 
-from resnet_cifar import callbacks, conv_scaling, events, run_dir, run_lock, tags
+from resnet_cifar import callbacks, checkpoints, conv_scaling, events, run_dir, run_lock, tags
 from resnet_cifar import config as config_lib
 from tests.cifar_files import set_record_label, truncate, write_binary_cifar
 from tests.helpers import (ROOT, assert_same_curves, curves, env, meaningful, one_error_line, python, snapshot,
@@ -81,7 +81,7 @@ def checkpoint_tensors(prefix):
 
     reader = tf.train.load_checkpoint(prefix)
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-            if name != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+            if name not in ("_CHECKPOINTABLE_OBJECT_GRAPH", checkpoints.IDENTITY_KEY)}
 
 
 def latest_checkpoint(model_dir, folder=run_dir.CHECKPOINTS):
@@ -101,6 +101,9 @@ def assert_same_weights(dir_a, dir_b):
     assert any("moving_mean" in n for n in a), sorted(a)
     differ = [n for n in a if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape
               or a[n].tobytes() != b[n].tobytes()]
+    # and the same run identity (checkpoints.py): the same seed and settings
+    assert len({checkpoints.identity_of(os.path.join(d, run_dir.CHECKPOINTS, f"ckpt-{EPOCHS}"))
+                for d in (dir_a, dir_b)}) == 1
     assert not differ, f"{len(differ)} of {len(a)} variables differ, e.g. {differ[:5]}"
 
 
