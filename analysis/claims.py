@@ -358,7 +358,7 @@ def measure(runs: Dict[str, RunData]) -> List[Verdict]:
         dev = np.abs(figures.piecewise_np(steps) / target - 1)
         add("piecewise_fit", HOLDS if np.median(dev) <= REPLICATES else FAILS, "hand fit",
             f"piecewise / (800 / conv_sqsum): median |ratio-1| {100 * np.median(dev):.1f}%, "
-            f"max {100 * np.max(dev):.1f}% (holds to {100 * REPLICATES:g}%)")
+            f"max {100 * np.max(dev):.1f}% (holds while the median is at most {100 * REPLICATES:g}%)")
 
     acc_difference("scale_final", SCALE, BASELINE, 0, "same")
     phase1_mean("scale_phase1", SCALE, BASELINE, -1, "a lot worse")
@@ -371,7 +371,7 @@ def measure(runs: Dict[str, RunData]) -> List[Verdict]:
                                            runs[BASELINE].series(tags.CONV_RELATIVE_STEP))
         add("scale_relative_step", HOLDS if median <= REPLICATES else FAILS, "replicated",
             f"relative step / baseline's: median |ratio-1| {100 * median:.1f}%, max {100 * largest:.1f}% "
-            f"(holds to {100 * REPLICATES:g}%)")
+            f"(holds while the median is at most {100 * REPLICATES:g}%)")
 
     sqsum_ratio("scale_sqsum", SCALE, FAR_LARGER, "far larger")
 

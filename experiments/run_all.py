@@ -227,7 +227,13 @@ def resources(runs_per_gpu, cpus_per_run):
 def run_names(args):
     """--runs as a list; by default the preset's own runs."""
     folder = plan_lib.presets()[args.preset]
-    return [r.strip() for r in (args.runs or ",".join(plan_lib.default_runs(folder))).split(",") if r.strip()]
+    if args.runs is None:
+        return list(plan_lib.default_runs(folder))
+    names = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not names:
+        fail(f"--runs={args.runs} names no run: give one or more (e.g. --runs=baseline,noconv_l2), "
+             "or leave --runs out for the preset's default runs")
+    return names
 
 
 def main(argv=None):

@@ -196,6 +196,8 @@ def test_flagfiles_parse_to_the_intended_runs(tmp_path, preset):
     *[([f"--grid={flag}=true"], f"--{flag} is not a training flag")
       for flag in ("only_check_args", "helpfull", "flagfile", "verbosity", "undefok")],
     (["--", "--data_source=synthetic", "stray"], "stray after --: not a training flag"),
+    (["--runs="], "--runs= names no run"),
+    (["--runs=,,"], "--runs=,, names no run"),
     (["--", "--only_check_args"], "--only_check_args after --: not a training flag"),
     (["--", "--helpfull"], "--helpfull after --: not a training flag"),
     (["--grid=noconv_l2=true", "--", "--flag_noconv_l2"], "--flag_noconv_l2 is already a --grid flag"),
