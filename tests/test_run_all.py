@@ -415,6 +415,9 @@ def test_locked_folder_waits_then_killed_worker_is_retried_with_the_same_curves(
     assert trainer is not None, outcome
     os.kill(trainer, signal.SIGSTOP)                        # hold it mid-run while we kill its worker
     assert not events.is_complete(str(run_dir)), "the run ended before it could be interrupted"
+    # Its newest checkpoint when stopped: epoch 1, or 2 when the tiny run's last epoch ended
+    # between the poll above and the stop (before done.json): the retry resumes from it.
+    stopped_after = plan.checkpoint_epoch(str(run_dir))
     worker = _ppid(trainer)
     os.kill(worker, signal.SIGKILL)                         # as if the node lost the worker
     os.kill(trainer, signal.SIGCONT)
@@ -423,7 +426,7 @@ def test_locked_folder_waits_then_killed_worker_is_retried_with_the_same_curves(
     assert not runner.is_alive()
     assert outcome["code"] == 0, outcome["out"]
     log = (run_dir / "train.log").read_text()
-    assert "resuming" in log and "after epoch 1" in log, log[-2000:]
+    assert "resuming" in log and f"after epoch {stopped_after}" in log, log[-2000:]
     assert_same_curves(run_dir, sweep_dirs(results)["2e-4", "baseline"])
 
 
