@@ -23,7 +23,7 @@ RUN python -c "import sys; sys.exit(0 if sys.version_info >= (3, 11) else \
 # matplotlib and Ray still find a writable home. TF_CPP_MIN_LOG_LEVEL=3: TensorFlow's C++
 # start-up lines (oneDNN notice, cuInit error without --gpus, CUDA stub and plugin lines)
 # stay out of every process's console; -e TF_CPP_MIN_LOG_LEVEL=0 brings them back. TF 2.21
-# logs some of them before it reads the variable: resnet_cifar/quiet_tf.py, loaded in every
+# logs some of them before it reads the variable: resnet_cifar/__init__.py, loaded in every
 # Python process by a .pth line (below), drops those.
 ENV TFDS_DATA_DIR=/data/tfds \
     HOME=/tmp \

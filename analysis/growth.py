@@ -17,7 +17,7 @@ from analysis.output import csv_number, epoch_span, scientific, seeds_label
 from analysis.predictions import phase_epochs, phases, steps_per_epoch
 from analysis.summary import mean_std
 from resnet_cifar import events, fidelity, tags
-from resnet_cifar.atomic import atomic_open
+from resnet_cifar.checkpoints import atomic_open
 
 
 def growth_per_step(momentum: float = fidelity.MOMENTUM) -> float:

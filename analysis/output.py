@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from resnet_cifar.atomic import atomic_open
+from resnet_cifar.checkpoints import atomic_open
 
 FORMATS = ("png", "svg")
 

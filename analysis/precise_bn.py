@@ -41,7 +41,7 @@ import numpy as np
 
 from analysis import output
 from analysis.output import percent
-from resnet_cifar import atomic, cifar_data, events, fidelity, tags
+from resnet_cifar import checkpoints, cifar_data, events, fidelity, tags
 from resnet_cifar import command_line
 from resnet_cifar.command_line import ArgumentParser, not_a_folder
 
@@ -176,7 +176,7 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
                   data_source=source, own_data=own_data, eval_steps=config.get("eval_steps"),
                   checkpoint=os.path.basename(path))
     try:
-        atomic.write_json(os.path.join(run_dir, result_file(other, epoch)), result)   # whole or absent
+        checkpoints.write_json(os.path.join(run_dir, result_file(other, epoch)), result)   # whole or absent
     except OSError as e:
         raise EvaluationError(f"{run_dir}: cannot write {result_file(other, epoch)}: {e.strerror or e}") from None
     return result

@@ -10,11 +10,27 @@ run_config.json, nothing else changed, no retraining. A run that already records
 data is refused (exit 2); the same data again changes nothing.
 """
 
+import json
+import os
 import sys
 
 from analysis import precise_bn
-from resnet_cifar import cifar_data, command_line, config as config_lib, run_dir
+from resnet_cifar import checkpoints, cifar_data, command_line, config as config_lib, tags
 from resnet_cifar.command_line import ArgumentParser
+
+
+def record_data(run_dir, data):
+    """Adds the data's fingerprint to a run folder's run_config.json (a run trained before runs
+    recorded it), nothing else changed. Refuses one that records other data."""
+    path = os.path.join(run_dir, tags.RUN_CONFIG_FILE)
+    with open(path) as f:
+        payload = json.load(f)
+    old = payload.get("data")
+    if old and any(old.get(k) != data.get(k) for k in ("train", "test")):
+        raise config_lib.ConfigError(f"{path} records other data ({old.get('name')}, train arrays "
+                                     f"{old['train'].get('arrays_sha256', '?')[:12]}) than these")
+    payload["data"] = data
+    checkpoints.write_json(path, payload)
 
 
 def main(argv=None) -> int:
@@ -31,7 +47,7 @@ def main(argv=None) -> int:
         arrays = cifar_data.load_arrays(args.data_source, args.data_dir)
         data = cifar_data.fingerprint(arrays, args.data_source, args.data_dir)
         for folder, name in folders:
-            run_dir.record_data(folder, data)
+            record_data(folder, data)
             print(f"{name}: {data['name']} (train arrays {data['train']['arrays_sha256'][:12]}, "
                   f"test arrays {data['test']['arrays_sha256'][:12]})")
     except (precise_bn.EvaluationError, cifar_data.DataError, config_lib.ConfigError, OSError, ValueError) as e:

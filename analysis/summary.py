@@ -19,7 +19,7 @@ from analysis import output, precise_bn
 from analysis.figures import label_of, ordered_names
 from resnet_cifar import events, fidelity, tags
 from resnet_cifar import runs as run_registry
-from resnet_cifar.atomic import atomic_open
+from resnet_cifar.checkpoints import atomic_open
 
 
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from analysis.predictions import (Phase, phase_epochs, phases, predicted_levels,
                                   steps_per_epoch)
 from analysis.summary import mean_std
 from resnet_cifar import events, fidelity, tags
-from resnet_cifar.atomic import atomic_open
+from resnet_cifar.checkpoints import atomic_open
 
 LATE_FRACTION = 0.2     # late phase = its last 20% of epochs (at least one)
 

@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")      # as the package: no C++
 
 from absl import app, flags  # noqa: E402
 
-from resnet_cifar import atomic, cifar_data, command_line  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
+from resnet_cifar import checkpoints, cifar_data, command_line, config as config_lib  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("data_source", "synthetic", list(cifar_data.SOURCES), "Data for all measurements.")
@@ -58,7 +58,7 @@ flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 matmuls that m
 flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
 flags.DEFINE_list("concurrency", ["1", "2", "4"], "GPU only: concurrent runs to time on one device.")
 flags.DEFINE_string("worker", None, "Internal: run as the worker of this JSON setting.")
-command_line.bound_integer_flags(FLAGS, __name__)
+config_lib.bound_integer_flags(FLAGS, __name__)
 
 from experiments.reference_step import bare_loop, compute_ops  # noqa: E402
 
@@ -125,11 +125,10 @@ def count_flops(model):
 
 
 def project_model(jit, steps_per_epoch):
-    from resnet_cifar import config as config_lib
-    from resnet_cifar import trainer
+    from resnet_cifar import train
 
     cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=FLAGS.batch_size, jit_compile=jit)
-    return trainer.build_model(cfg, steps_per_epoch)
+    return train.build_model(cfg, steps_per_epoch)
 
 
 def worker(setting):
@@ -145,22 +144,17 @@ def worker(setting):
     import numpy as np
     import tensorflow as tf
 
-    from resnet_cifar import callbacks, input_pipeline, provenance, trainer
-    from resnet_cifar import config as config_lib
+    from resnet_cifar import callbacks, run_dir, train
 
     intra, inter = setting.get("threads", (0, 0))
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
     # --deterministic as a training run has it: op determinism and its thread setting.
     deterministic = setting.get("deterministic", False)
-    trainer.setup_threads(config_lib.TrainConfig(model_dir="/unused", deterministic=deterministic))
-    trainer.setup_devices()
-    keras.utils.set_random_seed(0)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
+    train.setup_runtime(config_lib.TrainConfig(model_dir="/unused", deterministic=deterministic))
     arrays = cifar_data.load_arrays(FLAGS.data_source, FLAGS.data_dir)
-    ds = input_pipeline.train_dataset(arrays.train_images, arrays.train_labels, FLAGS.batch_size)
-    info = {"onednn": provenance.onednn_enabled(), "gpu": bool(tf.config.list_physical_devices("GPU")),
+    ds = cifar_data.train_dataset(arrays.train_images, arrays.train_labels, FLAGS.batch_size)
+    info = {"onednn": run_dir.onednn_enabled(), "gpu": bool(tf.config.list_physical_devices("GPU")),
             "tensorflow": tf.__version__, "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                                                       tf.config.threading.get_inter_op_parallelism_threads()]}
     rng = np.random.default_rng(0)
@@ -179,7 +173,7 @@ def worker(setting):
 
     logdir = tempfile.mkdtemp()
     custom = project_model(None, FLAGS.steps)
-    per_step = lambda: [callbacks.EpochTensorBoard(logdir), callbacks.StopOnNonFinite()]  # noqa: E731
+    per_step = lambda: [callbacks.EpochLog(logdir, 1)]  # noqa: E731
     # name -> (model, callbacks, verbose). The project's variants share one model.
     variants = {"custom": (custom, per_step(), 0)}
     bare = None
@@ -187,8 +181,6 @@ def worker(setting):
         if name == "plain":
             bare, info["bare_compute_ops"] = bare_loop(FLAGS.batch_size)
             bare_iterator = iter(ds.repeat())
-        elif name == "custom_no_nan_check":
-            variants[name] = (custom, [callbacks.EpochTensorBoard(logdir)], 0)
         elif name in ("custom_verbose1", "custom_verbose2"):
             variants[name] = (custom, per_step(), int(name[-1]))
         elif name == "custom_xla":
@@ -228,7 +220,7 @@ def settings():
     out = {
         "float32, oneDNN off": dict(env="0", variants=base),
         "float32, oneDNN on": dict(env="1", variants=base + (["custom_xla"] if FLAGS.xla else [])
-                                   + (["custom_no_nan_check", "custom_verbose1", "custom_verbose2"]
+                                   + (["custom_verbose1", "custom_verbose2"]
                                       if FLAGS.host_reads else []), pipeline=True),
         "deterministic, oneDNN off": dict(env="0", variants=[], deterministic=True),
         "deterministic, oneDNN on": dict(env="1", variants=[], deterministic=True),
@@ -317,7 +309,7 @@ def main(argv):
         results["concurrent_images_per_s"] = {n: concurrent_runs(int(n), data_args) for n in FLAGS.concurrency}
     report(results)
     if FLAGS.json_out:
-        atomic.write_json(FLAGS.json_out, results)
+        checkpoints.write_json(FLAGS.json_out, results)
 
 
 def report(r):
@@ -356,8 +348,7 @@ def report(r):
             print(f"\noneDNN on / off, {kind}: {both}", end="")
     print("\n\n| (a), float32, oneDNN on, variant | images/s | vs (a) |\n|---|---|---|")
     ref = "float32, oneDNN on"
-    labels = {"custom": "as in training: EpochTensorBoard + NaN check, verbose=0",
-              "custom_no_nan_check": "without the per-step NaN check",
+    labels = {"custom": "as in training: EpochLog (event files, NaN check), verbose=0",
               "custom_verbose1": "with Keras' progress bar (verbose=1)",
               "custom_verbose2": "with one line per epoch (verbose=2)",
               "custom_xla": "XLA (jit_compile)"}

@@ -14,7 +14,8 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 from resnet_cifar import checkpoints, events, tags
-from resnet_cifar.runs import BASELINE, POST_RUNS, REPLAY_FACTORS
+from resnet_cifar.config import REPLAY_FACTORS
+from resnet_cifar.runs import BASELINE, POST_RUNS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)       # the folder holding experiments/: the repository, or site-packages
@@ -288,7 +289,7 @@ def plan(results_dir: str, preset: str, runs: Sequence[str], seeds: int,
                             raise PlanError(f"run {name!r} replays the baseline: include {BASELINE} in --runs")
                         needs = os.path.join(base, BASELINE, f"seed_{seed}")
                         parsed["replay_from"].parse(needs)
-                    config = train.config_from_flags(parsed)
+                    config = config_lib.from_flags(parsed)
                 except flags.Error as e:
                     raise PlanError(f"{where}: {str(e).splitlines()[0]}") from None
                 except config_lib.ConfigError as e:
@@ -315,7 +316,7 @@ def check_folders(results_dir: str, runs: Sequence[Run]) -> None:
         raise PlanError(f"--results_dir={results_dir}: {base} is "
                         f"{'not a folder' if not os.path.isdir(base) else 'not writable'}")
     for r in runs:
-        config = train.config_from_flags(train.parsed_copy(["train", *r.command()[3:]]))
+        config = config_lib.from_flags(train.parsed_copy(["train", *r.command()[3:]]))
         try:
             if r in todo:
                 run_dir.check(config, locked=True)

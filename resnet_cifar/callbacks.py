@@ -1,53 +1,81 @@
-"""Epoch-level callbacks: event files with the diagnostics, checkpoints, progress, NaN stop.
+"""What a run does at each epoch's end, in two Keras callbacks, and the report it prints last.
 
-Each one stands alone: none reads what another put in `logs` or relies on another having
-run (the step restarts its diagnostic sums at each epoch's first step), so their order in
-the list does not matter.
+- `EpochLog`: everything an epoch logs. TensorBoard event files (Keras' metrics and the
+  step's diagnostics, `models.DIAGNOSTICS`), the per-channel conv sums of squares
+  (conv_channel_sqsum.npz), the console (Keras' progress bar, one line per epoch, a status
+  line about every minute without the bar), the stop on a non-finite loss, and signals,
+  which take effect between two steps.
+- `EpochCheckpoint`: the checkpoint of each epoch, never over diverged weights.
+
+Neither reads what the other put in `logs` (the step restarts its diagnostic sums at each
+epoch's first step), so their order in the list does not matter.
 """
 
 import math
 import os
+import shlex
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
-
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 
-from resnet_cifar import atomic, interrupt, models, tags
-from resnet_cifar.console import hms
-from resnet_cifar.train_step import DIAGNOSTICS, layer_sqsum
+from resnet_cifar import checkpoints, models, process, tags
+from resnet_cifar.models import DIAGNOSTICS
+from resnet_cifar.run_dir import count, hms
+
+STATUS_SECONDS = 60.0     # without a progress bar: a status line this often within an epoch
 
 
 def epoch_diagnostics(model):
-    """The epoch's diagnostics, host side: tag -> per-layer values (L,) and learning_rate.
-
-    From the step's accumulators (`model.diagnostics`, epoch means) and the weights now
-    (conv_sqsum): any callback can call it at an epoch's end, in any order.
-    """
-    means = model.diagnostics.means()
-    out = {d.tag: np.asarray(means[d.key]) for d in DIAGNOSTICS}
-    out[tags.CONV_SQSUM] = np.asarray(layer_sqsum(model))
-    return out, means["learning_rate"]
+    """The epoch's diagnostics, host side: tag -> per-layer values (L,) or a global value, from
+    the step's device-side accumulators (`model.diagnostics`): any callback can call it at
+    an epoch's end, in any order."""
+    values = model.diagnostics.means()
+    return {d.tag: np.asarray(values[d.key]) for d in DIAGNOSTICS}
 
 
-class EpochTensorBoard(keras.callbacks.Callback):
-    """TensorBoard event files with step = epoch number, written with `tf.summary`.
+def diagnostic_totals(values):
+    """tag -> the value of the tag itself: a per-layer value reduced over layers as its
+    `Diagnostic.layers` says (conv_sqsum summed, the others averaged), a global one as it is."""
+    return {d.tag: float(np.sum(values[d.tag]) if d.layers == "sum" else np.mean(values[d.tag]))
+            for d in DIAGNOSTICS if d.tag in values}
 
-    `train/` gets Keras' training metrics (epoch_loss, epoch_accuracy, epoch_l2_loss)
-    and the diagnostics (mean over conv layers as `<tag>`, each layer as
+
+class EpochLog(keras.callbacks.ProgbarLogger):
+    """Event files with step = epoch number, the per-channel log, the console and the NaN stop.
+
+    `train/` gets Keras' training metrics (epoch_loss, epoch_accuracy, epoch_l2_loss) and
+    the diagnostics (mean over conv layers as `<tag>`, conv_sqsum summed, each layer as
     `per_layer/<tag>/<layer>`); `validation/` the test metrics. Epoch e (0-based) is
     logged at step e + 1, so that step 0 holds the initial state (weights before any
-    update), as the post's curves start from it. A new run also gets a custom-scalars
-    layout (`scalars_layout`) once. The epoch means go into `logs` too.
+    update), as the post's curves start from it; a new run also gets a custom-scalars
+    layout (`scalars_layout`) once. conv_channel_sqsum.npz gets a row per epoch (what
+    `--conv_lr_factor=per_channel` replays); rows past the epoch just finished (left by a
+    run killed before its checkpoint) are replaced on resume.
+
+    The console: Keras' progress bar (as `verbose` asks), then one line per epoch, the
+    numbers that matter and the time left; one callback for both, so the bar has always
+    ended its line first. Without the bar (verbose 0 or 2, as in a log file), a long epoch
+    also prints a status line about every `status_every` seconds: step, rate, epoch ETA.
+
+    A non-finite loss (train or test) or conv_sqsum stops training; `diverged` is then
+    (epoch, step, what, value). The loss is computed before each update, so the last step
+    of an epoch can leave non-finite weights behind a finite loss, and after the last
+    epoch no step follows to notice: the weights' conv_sqsum is checked too. The test loss
+    can diverge alone (e.g. NaN batch-norm moving statistics).
     """
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, total_epochs, status_every=STATUS_SECONDS):
         super().__init__()
         self.model_dir = model_dir
+        self.total = total_epochs
+        self.status_every = status_every
+        self.channel_path = os.path.join(model_dir, tags.CHANNEL_SQSUM_FILE)
         self.writers = {}
+        self.diverged = None
 
     def writer(self, subdir):
         if subdir not in self.writers:
@@ -55,48 +83,113 @@ class EpochTensorBoard(keras.callbacks.Callback):
         return self.writers[subdir]
 
     def on_train_begin(self, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) == 0:
+        super().on_train_begin(logs)
+        self._start = time.time()
+        self._epochs_run = 0
+        if int(self.model.optimizer.iterations.numpy()) == 0:      # a new run: its initial state
             with self.writer(tags.TRAIN_DIR).as_default():
                 tf.summary.experimental.write_raw_pb(
                     custom_scalar_summary.pb(scalars_layout()).SerializeToString(), step=0)
-            sq = np.asarray(layer_sqsum(self.model), np.float32)
-            factor = self.model.conv_factor().numpy()
-            lr = float(tf.cast(self.model.optimizer.learning_rate, tf.float32).numpy())
-            self._write_diagnostics(0, {tags.CONV_SQSUM: sq, tags.CONV_LR_FACTOR: factor}, lr)
+            stats = self.model.initial_stats()
+            self._write_diagnostics(0, {d.tag: np.asarray(d.fn(stats)) for d in DIAGNOSTICS if d.initial})
+            self.save_channels(0, fresh=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._epoch = epoch
+        self._epoch_start = self._last_status = time.monotonic()
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        self.note_batch(self._epoch, batch, logs)
+        process.raise_pending()
+        now = time.monotonic()
+        # ProgbarLogger.set_params keeps `verbose` and the epoch's steps (`target`), not `params`.
+        if self.verbose == 1 or now - self._last_status < self.status_every:
+            return
+        self._last_status = now
+        done, steps = batch + 1, self.target
+        rate = done / max(now - self._epoch_start, 1e-9)
+        of = f"/{steps}" if steps else ""
+        eta = f", epoch ETA {hms((steps - done) / rate)}" if steps else ""
+        print(f"  epoch {self._epoch + 1}/{self.total}: step {done}{of}, {rate:.2f} steps/s{eta}", flush=True)
+
+    def on_test_batch_end(self, batch, logs=None):
+        super().on_test_batch_end(batch, logs)
+        process.raise_pending()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        own = {d.tag for d in DIAGNOSTICS} | {tags.CONV_SQSUM, tags.LEARNING_RATE}
-        for key, value in logs.items():
-            if key in own:
-                continue
+        metrics = dict(logs)                              # Keras' metrics: the bar, epoch_* tags
+        super().on_epoch_end(epoch, metrics)
+        for key, value in metrics.items():
             subdir, name = (tags.VALIDATION_DIR, key[4:]) if key.startswith("val_") else (tags.TRAIN_DIR, key)
             with self.writer(subdir).as_default():
                 tf.summary.scalar(f"epoch_{name}", float(value), step=epoch + 1)
-        per_layer, lr = epoch_diagnostics(self.model)
-        self._write_diagnostics(epoch + 1, per_layer, lr)
-        logs.update({tag: float(np.sum(v) if tag == tags.CONV_SQSUM else np.mean(v))
-                     for tag, v in per_layer.items()})
-        logs[tags.LEARNING_RATE] = lr
+        values = epoch_diagnostics(self.model)
+        self._write_diagnostics(epoch + 1, values)
         for writer in self.writers.values():
             writer.flush()
+        self.save_channels(epoch + 1)
+        # The epoch's diagnostics go into `logs` too: History (after every callback) keeps them for done.json.
+        logs.update(diagnostic_totals(values))
+        self.note_epoch(epoch, logs)
+        self._print_summary(epoch, logs)
+
+    def note_batch(self, epoch, batch, logs):
+        """A non-finite loss of a step stops training."""
+        self._batch = batch + 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)) and self.diverged is None:
+            self.diverged = (epoch + 1, batch + 1, "loss", float(loss))
+            self.model.stop_training = True
+
+    def note_epoch(self, epoch, logs):
+        """A non-finite loss (train or test) or conv_sqsum at an epoch's end stops training."""
+        bad = diverged(self.model, logs)
+        if bad and self.diverged is None:
+            self.diverged = (epoch + 1, getattr(self, "_batch", 0)) + bad
+            self.model.stop_training = True
 
     def on_train_end(self, logs=None):
+        super().on_train_end(logs)
         for writer in self.writers.values():
             writer.close()
         self.writers = {}
 
-    def _write_diagnostics(self, step, per_layer, lr):
-        """conv_sqsum (sum over layers), the other tags (mean over layers), each layer apart."""
+    def _write_diagnostics(self, step, values):
+        """Each diagnostic's tag (reduced over layers as it says), and each layer apart."""
         names = [layer.name for layer in models.conv_layers(self.model)]
         with self.writer(tags.TRAIN_DIR).as_default():
-            tf.summary.scalar(tags.LEARNING_RATE, lr, step=step)
-            for tag, values in per_layer.items():
-                total = np.sum(values) if tag == tags.CONV_SQSUM else np.mean(values)
-                tf.summary.scalar(tag, float(total), step=step)
-                for name, value in zip(names, values):
+            for tag, total in diagnostic_totals(values).items():
+                tf.summary.scalar(tag, total, step=step)
+                for name, value in zip(names, np.ravel(values[tag]) if np.ndim(values[tag]) else ()):
                     tf.summary.scalar(tags.per_layer(tag, name), float(value), step=step)
         self.writer(tags.TRAIN_DIR).flush()
+
+    def save_channels(self, epoch, fresh=False):
+        layers = models.conv_layers(self.model)
+        row = {layer.name: models.channel_sum_of_squares(layer.kernel).numpy()[None] for layer in layers}
+        epochs = np.array([epoch], np.int64)
+        if not fresh and os.path.exists(self.channel_path):
+            with np.load(self.channel_path) as old:
+                keep = old["epochs"] < epoch
+                epochs = np.concatenate([old["epochs"][keep], epochs])
+                row = {k: np.concatenate([old[k][keep], v]) for k, v in row.items()}
+        with checkpoints.atomic_open(self.channel_path, "wb") as f:
+            np.savez(f, epochs=epochs, **row)
+
+    def _print_summary(self, epoch, logs):
+        self._epochs_run += 1
+        per_epoch = (time.time() - self._start) / self._epochs_run
+        parts = [f"epoch {epoch + 1}/{self.total}", f"loss {logs.get('loss', math.nan):.4f}",
+                 f"acc {100 * logs.get('accuracy', math.nan):.2f}%"]
+        if "val_accuracy" in logs:
+            parts.append(f"test acc {100 * logs['val_accuracy']:.2f}%")
+        parts += [f"conv_sqsum {logs[tags.CONV_SQSUM]:.1f}", f"rel step {logs[tags.CONV_RELATIVE_STEP]:.3g}",
+                  f"lr {logs[tags.LEARNING_RATE]:.3g}",
+                  f"{per_epoch:.1f} s/epoch, ETA {hms(per_epoch * (self.total - epoch - 1))}"]
+        print(" | ".join(parts), flush=True)
 
 
 def _chart(title, *tag_names):
@@ -109,58 +202,20 @@ def scalars_layout():
 
     Charts select tags by regular expression; a run folder's `train/` and
     `validation/` are two runs to TensorBoard, so the accuracy chart shows the
-    test accuracy (`validation/`) next to the training accuracy. Every entry of
-    `train_step.DIAGNOSTICS` gets a chart and a per-layer chart.
+    test accuracy (`validation/`) next to the training accuracy. The post's three
+    curves come first (accuracy, conv_sqsum, relative step); every entry of
+    `models.DIAGNOSTICS` gets a chart, and a per-layer chart if it has layers.
     """
-    diagnostics = {d.tag: _chart(d.title, d.tag) for d in DIAGNOSTICS}
-    main = [
-        _chart("test accuracy (validation) and train accuracy", tags.EPOCH_ACCURACY),
-        _chart("conv_sqsum: sum of squared conv weights", tags.CONV_SQSUM),
-        diagnostics.pop(tags.CONV_RELATIVE_STEP),
-        _chart("loss: cross entropy (validation = test)", tags.EPOCH_LOSS),
-        *diagnostics.values(),
-        _chart("learning_rate (epoch mean)", tags.LEARNING_RATE),
-        _chart("epoch_l2_loss: the L2 term of the objective", tags.EPOCH_L2_LOSS),
-    ]
-    layers = [layout_pb2.Chart(title=f"{tag} per conv layer", multiline=layout_pb2.MultilineChartContent(
-        tag=[f"^{tags.per_layer(tag, '')}"])) for tag in [tags.CONV_SQSUM] + [d.tag for d in DIAGNOSTICS]]
+    diagnostics = [_chart(d.title, d.tag) for d in DIAGNOSTICS]
+    main = [_chart("test accuracy (validation) and train accuracy", tags.EPOCH_ACCURACY), *diagnostics[:2],
+            _chart("loss: cross entropy (validation = test)", tags.EPOCH_LOSS), *diagnostics[2:],
+            _chart("epoch_l2_loss: the L2 term of the objective", tags.EPOCH_L2_LOSS)]
+    layers = [layout_pb2.Chart(title=f"{d.tag} per conv layer", multiline=layout_pb2.MultilineChartContent(
+        tag=[f"^{tags.per_layer(d.tag, '')}"])) for d in DIAGNOSTICS if d.layers]
     return layout_pb2.Layout(category=[
         layout_pb2.Category(title="The post's curves (step = epoch)", chart=main),
         layout_pb2.Category(title="Per conv layer", chart=layers, closed=True),
     ])
-
-
-class ChannelSqsumLog(keras.callbacks.Callback):
-    """Per-output-channel conv sums of squares at every epoch's end, in one .npz file.
-
-    What `--conv_lr_factor=per_channel` replays. Epoch 0 is the initial state.
-    Rows of epochs past the one just finished (left by a run killed after this
-    callback but before its checkpoint) are replaced on resume. Written
-    atomically (temporary file + rename); read with `events.read_channel_sqsum`.
-    """
-
-    def __init__(self, model_dir):
-        super().__init__()
-        self.path = os.path.join(model_dir, tags.CHANNEL_SQSUM_FILE)
-
-    def on_train_begin(self, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) == 0:
-            self._save(0, fresh=True)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._save(epoch + 1)
-
-    def _save(self, epoch, fresh=False):
-        layers = models.conv_layers(self.model)
-        row = {layer.name: models.channel_sum_of_squares(layer.kernel).numpy()[None] for layer in layers}
-        epochs = np.array([epoch], np.int64)
-        if not fresh and os.path.exists(self.path):
-            with np.load(self.path) as old:
-                keep = old["epochs"] < epoch
-                epochs = np.concatenate([old["epochs"][keep], epochs])
-                row = {k: np.concatenate([old[k][keep], v]) for k, v in row.items()}
-        with atomic.atomic_open(self.path, "wb") as f:
-            np.savez(f, epochs=epochs, **row)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -180,64 +235,35 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.epoch_variable = epoch_variable
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = with_conv_sqsum(self.model, logs)
-        if any(_non_finite(logs, key) for key in _loss_keys(logs)) or _non_finite(logs, tags.CONV_SQSUM):
-            # Never save diverged state over the last good checkpoint. The loss
-            # is computed before each update, so the last step of an epoch can
-            # leave NaN weights behind a finite epoch loss: check the weights too,
-            # and the test loss (NaN batch-norm statistics leave the train loss finite).
-            return
-        with interrupt.deferred():
+        if diverged(self.model, logs):
+            return      # never diverged state over the last good checkpoint
+        with process.deferred():
             self.epoch_variable.assign(epoch + 1)
             self.store.save(checkpoint_number=epoch + 1)
 
 
-class StopOnSignal(keras.callbacks.Callback):
-    """Training runs inside `interrupt.deferred()`, so SIGINT/SIGTERM never raise in the middle
-    of TensorFlow's own Python code (an exception there can crash its C++ side); the signal
-    takes effect here, between two steps (or two test batches)."""
+class Progress:
+    """Where a run is, for the message of an interrupted one."""
 
-    def on_train_batch_end(self, batch, logs=None):
-        interrupt.raise_pending()
+    def __init__(self, model, steps_per_epoch):
+        self.model = model
+        self.steps_per_epoch = steps_per_epoch
+        self.store = None
 
-    def on_test_batch_end(self, batch, logs=None):
-        interrupt.raise_pending()
-
-
-class StopOnNonFinite(keras.callbacks.TerminateOnNaN):
-    """Keras' TerminateOnNaN, remembering where the loss went bad."""
-
-    def __init__(self):
-        super().__init__()
-        self.where = None
-        self.what = "loss"      # what went non-finite, for the message
-        self._epoch = 0
-        self._batch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_batch_end(self, batch, logs=None):
-        self._batch = batch + 1
-        loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(float(loss)) and self.where is None:
-            self.where = (self._epoch + 1, batch + 1, float(loss))
-        super().on_batch_end(batch, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        # The loss is computed before each update, so the last step of an epoch can
-        # leave non-finite weights behind a finite loss, and after the last epoch no
-        # step follows to notice: the weights' conv_sqsum is checked too. The test
-        # loss can diverge alone (e.g. NaN batch-norm moving statistics).
-        if self.where is not None:
-            return
-        logs = with_conv_sqsum(self.model, logs)
-        for key in _loss_keys(logs) + [tags.CONV_SQSUM]:
-            if _non_finite(logs, key):
-                self.where = (epoch + 1, self._batch, float(logs[key]))
-                self.what = _DESCRIPTION.get(key, key)
-                self.model.stop_training = True
-                return
+    def stopped_message(self, signal_name):
+        # Where it stopped, counted from the last checkpoint: that is where a resume starts.
+        last = self.store.good[-1] if self.store is not None and self.store.good else 0
+        into = int(self.model.optimizer.iterations.numpy()) - last * self.steps_per_epoch
+        if into <= 0 or into > self.steps_per_epoch:
+            where = f"stopped by {signal_name} after epoch {last}" if last else f"stopped by {signal_name}"
+        elif into == self.steps_per_epoch:
+            where = f"stopped by {signal_name} at the end of epoch {last + 1}, before its checkpoint"
+        else:
+            where = f"stopped by {signal_name} in epoch {last + 1}, after step {into}/{self.steps_per_epoch}"
+        if last:
+            return (f"{where}; checkpoint {checkpoints.name(last)} (after epoch {last}) is kept: "
+                    "the same command resumes from it")
+        return f"{where}; no epoch had finished: the same command starts it again"
 
 
 _DESCRIPTION = {"loss": "loss", "val_loss": "the test loss", "l2_loss": "the L2 loss",
@@ -249,79 +275,96 @@ def _loss_keys(logs):
     return sorted((k for k in (logs or {}) if k.endswith("loss")), key=lambda k: (k != "loss", k))
 
 
-STATUS_SECONDS = 60.0     # without a progress bar: a status line this often within an epoch
-
-
-class EpochSummary(keras.callbacks.ProgbarLogger):
-    """Keras' progress bar (as `verbose` asks), then one line per epoch: the numbers that
-    matter and the time left. One callback for both, so the bar has always ended its line
-    before the summary is printed, wherever this stands in the list (and Keras adds no
-    second bar). Without the bar (verbose 0 or 2, as in a log file), a long epoch also
-    prints a status line about every `status_every` seconds: step, rate and the epoch's ETA."""
-
-    def __init__(self, total_epochs, status_every=STATUS_SECONDS):
-        super().__init__()
-        self.total = total_epochs
-        self.status_every = status_every
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._start = time.time()
-        self._epochs_run = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        super().on_epoch_begin(epoch, logs)
-        self._epoch = epoch
-        self._epoch_start = self._last_status = time.monotonic()
-
-    def on_train_batch_end(self, batch, logs=None):
-        super().on_train_batch_end(batch, logs)
-        now = time.monotonic()
-        # ProgbarLogger.set_params keeps `verbose` and the epoch's steps (`target`), not `params`.
-        if self.verbose == 1 or now - self._last_status < self.status_every:
-            return
-        self._last_status = now
-        done, steps = batch + 1, self.target
-        rate = done / max(now - self._epoch_start, 1e-9)
-        of = f"/{steps}" if steps else ""
-        eta = f", epoch ETA {hms((steps - done) / rate)}" if steps else ""
-        print(f"  epoch {self._epoch + 1}/{self.total}: step {done}{of}, {rate:.2f} steps/s{eta}", flush=True)
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        ours = {d.tag for d in DIAGNOSTICS} | {tags.CONV_SQSUM, tags.LEARNING_RATE}
-        # The bar shows Keras' metrics only, whether or not EpochTensorBoard added the
-        # diagnostics to `logs` before this runs.
-        super().on_epoch_end(epoch, {k: v for k, v in logs.items() if k not in ours})
-        if hasattr(self.model, "diagnostics"):
-            per_layer, lr = epoch_diagnostics(self.model)
-            logs.update({tags.CONV_SQSUM: float(np.sum(per_layer[tags.CONV_SQSUM])),
-                         tags.CONV_RELATIVE_STEP: float(np.mean(per_layer[tags.CONV_RELATIVE_STEP])),
-                         tags.LEARNING_RATE: lr})
-        self._epochs_run += 1
-        per_epoch = (time.time() - self._start) / self._epochs_run
-        left = per_epoch * (self.total - epoch - 1)
-        parts = [f"epoch {epoch + 1}/{self.total}",
-                 f"loss {logs.get('loss', math.nan):.4f}",
-                 f"acc {100 * logs.get('accuracy', math.nan):.2f}%"]
-        if "val_accuracy" in logs:
-            parts.append(f"test acc {100 * logs['val_accuracy']:.2f}%")
-        if tags.CONV_SQSUM in logs:
-            parts.append(f"conv_sqsum {logs[tags.CONV_SQSUM]:.1f}")
-            parts.append(f"rel step {logs[tags.CONV_RELATIVE_STEP]:.3g}")
-            parts.append(f"lr {logs[tags.LEARNING_RATE]:.3g}")
-        parts.append(f"{per_epoch:.1f} s/epoch, ETA {hms(left)}")
-        print(" | ".join(parts), flush=True)
-
-
-def with_conv_sqsum(model, logs):
-    """`logs` with the weights' conv_sqsum, computed from the model if it is not there."""
-    logs = dict(logs or {})
-    if tags.CONV_SQSUM not in logs and hasattr(model, "layers"):
-        logs[tags.CONV_SQSUM] = float(np.sum(layer_sqsum(model)))
-    return logs
+def diverged(model, logs):
+    """(what, value) of the first non-finite number at an epoch's end, else None: a loss (train or
+    test) or the weights' conv_sqsum (from `logs`, else from the step's diagnostics). The loss is
+    computed before each update, so the last step of an epoch can leave non-finite weights
+    behind a finite loss, and the test loss can diverge alone (NaN batch-norm statistics)."""
+    values = dict(logs or {})
+    if tags.CONV_SQSUM not in values and hasattr(model, "diagnostics"):
+        values.update(diagnostic_totals(epoch_diagnostics(model)))
+    for key in _loss_keys(values) + [tags.CONV_SQSUM]:
+        if _non_finite(values, key):
+            return _DESCRIPTION.get(key, key), float(values[key])
+    return None
 
 
 def _non_finite(logs, key="loss"):
     value = (logs or {}).get(key)
     return value is not None and not np.isfinite(float(value))
+
+
+# ----------------------------------------------------------------------------- the final report
+
+TENSORBOARD_PAGE = "http://localhost:6006/#custom_scalars"
+
+
+def _number(logs, key, fmt, scale=1.0, unit=""):
+    value = logs.get(key)
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return format(scale * value, fmt) + unit
+
+
+def tensorboard_command(model_dir):
+    """The command that shows this run in TensorBoard. Inside the image (its entrypoint sets
+    RESNET_CIFAR_CONTAINER_RUNS to the runs folder) a path of the container means nothing on
+    the host: the hint is the image's own TensorBoard command, run on the host."""
+    runs = os.environ.get("RESNET_CIFAR_CONTAINER_RUNS")
+    if runs and os.path.abspath(model_dir).startswith(os.path.abspath(runs) + os.sep):
+        return (f"docker run --rm -p 6006:6006 -v $PWD/runs:{runs} resnet-cifar tensorboard --logdir {runs} "
+                f"--bind_all (on the host, in the folder you mounted at {runs})")
+    return f"tensorboard --logdir {shlex.quote(os.path.abspath(model_dir))}"
+
+
+BN_LAG_GAP = 0.05          # test accuracy this far below train accuracy ...
+BN_LAG_MEMORIES = 10       # ... after fewer steps than this many BN memories (1 / (1 - decay))
+
+
+def bn_lag_note(model_dir, logs, steps, bn_decay):
+    """A line when test accuracy trails train accuracy on a run too short for BN's moving
+    averages to have caught up with the weights, naming analysis.precise_bn; else ''."""
+    train, test = logs.get("accuracy"), logs.get("val_accuracy")
+    if None in (train, test, steps, bn_decay) or not train - test >= BN_LAG_GAP:
+        return ""
+    memory = 1.0 / (1.0 - bn_decay) if bn_decay < 1 else math.inf
+    if steps >= BN_LAG_MEMORIES * memory:
+        return ""
+    return (f"note: test accuracy trails train accuracy by {100 * (train - test):.1f} points: after only "
+            f"{steps} steps, BN's moving averages (decay {bn_decay:g}, a memory of ~{memory:.0f} steps) "
+            f"lag the weights; `python -m analysis.precise_bn {shlex.quote(model_dir)}` evaluates "
+            "with recomputed BN statistics")
+
+
+def final_report(model_dir, epochs, logs, seconds=None, last_eval_epoch=None, resumed_after=0,
+                 steps=None, bn_decay=None):
+    """The block printed when a run has finished, as one string of lines.
+
+    logs: the last epoch's Keras logs (`loss`, `val_accuracy`, `conv_sqsum`, ...);
+    last_eval_epoch: the epoch `val_accuracy` comes from, when not the last one;
+    seconds: time spent by this process, which trained the epochs after `resumed_after`.
+    """
+    d = os.path.abspath(model_dir)
+    took = "" if seconds is None else f" in {hms(seconds)}"
+    if resumed_after:
+        took = f" ({epochs - resumed_after} of them after resuming{took})"
+    test_at = "" if last_eval_epoch in (None, epochs) else f"  (at epoch {last_eval_epoch})"
+    rule = "-" * 72
+    lines = [
+        rule,
+        f"finished: {count(epochs, 'epoch')}{took}",
+        f"  test accuracy  {_number(logs, 'val_accuracy', '.2f', 100, ' %')}{test_at}",
+        f"  train loss     {_number(logs, 'loss', '.4f')}  (cross entropy of the last epoch)",
+        f"  conv_sqsum     {_number(logs, tags.CONV_SQSUM, '.1f')}  (sum of squared conv weights)",
+        f"outputs in {d}",
+        f"  event files    {os.path.join(d, tags.TRAIN_DIR)}, {os.path.join(d, tags.VALIDATION_DIR)}",
+        f"  checkpoints    {os.path.join(d, tags.CHECKPOINTS_DIR)}",
+        f"  final weights  {os.path.join(d, tags.FINAL_WEIGHTS_FILE)}",
+        f"  run config     {os.path.join(d, tags.RUN_CONFIG_FILE)}",
+        f"  final metrics  {os.path.join(d, tags.DONE_FILE)}",
+        f"TensorBoard: {tensorboard_command(d)}",
+        f"  then open {TENSORBOARD_PAGE} (the post's curves side by side)",
+        rule,
+    ]
+    note = bn_lag_note(model_dir, logs, steps, bn_decay) if last_eval_epoch in (None, epochs) else ""
+    return "\n".join(lines + ([note] if note else []))

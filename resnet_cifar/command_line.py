@@ -16,11 +16,9 @@ import os
 import re
 import sys
 
-_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")     # a negative number is a value, not an option
+from resnet_cifar.config import INT_MAX, _stdout_to_devnull, fail, parse_absl  # noqa: F401  (the commands' one-line errors)
 
-# The largest count any command takes: TensorFlow's int32 shapes and seeds, and the C ints
-# that Python's clocks and timedeltas convert to, stop here.
-INT_MAX = 2**31 - 1
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")     # a negative number is a value, not an option
 
 
 def integer(minimum=None, maximum=INT_MAX):
@@ -37,57 +35,6 @@ def integer(minimum=None, maximum=INT_MAX):
             raise argparse.ArgumentTypeError(f"{value} must be at most {maximum}")
         return value
     return parse
-
-
-def bound_integer_flags(flag_values, module_name):
-    """absl validators: every integer flag that `module_name` defines refuses a value beyond
-    +-INT_MAX at parsing (one line, exit 2, through `parse_absl`)."""
-    from absl import flags
-
-    for flag in flag_values.get_flags_for_module(module_name):
-        if isinstance(flag.parser, flags.IntegerParser):
-            flags.register_validator(flag.name, lambda v: v is None or abs(v) <= INT_MAX,
-                                     f"must be at most {INT_MAX} in size", flag_values=flag_values)
-
-
-def fail(message, code=2):
-    """Print `error: message` on stderr, on one line whatever a library's text held, and exit
-    with `code`."""
-    message = " ".join(str(message).split())
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _stdout_to_devnull():
-    """After a BrokenPipeError: nothing more to write, and no second error when Python exits."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-
-
-def parse_absl(flag_values, argv):
-    """`flag_values(argv)` (absl) as the absl commands' (trainer, benchmark) `flags_parser`:
-    a bad flag or flagfile is one line `error: ...` (exit code 2) instead of absl's usage dump;
-    -h is --help (absl knows -? only); and --help, --helpshort, --helpfull or --helpxml exit
-    with 0: absl exits 1 there, the help asked for is a success."""
-    from absl import flags
-
-    argv = [argv[0]] + ["--help" if arg == "-h" else arg for arg in argv[1:]]
-    try:
-        return flag_values(argv)
-    except SystemExit as e:
-        if e.code == 1:
-            sys.exit(0)
-        raise
-    except BrokenPipeError:          # the help piped into `head`, which stopped reading: done
-        _stdout_to_devnull()
-        sys.exit(0)
-    except flags.Error as e:
-        # a validator's "flag --x=v: must ..." as TrainConfig says it: "--x=v must ..."
-        fail(re.sub(r"^flag (--\S+): must ", r"\1 must ", str(e).splitlines()[0].removeprefix("ERROR:: ")))
-    except UnicodeDecodeError as e:  # a flagfile that is not text
-        names = [a.split("=", 1)[1] for a in argv if a.startswith(("--flagfile=", "-flagfile="))]
-        fail(f"--flagfile={','.join(names) or '?'}: not UTF-8 text ({e.reason} at byte {e.start})")
-    except OSError as e:             # a flagfile that is a folder, unreadable, ...
-        fail(f"cannot read flagfile {e.filename}: {e.strerror or e}")
 
 
 def run(main):

@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from resnet_cifar import tags
+from resnet_cifar import config as config_lib
+from resnet_cifar import fidelity, tags
 from resnet_cifar.command_line import not_a_folder
 
 Series = Tuple[np.ndarray, np.ndarray]   # (steps as int64, values as float64), by step
@@ -311,4 +312,76 @@ def read_channel_sqsum(run_dir: str) -> Tuple[np.ndarray, Dict[str, np.ndarray]]
     bad = [k for k, v in layers.items() if v.ndim != 2 or v.shape[0] != len(epochs)]
     if bad:
         raise EventsError(f"{path}: layer {bad[0]} does not have one row per epoch")
+    return epochs, layers
+
+
+# --- a baseline's trajectory, for the replay modes of the conv LR factor ------------------------
+
+def load_baseline(path, train_epochs, per_channel=False, resnet_size=fidelity.RESNET_SIZE):
+    """The logged conv_sqsum trajectory (total and per layer) of a finished baseline run, as an
+    `optim.BaselineTrajectory`; a one-line ConfigError for a folder that cannot be replayed."""
+    from resnet_cifar import optim
+
+    if not os.path.isdir(path):
+        raise config_lib.ConfigError(f"--replay_from={path}: no such run folder")
+    try:
+        run = load_run(path, (tags.TRAIN_DIR,))      # its config and train events, read once
+    except EventsError as e:
+        raise config_lib.ConfigError(f"--replay_from={path}: {e}") from None
+    not_baseline = describe_non_baseline(run.config)
+    if not_baseline:
+        raise config_lib.ConfigError(f"--replay_from={path} is not a baseline run: it is {not_baseline}; "
+                                     "replay needs a baseline (conv kernels in L2, no gradient scaling)")
+    if run.damaged:
+        raise config_lib.ConfigError(f"--replay_from={path}: damaged event file {run.damaged[0]}")
+    if not run.complete:
+        raise config_lib.ConfigError(f"--replay_from={path}: that run has not finished (no {tags.DONE_FILE}, "
+                                     "or its events stop before the epoch it names); let the baseline finish first")
+    depth = run.config.get("resnet_size", fidelity.RESNET_SIZE)
+    if depth != resnet_size:
+        raise config_lib.ConfigError(f"--replay_from={path} is a ResNet-{depth} run: this ResNet-{resnet_size} "
+                                     "can only replay a baseline of its own depth (--resnet_size)")
+    scalars = run.scalars[tags.TRAIN_DIR]
+    if tags.CONV_SQSUM not in scalars or len(scalars[tags.CONV_SQSUM][0]) == 0:
+        raise config_lib.ConfigError(f"--replay_from={path}: no {tags.CONV_SQSUM} logged in it")
+    epochs, total = scalars[tags.CONV_SQSUM]
+    if epochs[-1] < train_epochs:
+        raise config_lib.ConfigError(
+            f"--replay_from={path}: its {tags.CONV_SQSUM} ends at epoch {int(epochs[-1])}, "
+            f"this run needs {train_epochs}")
+    layers = tags.per_layer_series(scalars, tags.CONV_SQSUM)   # also the pre-prefix names
+    per_layer = None
+    if layers:
+        per_layer = np.stack([np.interp(epochs, *series) for series in layers.values()], axis=1)
+    trajectory = optim.BaselineTrajectory(epochs, total, per_layer, list(layers))
+    if per_channel:
+        trajectory.channel_epochs, trajectory.per_channel = load_channel_sqsum(path, train_epochs)
+    return trajectory
+
+
+def describe_non_baseline(source_config):
+    """'' for a baseline run's config, else what the run is (e.g. 'NoConvL2 (--noconv_l2)')."""
+    conv_l2 = source_config.get("conv_l2", True)
+    scaled = source_config.get("conv_grad_scale", False)
+    if conv_l2 and not scaled:
+        return ""
+    if scaled:
+        factor = source_config.get("conv_lr_factor", "piecewise")
+        kind = "ConvLRScale" if not conv_l2 else "a conv-gradient-scaled run with conv L2"
+        return f"{kind} (--conv_grad_scale --conv_lr_factor={factor}" + \
+            ("" if conv_l2 else " --noconv_l2") + ")"
+    return "NoConvL2 (--noconv_l2: conv kernels out of L2)"
+
+
+def load_channel_sqsum(path, train_epochs):
+    """(epochs, {layer: (E, cout)}) of a baseline's conv_channel_sqsum.npz, for per_channel."""
+    try:
+        epochs, layers = read_channel_sqsum(path)
+    except EventsError as e:
+        raise config_lib.ConfigError(f"--replay_from={path}: --conv_lr_factor=per_channel needs its "
+                                     f"{tags.CHANNEL_SQSUM_FILE} ({str(e).splitlines()[0]})") from None
+    if len(epochs) == 0 or epochs[-1] < train_epochs:
+        last = int(epochs[-1]) if len(epochs) else "no epoch"
+        raise config_lib.ConfigError(f"--replay_from={path}: its {tags.CHANNEL_SQSUM_FILE} ends at "
+                                     f"epoch {last}, this run needs {train_epochs}")
     return epochs, layers

@@ -1,25 +1,33 @@
-"""The run folder (`--model_dir`): guards before training, run_config.json, done marker.
+"""The door to a run folder (`--model_dir`): the checks, the lock, run_config.json, the done marker.
 
-Nothing is written before every check has passed (`check`); the folder is then
-created and locked for the run's lifetime (`open_run`, `run_lock`).
+Nothing is written before every check has passed (`check`); the folder is then created and
+locked for the run's lifetime, and checked again under the lock (`opened`). A run folder
+belongs to one configuration. Re-running the same command resumes it (or says it is
+finished); a different configuration is refused, naming the flags that differ.
+`--overwrite` replaces whatever run the folder holds, finished or not, with a fresh one
+(other files in the folder stay). Files are written atomically (temporary file + rename),
+so a kill never leaves half a JSON file.
 
-A run folder belongs to one configuration. Re-running the same command resumes
-it (or says it is finished); a different configuration is refused, naming the
-flags that differ. `--overwrite` replaces whatever run the folder holds, finished
-or not, with a fresh one (other files in the folder stay). Files are written atomically
-(temporary file + rename), so a kill never leaves half a JSON file.
+The file names are in `tags`; checkpoints are `checkpoints`, the lock and signals
+`process`, and reading a run back (analysis, replay, the resume check) is `events`,
+imported here only when a folder holds something to read.
 """
 
+import contextlib
 import dataclasses
+import datetime
 import glob
+import hashlib
 import json
 import os
+import platform
 import shutil
+import subprocess
 import sys
 import time
 
-from resnet_cifar import config as config_lib
-from resnet_cifar import atomic, console, events, provenance, run_lock, tags
+from resnet_cifar import cifar_data, config as config_lib
+from resnet_cifar import checkpoints, process, tags
 
 CHECKPOINTS = tags.CHECKPOINTS_DIR
 MIN_FREE_BYTES = 100 * 2**20     # checkpoints (2 + phase ends, ~2.2 MB each) and event files, with margin
@@ -63,9 +71,9 @@ def check(config, locked=False):
             f"--model_dir={d}: only {free / 2**20:.0f} MB free on its disk, a run needs "
             f"{MIN_FREE_BYTES / 2**20:.0f} MB for checkpoints and event files")
     if not locked:
-        holder = run_lock.holder(d)
+        holder = process.lock_holder(d)
         if holder is not None:
-            raise config_lib.ConfigError(str(run_lock.RunLocked(d, holder)))
+            raise config_lib.ConfigError(str(process.RunLocked(d, holder)))
     return state
 
 
@@ -99,7 +107,7 @@ def _stored_run(config):
         raise config_lib.ConfigError(
             f"--model_dir={d} holds a run with other flags ({'; '.join(diffs)}); "
             "use --overwrite to replace it, or another --model_dir")
-    if events.is_done(d):
+    if os.path.isfile(os.path.join(d, tags.DONE_FILE)):
         return RunDirState(finished=True)
     damage = damaged(d)
     if damage:
@@ -117,6 +125,8 @@ def damaged(d):
             return f"{path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}"
     path = os.path.join(d, tags.CHANNEL_SQSUM_FILE)
     if os.path.exists(path):
+        from resnet_cifar import events
+
         try:
             events.read_channel_sqsum(d)
         except events.EventsError as e:
@@ -126,6 +136,10 @@ def damaged(d):
 
 def logged_epochs(d):
     """The last epoch the train event files of the run folder hold (0: none, or unreadable)."""
+    if not glob.glob(os.path.join(glob.escape(d), tags.TRAIN_DIR, "*tfevents*")):
+        return 0
+    from resnet_cifar import events
+
     try:
         run = events.load_run(d, subdirs=(tags.TRAIN_DIR,))
     except events.EventsError:
@@ -143,7 +157,7 @@ def check_checkpoints_cover_the_logs(d, restored):
     if logged > restored + 1:
         have = f"its newest checkpoint is of epoch {restored}" if restored else "it has no checkpoint"
         raise config_lib.ConfigError(
-            f"--model_dir={d} has logged {console.count(logged, 'epoch')} but {have}: its checkpoints were deleted or "
+            f"--model_dir={d} has logged {count(logged, 'epoch')} but {have}: its checkpoints were deleted or "
             f"lost; use --overwrite to start this run afresh (its logs go too), or another --model_dir")
 
 
@@ -166,44 +180,47 @@ def _sweep_run(d, depth=3):
     return ""
 
 
-def open_run(config):
-    """Creates the folder, takes its lock (one writer per run), re-checks it under the lock.
+@contextlib.contextmanager
+def opened(config):
+    """The run folder of `config`, checked, created and locked for the block; yields its
+    `RunDirState`. The one way a run gets its folder.
 
-    Returns (lock, state, created): `created` when this call made the folder, so a
-    refusal before training can remove it. Raises `ConfigError` (one line) if another
-    process holds the folder or the folder cannot be made.
+    The checks run before anything is written (a finished run needs no lock, and is fine on
+    a read-only mount), then again under the lock, which is the check that counts: another
+    process may have written the folder meanwhile. A `ConfigError` or `DataError` in the
+    block (a refusal before training), or a stop that left nothing but the lock, removes a
+    folder this call created: nothing is left on disk.
     """
+    state = check(config)
+    if state.finished:
+        yield state
+        return
     d = config.model_dir
     created = not os.path.exists(d)
     try:
-        lock = run_lock.acquire(d)
-    except run_lock.RunLocked as e:
+        lock = process.lock(d)
+    except process.RunLocked as e:
         raise config_lib.ConfigError(str(e)) from None
     except IsADirectoryError:        # no process of this project takes a folder as its lock
-        raise config_lib.ConfigError(f"--model_dir={d}: its lock file {run_lock.LOCK_FILE} is a folder: "
+        raise config_lib.ConfigError(f"--model_dir={d}: its lock file {process.LOCK_FILE} is a folder: "
                                      "remove that folder, then run again") from None
     except OSError as e:
-        raise config_lib.ConfigError(f"--model_dir={d}: cannot take its lock {e.filename or run_lock.LOCK_FILE} "
+        raise config_lib.ConfigError(f"--model_dir={d}: cannot take its lock {e.filename or process.LOCK_FILE} "
                                      f"({e.strerror or e})") from None
     try:
-        state = check(config, locked=True)   # another process may have written it meanwhile
-        if state.replace:
-            clear(d)
-    except BaseException:
-        lock.release()
-        if created:
-            remove_created(d)
+        yield check(config, locked=True)
+    except BaseException as e:
+        refused = isinstance(e, (config_lib.ConfigError, cifar_data.DataError))
+        if created and (refused or set(os.listdir(d)) <= {process.LOCK_FILE}):
+            lock.release()
+            shutil.rmtree(d, ignore_errors=True)
         raise
-    return lock, state, created
-
-
-def remove_created(d):
-    """Removes a folder this process created, after a refusal: nothing is left on disk."""
-    shutil.rmtree(d, ignore_errors=True)
+    finally:
+        lock.release()
 
 
 def finished_message(config):
-    return (f"{config.model_dir}: this run already finished ({console.count(config.train_epochs, 'epoch')}); "
+    return (f"{config.model_dir}: this run already finished ({count(config.train_epochs, 'epoch')}); "
             "nothing to do")
 
 
@@ -256,7 +273,7 @@ def clear(d):
 
 def write_run_config(config, model, steps_per_epoch, num_train_images, data=None):
     """run_config.json: every setting, versions, parameter count, seed, the data's fingerprint
-    (`cifar_data.fingerprint`): a figure's provenance."""
+    (`cifar_data.fingerprint`): a figure's """
     import tensorflow as tf
 
     path = os.path.join(config.model_dir, tags.RUN_CONFIG_FILE)
@@ -267,19 +284,19 @@ def write_run_config(config, model, steps_per_epoch, num_train_images, data=None
             sources = list(json.load(f).get("sources") or [])
     except (OSError, ValueError, AttributeError, TypeError):
         sources = []
-    current = provenance.source()
+    current = source()
     if not sources or sources[-1] != current:
         sources.append(current)
-    atomic.write_json(path, {
+    checkpoints.write_json(path, {
         "config": config.to_dict(),
         "seed": config.seed,
         "trainable_parameters": int(sum(int(v.numpy().size) for v in model.trainable_variables)),
         "steps_per_epoch": steps_per_epoch,
         "num_train_images": num_train_images,
         "data": data,
-        "versions": provenance.versions(),
+        "versions": versions(),
         "devices": [d.name for d in tf.config.list_logical_devices()],
-        "runtime": dict(provenance.runtime(), xla=bool(model.jit_compile)),   # the step as compiled
+        "runtime": dict(runtime(), xla=bool(model.jit_compile)),   # the step as compiled
         "source": current,
         "sources": sources,
         "command": sys.argv,
@@ -287,21 +304,100 @@ def write_run_config(config, model, steps_per_epoch, num_train_images, data=None
     })
 
 
-def record_data(run_dir, data):
-    """Adds the data's fingerprint to a run folder's run_config.json (a run trained before runs
-    recorded it), nothing else changed. Refuses one that records other data."""
-    path = os.path.join(run_dir, tags.RUN_CONFIG_FILE)
-    with open(path) as f:
-        payload = json.load(f)
-    old = payload.get("data")
-    if old and any(old.get(k) != data.get(k) for k in ("train", "test")):
-        raise config_lib.ConfigError(f"{path} records other data ({old.get('name')}, train arrays "
-                                     f"{old['train'].get('arrays_sha256', '?')[:12]}) than these")
-    payload["data"] = data
-    atomic.write_json(path, payload)
-
-
 def mark_done(config, final_logs):
-    atomic.write_json(os.path.join(config.model_dir, tags.DONE_FILE),
+    checkpoints.write_json(os.path.join(config.model_dir, tags.DONE_FILE),
                {"epochs": config.train_epochs, "final": final_logs,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+# ----------------------------------------------------------------------------- provenance
+
+# Where a run ran: library versions, the CPU and TensorFlow's thread and oneDNN settings,
+# and the git commit of the code. run_config.json records them, so every figure can be
+# traced to its code and machine.
+
+def versions():
+    import keras
+    import numpy
+    import tensorflow as tf
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "tensorflow": tf.__version__,
+           "keras": keras.__version__, "numpy": numpy.__version__}
+    for package in ("tensorflow-datasets", "absl-py", "tensorboard"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def onednn_enabled():
+    """Whether this process's TensorFlow runs oneDNN kernels (fixed when TF was imported)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:          # a TF build without this module: unknown
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def cpu_model():
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def runtime():
+    """The settings a run's speed (and last bits) depend on: oneDNN, thread pools, and the GPUs
+    it was given (a runner's share of a node: Ray sets CUDA_VISIBLE_DEVICES)."""
+    import tensorflow as tf
+
+    return {"onednn": onednn_enabled(),
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),   # 0: TF's default
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count()}
+
+
+def source():
+    """The code a run was trained with: the git commit of this package's checkout, and whether
+    tracked files differed from it (None for an installed copy, which has no git checkout)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+# ----------------------------------------------------------------------------- console words
+
+def count(n, word):
+    """'1 epoch', '2 epochs': n and the word, plural unless n is 1."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def hms(seconds):
+    """0:01:05 for 65 seconds (a negative time is 0:00:00, one beyond a timedelta's range
+    'more than 2 million years')."""
+    seconds = max(seconds, 0)
+    if seconds >= datetime.timedelta.max.total_seconds():
+        return "more than 2 million years"
+    return str(datetime.timedelta(seconds=round(seconds)))

@@ -1,5 +1,5 @@
 """The runs by name, in one place: results-folder and flagfile names, legend labels and
-colours, and the modes of the conv-gradient factor. Training (config, conv scaling), the
+colours, and which run a configuration is (`name_of`). The trainer's folder hint, the
 runner (plan) and analysis (figures, the equivalence study, the claims) read them here.
 """
 
@@ -27,10 +27,7 @@ LABELS = {
 COLORS = {BASELINE: "tab:orange", NOCONV_L2: "tab:blue", CONV_LR_SCALE: "tab:green",
           CONV_LR_SCALE_BN098: "tab:purple"}
 
-# --conv_lr_factor: the post's hand fit, and the modes that replay a baseline run's logged
-# trajectory (they need --replay_from); the equivalence study names each replay run's granularity.
-CONV_LR_FACTORS = ("piecewise", "replay", "per_layer", "per_channel")
-REPLAY_FACTORS = ("replay", "per_layer", "per_channel")
+# The equivalence study names each replay run's granularity.
 REPLAY_GRANULARITY = {CONV_LR_SCALE: "global", CONV_LR_SCALE_PER_LAYER: "per layer",
                       CONV_LR_SCALE_PER_CHANNEL: "per channel"}
 

@@ -1,15 +1,22 @@
 """Train one run of the post: `python -m resnet_cifar.train --model_dir=DIR [flags]`.
 
-This module only parses flags (names fixed by docs/cli.md) into a
-`TrainConfig` and hands it to `resnet_cifar.trainer`. Any bad flag, bad data
-or diverged run ends with one line on stderr and a non-zero exit code.
+One run, read top to bottom: flags -> config -> run folder -> data -> model -> restore ->
+fit -> final report. The flags are made from `TrainConfig`'s fields (`config.define_flags`).
+Any bad flag, bad data or diverged run ends with one line on stderr and a non-zero exit
+code. TensorFlow is imported only once the flags, the folder and the data have been
+checked (in `train_and_evaluate`), so a mistake is reported in a second.
+
+What each file holds: docs/architecture.md.
 """
 
 import copy
-import dataclasses
+import errno
 import functools
 import os
+import re
 import sys
+import time
+import warnings
 
 # oneDNN, TensorFlow's optimized CPU kernels, is decided when TensorFlow is imported,
 # and TF turns it on by default only on CPUs with AVX512_VNNI, AVX512_BF16 or AMX. This
@@ -20,113 +27,222 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging
 
-from resnet_cifar import config as config_lib
-from resnet_cifar import command_line, fidelity, interrupt, runs
-from resnet_cifar.command_line import fail
+from resnet_cifar import cifar_data, config as config_lib, process, run_dir, tags
+from resnet_cifar.config import fail
 
 FLAGS = flags.FLAGS
+config_lib.define_flags(FLAGS)
+flags.adopt_module_key_flags(config_lib)      # --helpshort lists them as this command's
 
 
-def choices_help(registry):
-    """'name: description; ...' of a registry (`cifar_data.SOURCES`, `optim.OPTIMIZERS`):
-    an enum flag's help lists exactly the choices the code has, from the one list."""
-    return "; ".join(f"{name}: {entry.description}" for name, entry in registry.items()) + "."
+class TrainingError(RuntimeError):
+    """The run could not go on (e.g. diverged); one line for the user."""
 
 
-def default_rates_help(optimizers):
-    """--learning_rate's help: each optimizer's default rate, from `optim.OPTIMIZERS`."""
-    rates = ", ".join(f"{spec.default_learning_rate:g} for {name}" for name, spec in optimizers.items())
-    return f"Base learning rate at batch 128 (scaled by batch/128); default: {rates}."
-
-
-flags.DEFINE_string("model_dir", None, "Run folder: event files, checkpoints, run_config.json.")
-flags.DEFINE_enum("data_source", "tfds", list(config_lib.DATA_SOURCES),
-                  choices_help(config_lib.DATA_SOURCES))
-flags.DEFINE_string("data_dir", None, "TFDS data folder; for binary: the cifar-10-batches-bin "
-                    "folder, its parent, or the cifar-10-binary.tar.gz archive itself.")
-flags.DEFINE_integer("train_epochs", fidelity.TRAIN_EPOCHS, "Total epochs.")
-flags.DEFINE_integer("epochs_between_evals", 1, "Evaluate on the test set every this many epochs.")
-flags.DEFINE_integer("batch_size", fidelity.BATCH_SIZE, "Global batch; the base learning rate scales as batch/128 "
-                     "(0.1*batch/128 with momentum).")
-flags.DEFINE_list("boundary_epochs", [f"{b:g}" for b in fidelity.BOUNDARY_EPOCHS],
-                  "Learning-rate boundaries in epochs (comma list, increasing).")
-flags.DEFINE_list("decay_rates", [f"{r:g}" for r in fidelity.DECAY_RATES],
-                  "Multipliers of the base rate, one more than --boundary_epochs.")
-flags.DEFINE_float("weight_decay", fidelity.WEIGHT_DECAY,
-                   "L2 coefficient: weight_decay * sum(tf.nn.l2_loss(v)).")
-flags.DEFINE_boolean("conv_l2", True, "Keep the conv kernels in the L2 sum; --noconv_l2 takes "
-                     "them out (BN and dense stay in): the post's NoConvL2 run.")
-flags.DEFINE_boolean("flag_noconv_l2", False, "Synonym of --noconv_l2.")
-flags.DEFINE_boolean("conv_grad_scale", False, "Multiply conv-kernel gradients by the conv LR "
-                     "factor (the post's ConvLRScale runs).")
-flags.DEFINE_enum("conv_lr_factor", "piecewise", list(config_lib.CONV_LR_FACTORS),
-                  "piecewise: the post's fit * conv_sqsum/800; replay: conv_sqsum / the "
-                  "baseline's logged conv_sqsum; per_layer: the same for each conv layer; "
-                  "per_channel: for each output channel (from the baseline's conv_channel_sqsum.npz).")
-flags.DEFINE_string("replay_from", None, "Finished baseline run folder whose logged conv_sqsum (per_channel: its "
-                    "conv_channel_sqsum.npz) is replayed.")
-flags.DEFINE_float("bn_decay", fidelity.BATCH_NORM_DECAY, "Batch-norm moving-average decay.")
-flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: the whole training set).")
-flags.DEFINE_integer("eval_steps", None, "Test batches per evaluation (default: the whole test set).")
-flags.DEFINE_integer("seed", 0, "Seed of all randomness (initial weights, data order, augmentation).")
-flags.DEFINE_boolean("deterministic", False, "TF op determinism and one inter-op thread: "
-                     "bitwise-repeatable runs (slower).")
-flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
-                  "XLA-compile the train step; auto: on GPU only (it is slower on CPU), and not "
-                  "with --deterministic (Keras compiles no XLA step under op determinism).")
-flags.DEFINE_integer("steps_per_execution", 1, "Train steps per tf.function call.")
-flags.DEFINE_enum("dtype", "float32", list(config_lib.DTYPES),
-                  "float32 (faithful) or a mixed-precision policy; the conv factor stays float32.")
-flags.DEFINE_boolean("overwrite", False, "Start afresh: delete the run --model_dir holds (finished or not, "
-                     "any flags) and train anew.")
-flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 none, 1 progress bar, 2 Keras' line per epoch "
-                     "(the trainer's own line per epoch is always printed; without the bar, also a status "
-                     "line about every minute of a long epoch). Not given, and the output is not a terminal "
-                     "(a file, a pipe): 0, so logs hold one line per epoch and no progress-bar escape codes.")
-# Beyond the post: depth and optimizer.
-flags.DEFINE_integer("resnet_size", fidelity.RESNET_SIZE,
-                     "ResNet depth 6n+2 (20: the post; 32, 44, 56, 110), n blocks per stage.")
-flags.DEFINE_enum("optimizer", "momentum", list(config_lib.OPTIMIZERS),
-                  choices_help(config_lib.OPTIMIZERS))
-flags.DEFINE_float("learning_rate", None, default_rates_help(config_lib.OPTIMIZERS))
-
-# Every number flag refuses nan, inf and what float32 cannot hold, at parsing: one line, exit 2.
-for _flag in FLAGS.get_flags_for_module(__name__):
-    if isinstance(_flag.parser, flags.FloatParser):
-        flags.register_validator(_flag.name, lambda v: not config_lib.float_problem(v),
-                                 f"must be a finite number, at most {config_lib.FLOAT32_MAX:.3g} in size")
-# (--boundary_epochs and --decay_rates, lists of numbers, get the same check in TrainConfig.)
-# Every integer flag refuses what no count of steps, epochs or images can be.
-command_line.bound_integer_flags(FLAGS, __name__)
-
-
-def config_from_flags(f=FLAGS):
-    if f.conv_l2 and f["conv_l2"].present and f.flag_noconv_l2:
-        raise config_lib.ConfigError("--conv_l2 and --flag_noconv_l2 contradict each other")
+def main(argv):
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are spelled --name=value)")
     try:
-        boundaries = tuple(float(b) for b in f.boundary_epochs)
-        rates = tuple(float(r) for r in f.decay_rates)
-    except ValueError as e:
-        raise config_lib.ConfigError(f"--boundary_epochs/--decay_rates: {e}") from None
-    # Flags named like a TrainConfig field carry over as they are; the rest are mapped here.
-    special = dict(
-        boundary_epochs=boundaries,
-        decay_rates=rates,
-        conv_l2=f.conv_l2 and not f.flag_noconv_l2,
-        jit_compile={"auto": None, "true": True, "false": False}[f.jit_compile],
-        # Keras' progress bar writes ANSI codes even into files: a log gets one line per epoch.
-        verbose=f.verbose if f["verbose"].present or sys.stdout.isatty() else 0,
+        config = config_lib.from_flags(FLAGS)
+        with run_dir.opened(config) as state:         # checked, created and locked for the run
+            if state.finished:
+                print(run_dir.finished_message(config), flush=True)
+                return
+            arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
+            config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
+            process.check_signal()      # a signal that something swallowed: not on to TensorFlow
+            train_and_evaluate(config, arrays, state)
+    except (config_lib.ConfigError, cifar_data.DataError) as e:
+        fail(str(e))
+    except TrainingError as e:
+        fail(str(e), code=1)
+
+
+def train_and_evaluate(config, arrays, state=None):
+    """Trains `config.train_epochs` epochs on `arrays` (`cifar_data.Arrays`), resuming from the
+    run folder's newest checkpoint; `state`: the folder as `run_dir.opened` gave it (None: it
+    is opened here). SIGINT/SIGTERM (under `process.handlers()`, as the command runs it) raise
+    `process.Interrupted` between two steps, with a `message` saying where the run stopped."""
+    if state is None:
+        with run_dir.opened(config) as state:
+            return train_and_evaluate(config, arrays, state)
+    if state.finished:
+        print(run_dir.finished_message(config), flush=True)
+        return
+    with process.deferred():      # no signal lands inside TF's imports, where a bare except may eat it
+        import keras
+        import tensorflow as tf
+
+        from resnet_cifar import callbacks, checkpoints, models
+    setup_runtime(config)
+
+    # The model, its optimizer and the conv factor (a replay run's baseline read first).
+    steps_per_epoch = config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
+    baseline = None
+    if config.conv_grad_scale and config.conv_lr_factor in config_lib.REPLAY_FACTORS:
+        from resnet_cifar import events      # reads the baseline's run folder back
+
+        baseline = events.load_baseline(config.replay_from, config.train_epochs, resnet_size=config.resnet_size,
+                                        per_channel=config.conv_lr_factor == "per_channel")
+    model = build_model(config, steps_per_epoch, baseline)
+    progress = callbacks.Progress(model, steps_per_epoch)
+    try:
+        if state.replace:
+            run_dir.clear(config.model_dir)
+            print(f"{config.model_dir}: starting afresh (--overwrite); the run it held is deleted", flush=True)
+
+        # Restore: the newest checkpoint that reads back whole, and that is this run's.
+        epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
+        store = checkpoints.CheckpointStore(
+            tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable),
+            os.path.join(config.model_dir, run_dir.CHECKPOINTS), phase_ends=config.phase_end_epochs,
+            identity=run_dir.identity(config))
+        progress.store = store
+        try:
+            restored, skipped = store.restore()
+        except checkpoints.NothingReadable as e:
+            raise config_lib.ConfigError(f"{e}; use --overwrite to start this run afresh") from None
+        except checkpoints.ForeignCheckpoint as e:
+            raise config_lib.ConfigError(f"{e}: copied from another run's folder? Use --overwrite to start "
+                                         "this run afresh, or another --model_dir") from None
+        run_dir.check_checkpoints_cover_the_logs(config.model_dir, restored)
+        initial_epoch = int(epoch_variable.numpy())
+        skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
+        if initial_epoch:
+            print(f"resuming {config.model_dir} after epoch {initial_epoch} "
+                  f"({checkpoints.name(restored)}){skipped_text}", flush=True)
+        elif skipped:
+            print(f"{config.model_dir}: no checkpoint to resume from{skipped_text}", flush=True)
+        run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels),
+                                 data=cifar_data.fingerprint(arrays, config.data_source, config.data_dir))
+
+        # The data, resumed at the step the checkpoint ends: the batches an uninterrupted run sees.
+        train_ds = cifar_data.train_dataset(arrays.train_images, arrays.train_labels, config.batch_size,
+                                            seed=config.seed, start_step=initial_epoch * steps_per_epoch)
+        test_ds = cifar_data.test_dataset(arrays.test_images, arrays.test_labels, config.batch_size,
+                                          config.eval_steps)
+
+        # Fit: each epoch logged (event files, conv_channel_sqsum.npz, console), then checkpointed.
+        epoch_log = callbacks.EpochLog(config.model_dir, config.train_epochs)
+        start = time.time()
+        try:
+            with process.deferred():         # a signal stops the run between two steps (EpochLog)
+                history = model.fit(
+                    train_ds,
+                    epochs=config.train_epochs,
+                    initial_epoch=initial_epoch,
+                    steps_per_epoch=steps_per_epoch,
+                    validation_data=test_ds,
+                    shuffle=False,                 # the stream is shuffled by cifar_data.train_dataset
+                    validation_freq=config.epochs_between_evals,
+                    verbose=config.verbose,
+                    callbacks=[epoch_log, callbacks.EpochCheckpoint(store, epoch_variable)],
+                )
+        except checkpoints.SaveError as e:
+            raise TrainingError(str(e)) from None
+        except (tf.errors.ResourceExhaustedError, OSError) as e:
+            raise TrainingError(out_of_space(e, store)) from None
+        if epoch_log.diverged:
+            epoch, step, what, value = epoch_log.diverged
+            raise TrainingError(f"{what} became {value} at epoch {epoch}, step {step}: training stopped; "
+                                f"logs up to there are in {config.model_dir}")
+    except process.Interrupted as e:
+        e.message = progress.stopped_message(e.name)
+        raise
+
+    # Done: the final weights (to share and evaluate without checkpoints), then done.json, so a
+    # finished run always has its final weights; then what it gave and where it is.
+    logs = {k: float(v[-1]) for k, v in history.history.items() if v}
+    process.check_signal()           # a signal that something swallowed: not finished
+    models.save_weights(model, os.path.join(config.model_dir, tags.FINAL_WEIGHTS_FILE))
+    run_dir.mark_done(config, logs)
+    freq = config.epochs_between_evals
+    print(callbacks.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
+                                 last_eval_epoch=config.train_epochs // freq * freq, resumed_after=initial_epoch,
+                                 steps=config.train_epochs * steps_per_epoch, bn_decay=config.bn_decay), flush=True)
+
+
+def build_model(config, steps_per_epoch, baseline=None):
+    """The compiled `models.ReproductionModel` of `config`: the ResNet, the post's objective,
+    the conv factor and the optimizer on the schedule, its slots built."""
+    import keras
+
+    from resnet_cifar import models, optim
+
+    keras.mixed_precision.set_dtype_policy(config.dtype)
+    model = models.build_resnet(config.resnet_size, bn_decay=config.bn_decay, model_cls=models.ReproductionModel)
+    mode = config.conv_lr_factor if config.conv_grad_scale else None
+    # An optimizer with decoupled decay (adamw) decays the weights itself: no L2 term in the loss.
+    decoupled = config_lib.OPTIMIZERS[config.optimizer].decoupled_decay
+    model.configure(weight_decay=0.0 if decoupled else config.weight_decay, conv_l2=config.conv_l2,
+                    conv_lr_factor=optim.for_model(mode, baseline, model), steps_per_epoch=steps_per_epoch)
+    schedule = optim.piecewise_by_epoch(config.base_learning_rate, config.boundary_epochs,
+                                        config.decay_rates, steps_per_epoch)
+    decayed = {id(v) for v in model.l2_variables()}     # adamw: the L2 variable set
+    model.compile(
+        optimizer=optim.make_optimizer(
+            config.optimizer, schedule, weight_decay=config.weight_decay,
+            no_decay=[v for v in model.trainable_variables if id(v) not in decayed]),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        # A metric object, not the string "accuracy": Keras (TF backend, no distribution
+        # strategy) builds a metric named by a string inside the first trace of the step, and
+        # a variable created there makes TensorFlow trace the whole step a second time.
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=use_xla(config),
+        steps_per_execution=config.steps_per_execution,
     )
-    same = {field.name: f[field.name].value for field in dataclasses.fields(config_lib.TrainConfig)
-            if field.name not in special}
-    if not same["model_dir"]:
-        # The folder named after the run, as the container names it (docs/container.md).
-        named = config_lib.TrainConfig(**dict(same, model_dir="unnamed"), **special)
-        name = runs.name_of(named.to_dict()) or "NAME"
-        name += "_synthetic" if named.data_source == "synthetic" else ""
-        name += f"_seed{named.seed}" if named.seed else ""
-        raise config_lib.ConfigError(f"--model_dir is required: the run's folder, e.g. --model_dir=runs/{name}")
-    return config_lib.TrainConfig(**same, **special)
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def setup_runtime(config):
+    """Seeds; memory growth on every GPU (several runs can share one device); under
+    --deterministic, op determinism and one inter-op thread. With TF's default (one per
+    core), independent ops of the backward pass run concurrently and, even with op
+    determinism, the gradients differ in their last bits from one evaluation to the next
+    (ResNet-20 at batch 128 on 2 cores, oneDNN on or off; tests/test_train_cli.py).
+    Intra-op threads (inside one op) stay TF's default."""
+    import keras
+    import tensorflow as tf
+
+    if config.deterministic and tf.config.threading.get_inter_op_parallelism_threads() != 1:
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:        # TF's runtime already started in this process
+            warnings.warn("--deterministic: TensorFlow started before the run, so its inter-op "
+                          "threads could not be set to 1; results may differ in the last bits")
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass   # already initialized (e.g. a second run in one process)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def use_xla(config):
+    """XLA pays on GPUs; on CPUs it made this model slower (see docs/speed.md). Not under
+    --deterministic: Keras compiles no XLA step while TF's op determinism is on."""
+    import tensorflow as tf
+
+    if config.jit_compile is not None:
+        return config.jit_compile
+    return bool(tf.config.list_physical_devices("GPU")) and not config.deterministic
+
+
+def out_of_space(error, store):
+    """One line for a full disk (event files as often as checkpoints) or exhausted memory; any
+    other OSError is not ours to explain."""
+    if isinstance(error, OSError) and error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise error
+    text = " ".join(re.sub(r"\{\{[^}]*\}\}", "", str(getattr(error, "message", error))).split())
+    text = re.sub(r"(No space left on device).*", r"\1", text)
+    kept = f"checkpoint ckpt-{store.good[-1]} is kept" if store.good else "no epoch had finished"
+    return (f"{type(error).__name__}: {text[:300]}; training stopped, {kept}: free space "
+            "(or memory) and run the same command to resume")
 
 
 def parsed_copy(argv):
@@ -139,49 +255,14 @@ def parsed_copy(argv):
     return private
 
 
-def main(argv):
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are spelled --name=value)")
-    try:
-        config = config_from_flags()
-    except config_lib.ConfigError as e:
-        fail(str(e))
-
-    # Checks that need no TensorFlow come first: a mistake is reported in a second,
-    # before TF's start-up lines, and before anything is written (the run folder is
-    # created, and locked, only once the run can start).
-    from resnet_cifar import cifar_data, run_dir
-
-    try:
-        if run_dir.check(config).finished:
-            print(run_dir.finished_message(config), flush=True)
-            return
-        arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
-        config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
-    except (config_lib.ConfigError, cifar_data.DataError) as e:
-        fail(str(e))
-
-    interrupt.check()
-    with interrupt.deferred():      # no signal lands inside TF's imports, where a bare except may eat it
-        from resnet_cifar import trainer
-    try:
-        trainer.run(config, arrays)
-    except (config_lib.ConfigError, cifar_data.DataError) as e:
-        fail(str(e))
-    except trainer.TrainingError as e:
-        fail(str(e), code=1)
-
-
 def run():
     """The command. The signal handlers are installed here, once, from the first moment: a
     signal during flag parsing or TF's start-up stops the command as cleanly as one in
-    training, and `trainer` says where training stopped (`Interrupted.message`)."""
-    with interrupt.handlers():
+    training, and `train_and_evaluate` says where training stopped."""
+    with process.handlers():
         try:
-            app.run(main, flags_parser=functools.partial(command_line.parse_absl, FLAGS))
-        except interrupt.Interrupted as e:
+            app.run(main, flags_parser=functools.partial(config_lib.parse_absl, FLAGS))
+        except process.Interrupted as e:
             print(getattr(e, "message", f"stopped by {e.name} before training started"),
                   file=sys.stderr, flush=True)
             sys.exit(e.exit_code)

@@ -123,12 +123,13 @@ def tmpfs(mount, size, why_skipped=""):
 
 def parse(argv):
     """The training program's own flag definitions, parsed afresh from `argv`, as a TrainConfig."""
+    from resnet_cifar import config as config_lib
     from resnet_cifar import train
 
     train.FLAGS.unparse_flags()
     try:
         train.FLAGS(["train"] + list(argv))
-        return train.config_from_flags()
+        return config_lib.from_flags(train.FLAGS)
     finally:
         train.FLAGS.unparse_flags()
 
@@ -259,12 +260,12 @@ def make_model(steps_per_epoch=10, seed=1, **overrides):
     import keras
 
     from resnet_cifar import config as config_lib
-    from resnet_cifar import trainer
+    from resnet_cifar import train
 
     keras.utils.set_random_seed(seed)
     overrides.setdefault("jit_compile", XLA)
     cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, **overrides)
-    return trainer.build_model(cfg, steps_per_epoch), cfg
+    return train.build_model(cfg, steps_per_epoch), cfg
 
 
 def batch(seed=0):

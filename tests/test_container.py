@@ -311,7 +311,7 @@ def test_prepare_cifar10_without_a_network_fails_fast_in_one_line(tmp_path):
 
 def python_with_quiet_tf(code, level):
     """A Python process that imports resnet_cifar first, as the image's .pth line does (m: quiet_tf)."""
-    boot = "from resnet_cifar import quiet_tf as m\n"
+    boot = "import resnet_cifar as m\n"
     return python("-c", boot + code, log_level=level)
 
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import conv_scaling, models, tags, trainer
+from resnet_cifar import events, models, optim, tags, train
 from tests.helpers import (XLA, BASELINE_EPOCHS, BASELINE_TOTAL, LAYERS, assert_close_update, fabricate_baseline,
                            layer_curve)
 
@@ -17,8 +17,8 @@ def old_per_layer(tag, layer):
 
 
 def test_replay_factor_by_hand(tmp_path):
-    traj = conv_scaling.load_baseline(fabricate_baseline(str(tmp_path / "b")), train_epochs=4)
-    factor = conv_scaling.ConvLRFactor("replay", traj)
+    traj = events.load_baseline(fabricate_baseline(str(tmp_path / "b")), train_epochs=4)
+    factor = optim.ConvLRFactor("replay", traj)
     sq = np.full(22, 50.0, np.float32)                   # sum 1100
     for epoch, baseline in [(0.0, 800.0), (1.5, 1100.0), (2.25, 1175.0), (4.0, 1000.0), (9.0, 1000.0)]:
         got = factor.multipliers(tf.constant(epoch), tf.constant(sq), [None] * 22)[1].numpy()
@@ -28,9 +28,9 @@ def test_replay_factor_by_hand(tmp_path):
 @pytest.mark.parametrize("naming", ["per_layer/<tag>/<layer>", "<tag>/<layer> (earlier runs)"])
 def test_per_layer_factor_by_hand(tmp_path, naming):
     per_layer = tags.per_layer if naming.startswith("per_layer") else old_per_layer
-    traj = conv_scaling.load_baseline(fabricate_baseline(str(tmp_path / "b"), per_layer=per_layer),
+    traj = events.load_baseline(fabricate_baseline(str(tmp_path / "b"), per_layer=per_layer),
                                  train_epochs=4)
-    factor = conv_scaling.ConvLRFactor("per_layer", traj.aligned(LAYERS))
+    factor = optim.ConvLRFactor("per_layer", traj.aligned(LAYERS))
     sq = np.arange(1, 23, dtype=np.float32) * 3.0
     epoch = 2.5
     want = [sq[i] / (0.5 * layer_curve(i)[2] + 0.5 * layer_curve(i)[3]) for i in range(22)]
@@ -41,7 +41,7 @@ def test_per_layer_factor_by_hand(tmp_path, naming):
 
 def test_piecewise_factor_is_global(tmp_path):
     sq = np.arange(1, 23, dtype=np.float32)
-    multipliers, logged = conv_scaling.ConvLRFactor("piecewise").multipliers(
+    multipliers, logged = optim.ConvLRFactor("piecewise").multipliers(
         tf.constant(30.0), tf.constant(sq), [None] * 22)
     np.testing.assert_allclose(logged.numpy(), 0.45 * sq.sum() / 800.0, rtol=1e-6)
     np.testing.assert_allclose([float(m) for m in multipliers], 0.45 * sq.sum() / 800.0, rtol=1e-6)
@@ -58,8 +58,8 @@ def test_per_layer_scaling_in_the_step(tmp_path):
         kwargs = dict(conv_grad_scale=True, conv_lr_factor="per_layer", replay_from=baseline_dir) if scale else {}
         cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, conv_l2=False, train_epochs=4,
                                      jit_compile=XLA, **kwargs)
-        traj = conv_scaling.load_baseline(baseline_dir, 4) if scale else None
-        model = trainer.build_model(cfg, steps_per_epoch=10, baseline=traj)
+        traj = events.load_baseline(baseline_dir, 4) if scale else None
+        model = train.build_model(cfg, steps_per_epoch=10, baseline=traj)
         conv = models.conv_kernels(model)
         if scale:
             sq = np.array([np.sum(k.numpy().astype(np.float64) ** 2) for k in conv])
@@ -84,10 +84,10 @@ def test_per_layer_scaling_in_the_step(tmp_path):
 def test_bad_replay_input_is_a_clear_error(tmp_path, make, needle):
     path = make(str(tmp_path / "b"))
     with pytest.raises(config_lib.ConfigError) as err:
-        conv_scaling.load_baseline(path, train_epochs=4)
+        events.load_baseline(path, train_epochs=4)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 def test_interpolate_clamps_and_is_linear():
     for e, want in [(-1.0, 800.0), (0.5, 900.0), (3.5, 1050.0), (7.0, 1000.0)]:
-        assert float(conv_scaling.interpolate(e, BASELINE_EPOCHS, BASELINE_TOTAL)) == pytest.approx(want)
+        assert float(optim.interpolate(e, BASELINE_EPOCHS, BASELINE_TOTAL)) == pytest.approx(want)

@@ -232,7 +232,7 @@ def test_a_new_source_is_loaded_accepted_and_listed(monkeypatch):
     assert calls == [("/some/dir", 7)]
     np.testing.assert_array_equal(arrays.train_images, cifar_data.synthetic_arrays(4, 2, 7).train_images)
     assert config_lib.TrainConfig(model_dir="/x", data_source="fake").data_source == "fake"
-    assert "fake: a source added by the test" in train.choices_help(config_lib.DATA_SOURCES)
+    assert "fake: a source added by the test" in config_lib.choices_help(config_lib.DATA_SOURCES)
 
 
 @pytest.mark.parametrize("added", [False, True])

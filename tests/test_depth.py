@@ -120,17 +120,17 @@ def test_piecewise_refused_outside_the_post(overrides, names):
 def test_the_trainers_piecewise_factor_takes_the_models_normalizer(built, size):
     """for_model, as the trainer builds the factor: the normalizer is the model's sum of
     output channels (hand-counted: 800 for ResNet-20, 1248 for ResNet-32, ...)."""
-    from resnet_cifar import conv_scaling
+    from resnet_cifar import optim
 
-    factor = conv_scaling.for_model("piecewise", None, built[size])
+    factor = optim.for_model("piecewise", None, built[size])
     assert factor.initial_conv_sqsum == sum(co for _, _, co in hand_convs(size))
 
 
 def test_piecewise_normalizer_is_the_models_expectation():
-    from resnet_cifar import conv_scaling
+    from resnet_cifar import optim
     import tensorflow as tf
 
     sq = tf.constant(np.full(34, 10.0, np.float32))
-    got = conv_scaling.ConvLRFactor("piecewise", initial_conv_sqsum=1248.0).multipliers(
+    got = optim.ConvLRFactor("piecewise", initial_conv_sqsum=1248.0).multipliers(
         tf.constant(0.0), sq, [None] * 34)[1].numpy()
     np.testing.assert_allclose(got, 340.0 / 1248.0, rtol=1e-6)

@@ -17,7 +17,7 @@ import types
 
 import pytest
 
-from resnet_cifar import console, run_dir, tags
+from resnet_cifar import callbacks, run_dir, tags
 from tests.helpers import ROOT, SMALL, env, meaningful, one_error_line, python, snapshot, tmpfs, with_xla
 from tests.helpers import train_small as train
 
@@ -262,7 +262,7 @@ def test_a_signal_that_a_library_swallows_still_stops_the_run(tmp_path):
 
 
 def _progress(step, good, steps_per_epoch=4):
-    from resnet_cifar.trainer import _Progress
+    from resnet_cifar.callbacks import Progress as _Progress
 
     p = _Progress()
     p.steps_per_epoch = steps_per_epoch
@@ -321,9 +321,9 @@ def test_a_finished_run_on_a_read_only_mount_is_finished(finished, tmp_path):
 
 def test_the_final_report_names_precise_bn_when_bn_lags_once():
     logs = {"accuracy": 0.35, "val_accuracy": 0.10, "loss": 1.9}
-    text = console.final_report("runs/quick", 2, logs, steps=200, bn_decay=0.997)
+    text = callbacks.final_report("runs/quick", 2, logs, steps=200, bn_decay=0.997)
     assert text.count("analysis.precise_bn") == 1 and "BN's moving averages" in text, text
     # A long run, or test accuracy close to train accuracy: no note.
-    assert "precise_bn" not in console.final_report("r", 150, logs, steps=58500, bn_decay=0.997)
-    assert "precise_bn" not in console.final_report("r", 2, dict(logs, val_accuracy=0.33),
+    assert "precise_bn" not in callbacks.final_report("r", 150, logs, steps=58500, bn_decay=0.997)
+    assert "precise_bn" not in callbacks.final_report("r", 2, dict(logs, val_accuracy=0.33),
                                                     steps=200, bn_decay=0.997)

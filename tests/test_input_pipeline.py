@@ -3,7 +3,7 @@
 No network and no real CIFAR-10: binary files are fabricated in the official
 layout with a few records each, TFDS is mocked (or made to fail), and the
 datasets run on a handful of tiny images. Expectations are recomputed with
-NumPy, independently of resnet_cifar/input_pipeline.py.
+NumPy, independently of resnet_cifar/cifar_data.py.
 """
 
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from resnet_cifar import cifar_data, input_pipeline
+from resnet_cifar import cifar_data
 from resnet_cifar.cifar_data import DataError
 
 TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]   # written out, not read from fidelity
@@ -311,17 +311,17 @@ def test_per_image_standardization_matches_numpy():
         tiny,
     ]
     for image in images:
-        got = input_pipeline.preprocess_test(tf.constant(image)).numpy()
+        got = cifar_data.preprocess_test(tf.constant(image)).numpy()
         assert got.dtype == np.float32 and got.shape == (32, 32, 3)
         np.testing.assert_allclose(got, np_standardize(image), rtol=1e-4, atol=1e-5)
     # The floor: deviations are divided by 1/sqrt(N), not by the (much smaller) std,
     # which would give about 55 here instead of 0.55.
-    got = input_pipeline.preprocess_test(tf.constant(tiny)).numpy()
+    got = cifar_data.preprocess_test(tf.constant(tiny)).numpy()
     assert got[7, 9, 1] == pytest.approx(0.01 * (1 - 1 / N_PIXELS) * np.sqrt(N_PIXELS), rel=1e-4)
     # uint8 input is standardized in pixel units (0..255), as the original cast to
     # float32 first; a conversion to [0, 1] would make the floor bite on ordinary images.
     low_contrast = (100 + rng.integers(0, 3, (32, 32, 3))).astype(np.uint8)   # std ~0.8
-    got = input_pipeline.preprocess_test(tf.constant(low_contrast)).numpy()
+    got = cifar_data.preprocess_test(tf.constant(low_contrast)).numpy()
     assert float(got.std()) == pytest.approx(1.0, rel=1e-3)
 
 
@@ -331,7 +331,7 @@ def test_preprocess_train_is_a_window_of_the_padded_image():
     windows, keys = candidate_windows(image)
     seen = set()
     for s in range(120):
-        out = input_pipeline.preprocess_train(tf.constant(image), tf.constant([s, 17], tf.int64))
+        out = cifar_data.preprocess_train(tf.constant(image), tf.constant([s, 17], tf.int64))
         out = out.numpy()
         assert out.shape == (32, 32, 3) and out.dtype == np.float32
         key = match_window(out, windows, keys)
@@ -348,8 +348,8 @@ def test_preprocess_train_is_a_window_of_the_padded_image():
     assert {dy for dy, _ in offsets} == set(range(9))
     assert {dx for _, dx in offsets} == set(range(9))
     # Same seed, same crop and flip.
-    a = input_pipeline.preprocess_train(tf.constant(image), tf.constant([3, 4], tf.int64))
-    b = input_pipeline.preprocess_train(tf.constant(image), tf.constant([3, 4], tf.int64))
+    a = cifar_data.preprocess_train(tf.constant(image), tf.constant([3, 4], tf.int64))
+    b = cifar_data.preprocess_train(tf.constant(image), tf.constant([3, 4], tf.int64))
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -357,7 +357,7 @@ def test_preprocess_train_constant_image_crops_stay_inside():
     image = np.full((32, 32, 3), 200, np.uint8)
     windows, keys = candidate_windows(image)
     for s in range(40):
-        out = input_pipeline.preprocess_train(tf.constant(image), tf.constant([s, 0], tf.int64))
+        out = cifar_data.preprocess_train(tf.constant(image), tf.constant([s, 0], tf.int64))
         assert match_window(out.numpy(), windows, keys) is not None, s
 
 
@@ -365,7 +365,7 @@ def test_preprocess_train_constant_image_crops_stay_inside():
 
 def test_test_dataset_in_order_standardized_and_deterministic():
     images, labels = tiny_data(10, seed=1)
-    ds = input_pipeline.test_dataset(images, labels, batch_size=4)
+    ds = cifar_data.test_dataset(images, labels, batch_size=4)
     first = take(ds, 100)
     second = take(ds, 100)
     assert_batches_equal(first, second)
@@ -380,7 +380,7 @@ def test_test_dataset_in_order_standardized_and_deterministic():
 
 def test_test_dataset_eval_steps():
     images, labels = tiny_data(10, seed=2)
-    ds = input_pipeline.test_dataset(images, labels, batch_size=4, eval_steps=2)
+    ds = cifar_data.test_dataset(images, labels, batch_size=4, eval_steps=2)
     batches = take(ds, 100)
     assert len(batches) == 2
     np.testing.assert_array_equal(np.concatenate([y for _, y in batches]), labels[:8])
@@ -391,7 +391,7 @@ def test_test_dataset_eval_steps():
 
 def test_train_dataset_batches_shapes_and_standardization():
     images, labels = tiny_data(10, seed=3)
-    ds = input_pipeline.train_dataset(images, labels, batch_size=4, seed=0)
+    ds = cifar_data.train_dataset(images, labels, batch_size=4, seed=0)
     windows = [candidate_windows(im) for im in images]
     for x, y in take(ds, 3):
         assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32
@@ -405,9 +405,9 @@ def test_train_dataset_batches_shapes_and_standardization():
 
 def test_train_dataset_seed_determinism():
     images, labels = tiny_data(10, seed=4)
-    a = take(input_pipeline.train_dataset(images, labels, 4, seed=1), 4)
-    b = take(input_pipeline.train_dataset(images, labels, 4, seed=1), 4)
-    c = take(input_pipeline.train_dataset(images, labels, 4, seed=2), 4)
+    a = take(cifar_data.train_dataset(images, labels, 4, seed=1), 4)
+    b = take(cifar_data.train_dataset(images, labels, 4, seed=1), 4)
+    c = take(cifar_data.train_dataset(images, labels, 4, seed=2), 4)
     assert_batches_equal(a, b)
     assert not all(np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
     assert not all(np.array_equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
@@ -418,14 +418,14 @@ def test_train_dataset_resume_matches_uninterrupted_stream(start_step):
     # 10 images, batch 4: step 2 starts 8 images in (its batch crosses into pass 1),
     # step 3 starts inside pass 1 (12 = 10 + 2), step 5 exactly at pass 2 (20).
     images, labels = tiny_data(10, seed=5)
-    full = input_pipeline.train_dataset(images, labels, 4, seed=9)
-    resumed = input_pipeline.train_dataset(images, labels, 4, seed=9, start_step=start_step)
+    full = cifar_data.train_dataset(images, labels, 4, seed=9)
+    resumed = cifar_data.train_dataset(images, labels, 4, seed=9, start_step=start_step)
     assert_batches_equal(take(full.skip(start_step), 3), take(resumed, 3))
 
 
 def test_train_dataset_every_pass_is_a_permutation():
     images, labels = tiny_data(10, seed=6)
-    batches = take(input_pipeline.train_dataset(images, labels, 4, seed=3), 10)   # 4 passes
+    batches = take(cifar_data.train_dataset(images, labels, 4, seed=3), 10)   # 4 passes
     stream = np.concatenate([y for _, y in batches])
     assert len(stream) == 40
     passes = stream.reshape(4, 10)
@@ -437,12 +437,12 @@ def test_train_dataset_every_pass_is_a_permutation():
 def test_train_dataset_fewer_images_than_a_batch():
     images, labels = tiny_data(3)
     with pytest.raises(DataError) as excinfo:
-        input_pipeline.train_dataset(images, labels, batch_size=4)
+        cifar_data.train_dataset(images, labels, batch_size=4)
     assert_one_line_error(excinfo, "3", "4")
 
 
 def test_train_dataset_exactly_one_batch():
     images, labels = tiny_data(4)
-    batches = take(input_pipeline.train_dataset(images, labels, batch_size=4, seed=0), 3)
+    batches = take(cifar_data.train_dataset(images, labels, batch_size=4, seed=0), 3)
     for _, y in batches:
         assert sorted(y.tolist()) == [0, 1, 2, 3]

@@ -211,10 +211,10 @@ def test_registered_optimizers_build_what_they_say():
     """momentum: TF1 momentum 0.9, weight decay in the loss; adam: plain Adam, decay in the
     loss; adamw: AdamW, decay decoupled, on the L2 set only."""
     import keras
-    from resnet_cifar.tf1_momentum import TF1Momentum
+    from resnet_cifar.optim import TF1Momentum
 
-    assert list(optim.OPTIMIZERS) == ["momentum", "adam", "adamw"]
-    assert {n: o.decoupled_decay for n, o in optim.OPTIMIZERS.items()} == {
+    assert list(config_lib.OPTIMIZERS) == ["momentum", "adam", "adamw"]
+    assert {n: o.decoupled_decay for n, o in config_lib.OPTIMIZERS.items()} == {
         "momentum": False, "adam": False, "adamw": True}
     kept, excluded = keras.Variable(np.ones(3, np.float32)), keras.Variable(np.ones(2, np.float32))
     momentum = optim.make_optimizer("momentum", 0.1, weight_decay=0.5, no_decay=[excluded])
@@ -228,7 +228,7 @@ def test_registered_optimizers_build_what_they_say():
 
 
 def sgd_spec(decoupled):
-    """A new optimizer as one registry entry: Keras SGD, with its own (decoupled) decay or not."""
+    """A new optimizer: Keras SGD, with its own (decoupled) decay or not."""
     def build(learning_rate, weight_decay, no_decay):
         import keras
 
@@ -236,23 +236,30 @@ def sgd_spec(decoupled):
         if decoupled:
             optimizer.exclude_from_weight_decay(var_list=list(no_decay))
         return optimizer
-    return optim.OptimizerSpec(build, default_learning_rate=0.05, decoupled_decay=decoupled,
-                               description=f"SGD, decoupled={decoupled}")
+    return config_lib.OptimizerChoice(default_learning_rate=0.05, decoupled_decay=decoupled,
+                                      description=f"SGD, decoupled={decoupled}"), build
+
+
+def register_sgd(monkeypatch, decoupled):
+    """A new optimizer: its entry with the setting (config.OPTIMIZERS) and its builder (optim.BUILD)."""
+    choice, build = sgd_spec(decoupled)
+    monkeypatch.setitem(config_lib.OPTIMIZERS, "sgd", choice)
+    monkeypatch.setitem(optim.BUILD, "sgd", build)
 
 
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_a_new_optimizer_is_one_registry_entry(monkeypatch, decoupled):
+def test_a_new_optimizer_is_an_entry_and_a_builder(monkeypatch, decoupled):
     """Registered at test time: TrainConfig accepts it with its default rate, the --optimizer
     and --learning_rate help list it, the trainer builds it, and its decoupled_decay alone
     decides whether the L2 term stays in the loss."""
     import keras
     from resnet_cifar import train
 
-    monkeypatch.setitem(optim.OPTIMIZERS, "sgd", sgd_spec(decoupled))
+    register_sgd(monkeypatch, decoupled)
     cfg = config_lib.TrainConfig(model_dir="/x", optimizer="sgd", batch_size=256)
     assert cfg.base_learning_rate == pytest.approx(0.05 * 2)
-    assert f"sgd: SGD, decoupled={decoupled}" in train.choices_help(optim.OPTIMIZERS)
-    assert "0.05 for sgd" in train.default_rates_help(optim.OPTIMIZERS)
+    assert f"sgd: SGD, decoupled={decoupled}" in config_lib.choices_help(config_lib.OPTIMIZERS)
+    assert "0.05 for sgd" in config_lib.rates_help()
     model, _ = make_model(10, optimizer="sgd", weight_decay=1e-2)
     assert type(model.optimizer) is keras.optimizers.SGD
     if decoupled:
@@ -264,7 +271,7 @@ def test_a_new_optimizer_is_one_registry_entry(monkeypatch, decoupled):
 
 
 def test_unknown_optimizer_error_lists_the_registered_names(monkeypatch):
-    monkeypatch.setitem(optim.OPTIMIZERS, "sgd", sgd_spec(False))
+    register_sgd(monkeypatch, False)
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.TrainConfig(model_dir="/x", optimizer="lion")
     assert str(e.value).split("choose one of ")[1].split(", ") == ["momentum", "adam", "adamw", "sgd"]

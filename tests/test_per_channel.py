@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from resnet_cifar import callbacks, config as config_lib, conv_scaling, events, models, tags, trainer
-from resnet_cifar.train_step import StepStats, angular_update
+from resnet_cifar import config as config_lib, callbacks, events, models, optim, tags, train
+from resnet_cifar.models import StepStats, angular_update
 from tests.helpers import XLA, BASELINE_EPOCHS, LAYERS, assert_close_in_norm, fabricate_baseline
 
 # ResNet-20's output channels per conv layer in creation order (stem, then per stage:
@@ -48,8 +48,8 @@ def test_reader_returns_the_log(baseline_dir):
 
 
 def test_channel_factors_by_hand(baseline_dir):
-    traj = conv_scaling.load_baseline(baseline_dir, train_epochs=4, per_channel=True)
-    factor = conv_scaling.ConvLRFactor("per_channel", traj.aligned_channels(LAYERS, COUT))
+    traj = events.load_baseline(baseline_dir, train_epochs=4, per_channel=True)
+    factor = optim.ConvLRFactor("per_channel", traj.aligned_channels(LAYERS, COUT))
     rng = np.random.default_rng(0)
     sq = [rng.uniform(0.5, 3.0, c).astype(np.float32) for c in COUT]
     for epoch in (0.0, 1.25, 3.5, 7.0):
@@ -70,8 +70,8 @@ def test_per_channel_scaling_in_the_step(baseline_dir):
         kwargs = dict(conv_grad_scale=True, conv_lr_factor="per_channel", replay_from=baseline_dir) if scale else {}
         cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, conv_l2=False, train_epochs=4,
                                      jit_compile=XLA, **kwargs)
-        traj = conv_scaling.load_baseline(baseline_dir, 4, per_channel=True) if scale else None
-        model = trainer.build_model(cfg, steps_per_epoch=10, baseline=traj)
+        traj = events.load_baseline(baseline_dir, 4, per_channel=True) if scale else None
+        model = train.build_model(cfg, steps_per_epoch=10, baseline=traj)
         layers = models.conv_layers(model)
         if scale:
             for layer in layers:
@@ -93,19 +93,19 @@ def test_per_channel_scaling_in_the_step(baseline_dir):
 def test_baseline_without_channel_log_is_a_clear_error(tmp_path):
     path = fabricate_baseline(str(tmp_path / "b"))
     with pytest.raises(config_lib.ConfigError) as err:
-        conv_scaling.load_baseline(path, 4, per_channel=True)
+        events.load_baseline(path, 4, per_channel=True)
     msg = str(err.value)
     assert "\n" not in msg and tags.CHANNEL_SQSUM_FILE in msg and "per_channel" in msg
     fabricate_channel_log(path, epochs=BASELINE_EPOCHS[:3])
     with pytest.raises(config_lib.ConfigError, match="ends at epoch 2, this run needs 4"):
-        conv_scaling.load_baseline(path, 4, per_channel=True)
+        events.load_baseline(path, 4, per_channel=True)
 
 
 def test_channel_log_callback_writes_and_replaces_on_resume(tmp_path):
     keras.utils.set_random_seed(0)
     cfg = config_lib.TrainConfig(model_dir=str(tmp_path), batch_size=8, jit_compile=XLA)
-    model = trainer.build_model(cfg, steps_per_epoch=10)
-    cb = callbacks.ChannelSqsumLog(str(tmp_path))
+    model = train.build_model(cfg, steps_per_epoch=10)
+    cb = callbacks.EpochLog(str(tmp_path), 2)
     cb.set_model(model)
     layers = models.conv_layers(model)
     expect = {}
@@ -113,17 +113,17 @@ def test_channel_log_callback_writes_and_replaces_on_resume(tmp_path):
     def snapshot(epoch):
         expect[epoch] = {l.name: np.sum(l.kernel.numpy().astype(np.float64) ** 2, axis=(0, 1, 2)) for l in layers}
 
-    cb.on_train_begin()
+    cb.save_channels(0, fresh=True)        # on_train_begin of a new run
     snapshot(0)
     for epoch in (1, 2):
         for l in layers:
             l.kernel.assign(l.kernel * 1.1)
-        cb.on_epoch_end(epoch - 1)
+        cb.save_channels(epoch)             # on_epoch_end
         snapshot(epoch)
     # A resumed run redoes epoch 2 from other weights: its row is replaced, not appended.
     for l in layers:
         l.kernel.assign(l.kernel * 0.5)
-    cb.on_epoch_end(1)
+    cb.save_channels(2)
     snapshot(2)
     epochs, got = events.read_channel_sqsum(str(tmp_path))
     np.testing.assert_array_equal(epochs, [0, 1, 2])
@@ -166,7 +166,7 @@ def test_angular_update_against_float64(angle):
 def test_angular_update_diagnostic_of_one_step():
     keras.utils.set_random_seed(2)
     cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, jit_compile=XLA)
-    model = trainer.build_model(cfg, steps_per_epoch=10)
+    model = train.build_model(cfg, steps_per_epoch=10)
     x = np.random.default_rng(5).standard_normal((8, 32, 32, 3)).astype(np.float32)
     y = np.arange(8, dtype=np.int32) % 10
     conv = models.conv_kernels(model)

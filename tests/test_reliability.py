@@ -28,7 +28,7 @@ import types
 import numpy as np
 import pytest
 
-from resnet_cifar import callbacks, checkpoints, conv_scaling, events, run_dir, run_lock, tags
+from resnet_cifar import callbacks, checkpoints, events, optim, process, run_dir, tags
 from resnet_cifar import config as config_lib
 from tests.cifar_files import set_record_label, truncate, write_binary_cifar
 from tests.helpers import (ROOT, assert_same_curves, curves, env, meaningful, one_error_line, python, snapshot,
@@ -249,7 +249,7 @@ DRIVER = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {root!r})
     import tensorflow as tf
-    from resnet_cifar import cifar_data, config as config_lib, trainer
+    from resnet_cifar import config as config_lib, cifar_data, train
 
     original = tf.train.Checkpoint._write
 
@@ -271,7 +271,7 @@ DRIVER = textwrap.dedent("""
 
     tf.train.Checkpoint._write = dying_write
     config = config_lib.TrainConfig(**json.loads(sys.argv[1]))
-    trainer.run(config, cifar_data.load_arrays(config.data_source, config.data_dir, config.seed))
+    train.train_and_evaluate(config, cifar_data.load_arrays(config.data_source, config.data_dir, config.seed))
     print("driver: training returned", flush=True)
 """)
 
@@ -338,17 +338,16 @@ def test_checkpoint_callback_never_saves_non_finite_state():
 
 
 def test_nan_stop_catches_non_finite_weights_after_a_finite_loss():
-    stop = callbacks.StopOnNonFinite()
+    stop = callbacks.EpochLog("/unused", 2)
     model = types.SimpleNamespace(stop_training=False)
     stop.set_model(model)
-    stop.on_epoch_begin(1)
     for batch in range(3):
-        stop.on_batch_end(batch, {"loss": 1e21})
-    stop.on_epoch_end(1, {"loss": 1e21, tags.CONV_SQSUM: 800.0})
-    assert stop.where is None and not model.stop_training
-    stop.on_epoch_end(1, {"loss": 1e21, tags.CONV_SQSUM: float("nan")})
-    assert model.stop_training and stop.where[:2] == (2, 3) and np.isnan(stop.where[2])
-    assert "weights" in stop.what
+        stop.note_batch(1, batch, {"loss": 1e21})
+    stop.note_epoch(1, {"loss": 1e21, tags.CONV_SQSUM: 800.0})
+    assert stop.diverged is None and not model.stop_training
+    stop.note_epoch(1, {"loss": 1e21, tags.CONV_SQSUM: float("nan")})
+    assert model.stop_training and stop.diverged[:2] == (2, 3) and np.isnan(stop.diverged[3])
+    assert "weights" in stop.diverged[2]
 
 
 @pytest.mark.parametrize("decay_rates,train_epochs", [
@@ -460,7 +459,7 @@ def test_unwritable_model_dir(data, tmp_path):
 
 
 def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
-    from resnet_cifar import cifar_data, trainer
+    from resnet_cifar import cifar_data, train
 
     arrays = cifar_data.synthetic_arrays(RUN["batch_size"], RUN["batch_size"])
 
@@ -470,7 +469,7 @@ def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
     fresh = str(tmp_path / "fresh")
     for model_dir in (held_run, fresh):
         config = config_lib.TrainConfig(**dict(RUN, model_dir=model_dir, data_dir="/nonexistent"))
-        for call in (run_dir.check, lambda c: trainer.run(c, arrays)):
+        for call in (run_dir.check, lambda c: train.train_and_evaluate(c, arrays)):
             with pytest.raises(config_lib.ConfigError) as e:
                 call(config)
             message = str(e.value)
@@ -478,7 +477,7 @@ def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
             assert "only 10 MB free" in message and "needs 100 MB" in message, message
     # trainer.run checks the folder under its lock, so it has rewritten .lock (who holds it),
     # and nothing else; `python -m resnet_cifar.train` refuses before taking the lock (run_dir.check).
-    lock = run_lock.LOCK_FILE
+    lock = process.LOCK_FILE
     assert {k: v for k, v in snapshot(held_run).items() if k != lock} == {
         k: v for k, v in before.items() if k != lock}
     assert snapshot(fresh) == {}
@@ -550,8 +549,8 @@ def test_bad_replay_baseline_fails_at_start_up(data, reference, tmp_path, baseli
 
 def test_replay_baseline_shorter_than_the_run(reference):
     with pytest.raises(config_lib.ConfigError, match=rf"ends at epoch {EPOCHS}, this run needs 10"):
-        conv_scaling.load_baseline(reference, 10)
-    assert conv_scaling.load_baseline(reference, EPOCHS).per_layer.shape == (EPOCHS + 1, 22)
+        events.load_baseline(reference, 10)
+    assert events.load_baseline(reference, EPOCHS).per_layer.shape == (EPOCHS + 1, 22)
 
 
 # ----------------------------------------------------------------------------- 5. bad data
@@ -614,10 +613,10 @@ def test_bad_data_in_a_fresh_model_dir_writes_nothing(data, tmp_path):
 def test_a_held_folder_is_refused_at_once_naming_the_holder(data, held_run):
     import socket
 
-    from resnet_cifar import run_lock
+    from resnet_cifar import process
 
     before = snapshot(held_run)
-    with run_lock.acquire(held_run):
+    with process.lock(held_run):
         during = snapshot(held_run)
         r = run_cli(*train_args(held_run, data), timeout=120)
     line = one_error_line(r, 2, f"--model_dir={held_run} is in use by pid {os.getpid()} "
@@ -1062,13 +1061,12 @@ def test_a_non_finite_test_loss_stops_the_run_and_is_not_checkpointed():
     cb.set_model(model)
     cb.on_epoch_end(4, logs)
     assert Store.saved == []
-    stop = callbacks.StopOnNonFinite()
+    stop = callbacks.EpochLog("/unused", 5)
     stop.set_model(model)
-    stop.on_epoch_begin(4)
-    stop.on_batch_end(11, {"loss": 2.0})
-    stop.on_epoch_end(4, logs)
-    assert model.stop_training and stop.where[:2] == (5, 12) and np.isnan(stop.where[2])
-    assert stop.what == "the test loss"
+    stop.note_batch(4, 11, {"loss": 2.0})
+    stop.note_epoch(4, logs)
+    assert model.stop_training and stop.diverged[:2] == (5, 12) and np.isnan(stop.diverged[3])
+    assert stop.diverged[2] == "the test loss"
     cb.on_epoch_end(4, dict(logs, val_loss=2.5))
     assert Store.saved == [5]
 
@@ -1095,7 +1093,7 @@ def _with_config(reference, path, **changes):
 def test_replay_source_must_be_a_baseline(reference, tmp_path, changes, what):
     path = _with_config(reference, tmp_path / "source", **changes)
     with pytest.raises(config_lib.ConfigError) as e:
-        conv_scaling.load_baseline(path, EPOCHS)
+        events.load_baseline(path, EPOCHS)
     message = str(e.value)
     assert "\n" not in message and f"--replay_from={path} is not a baseline run: it is {what}" in message
 
@@ -1105,7 +1103,7 @@ def test_replay_source_with_a_damaged_event_file_is_refused(reference, tmp_path)
     event_file = glob.glob(os.path.join(path, tags.TRAIN_DIR, "*tfevents*"))[0]
     truncate(event_file, 5)
     with pytest.raises(config_lib.ConfigError, match=rf"damaged event file {re.escape(event_file)}: "):
-        conv_scaling.load_baseline(path, EPOCHS)
+        events.load_baseline(path, EPOCHS)
 
 
 # ----------------------------------------------------------------------------- 11. damaged event files

@@ -26,7 +26,7 @@ from experiments import plan, run_all, sweep
 from experiments.progress import Progress
 from experiments.progress import clock as progress_clock
 from resnet_cifar import config as config_lib
-from resnet_cifar import checkpoints, events, run_lock, tags
+from resnet_cifar import checkpoints, events, process, tags
 from tests.helpers import ROOT, TINY, assert_same_curves, parse
 
 ALL_RUNS = list(plan.POST_RUNS) + ["conv_lr_scale_per_layer"]
@@ -396,7 +396,7 @@ def test_locked_folder_waits_then_killed_worker_is_retried_with_the_same_curves(
     assert code == 0, out
     again = tmp_path / "again"
     run_dir = again / "weight_decay=2e-4" / "baseline" / "seed_0"
-    lock = run_lock.acquire(str(run_dir))                  # "another trainer" holds the folder
+    lock = process.lock(str(run_dir))                  # "another trainer" holds the folder
     outcome, printed = {}, io.StringIO()
     argv = [f"--results_dir={again}", "--preset=quick", "--runs=baseline", "--grid=weight_decay=2e-4",
             "--cpus_per_run=1", "--status_every=0.2", "--", *TINY]
@@ -598,7 +598,7 @@ def test_runner_killed_with_sigkill_takes_its_trainer_along_and_a_rerun_finishes
                               start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while (holder := run_lock.holder(str(run_dir))) is None:   # the trainer holds its folder
+        while (holder := process.lock_holder(str(run_dir))) is None:   # the trainer holds its folder
             assert runner.poll() is None and time.monotonic() < deadline, "no trainer started"
             time.sleep(0.2)
         trainer = int(re.match(r"pid (\d+) ", holder).group(1))
@@ -612,7 +612,7 @@ def test_runner_killed_with_sigkill_takes_its_trainer_along_and_a_rerun_finishes
             time.sleep(0.2)
         # Ray may retry the task once more while its orphaned instance shuts down; that
         # attempt's trainer dies with its worker too: soon nobody writes the folder.
-        while (holder := run_lock.holder(str(run_dir))) is not None:
+        while (holder := process.lock_holder(str(run_dir))) is not None:
             assert time.monotonic() < deadline, f"{holder} still writes after its runner was killed"
             time.sleep(0.2)
     finally:
@@ -724,7 +724,7 @@ def test_ctrl_c_on_the_runner_one_line_trainer_keeps_its_checkpoint_and_the_same
             os.killpg(runner_.pid, signal.SIGKILL)       # whatever of its Ray instance is left
     assert runner_.returncode == 130, (out, err)
     assert err.count("\n") == 1 and err.startswith("error: interrupted (Ctrl-C)") and "Traceback" not in err, err
-    _wait_for(lambda: run_lock.holder(str(run_dir)) is None, 60, "the trainer to stop")
+    _wait_for(lambda: process.lock_holder(str(run_dir)) is None, 60, "the trainer to stop")
     log = (run_dir / "train.log").read_text()
     assert "stopped by SIGTERM" in log and "is kept" in log, log[-2000:]     # the trainer's own clean stop
     stopped_at = plan.checkpoint_epoch(str(run_dir))

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from resnet_cifar import run_lock
+from resnet_cifar import process
 from tests.helpers import ROOT
 
 HOLD = """
 import sys, time
-from resnet_cifar import run_lock
-lock = run_lock.acquire(sys.argv[1])
+from resnet_cifar import process
+lock = process.lock(sys.argv[1])
 print("held", flush=True)
 time.sleep(120)
 """
@@ -32,20 +32,20 @@ def test_second_process_refused_naming_holder_then_free_after_sigkill(tmp_path):
     d = tmp_path / "run"
     proc = start_holder(d)
     try:
-        with pytest.raises(run_lock.RunLocked) as err:
-            run_lock.acquire(str(d))
+        with pytest.raises(process.RunLocked) as err:
+            process.lock(str(d))
         message = str(err.value)
         assert f"pid {proc.pid} on host {socket.gethostname()}" in message
         assert "\n" not in message
-        assert run_lock.holder(str(d)).startswith(f"pid {proc.pid} ")
+        assert process.lock_holder(str(d)).startswith(f"pid {proc.pid} ")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # The kernel dropped the dead holder's lock: no stale lock outlives its process.
-    assert run_lock.holder(str(d)) is None
-    with run_lock.acquire(str(d)):
-        assert run_lock.holder(str(d)).startswith(f"pid {os.getpid()} ")
-    assert run_lock.holder(str(d)) is None
+    assert process.lock_holder(str(d)) is None
+    with process.lock(str(d)):
+        assert process.lock_holder(str(d)).startswith(f"pid {os.getpid()} ")
+    assert process.lock_holder(str(d)) is None
 
 
 def test_acquire_waits_for_holder_to_exit(tmp_path):
@@ -54,7 +54,7 @@ def test_acquire_waits_for_holder_to_exit(tmp_path):
     killer = subprocess.Popen([sys.executable, "-c",
                                f"import os, time; time.sleep(1.0); os.kill({proc.pid}, 9)"])
     start = time.monotonic()
-    lock = run_lock.acquire(str(d), wait=30, poll=0.1)
+    lock = process.lock(str(d), wait=30, poll=0.1)
     waited = time.monotonic() - start
     lock.release()
     killer.wait()
@@ -64,7 +64,7 @@ def test_acquire_waits_for_holder_to_exit(tmp_path):
 
 
 def test_holder_of_unlocked_or_missing_folder_is_none_and_creates_nothing(tmp_path):
-    assert run_lock.holder(str(tmp_path / "absent")) is None
+    assert process.lock_holder(str(tmp_path / "absent")) is None
     assert not (tmp_path / "absent").exists()
 
 
@@ -74,9 +74,9 @@ def test_a_holder_probe_is_not_taken_for_a_run(tmp_path):
     import threading
     d = tmp_path / "run"
     d.mkdir()
-    probe = os.open(str(d / run_lock.LOCK_FILE), os.O_RDONLY | os.O_CREAT)
+    probe = os.open(str(d / process.LOCK_FILE), os.O_RDONLY | os.O_CREAT)
     fcntl.flock(probe, fcntl.LOCK_SH)                 # a probe caught in the act ...
     threading.Timer(0.3, os.close, [probe]).start()   # ... that ends 0.3 s later
     start = time.monotonic()
-    with run_lock.acquire(str(d)):
+    with process.lock(str(d)):
         assert time.monotonic() - start >= 0.25       # it did meet the probe, and waited

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from resnet_cifar import cifar_data, config as config_lib
-from resnet_cifar import events, models, optim, tags, train, trainer
+from resnet_cifar import config as config_lib, cifar_data
+from resnet_cifar import events, models, optim, tags, train
 from tests.cifar_files import write_binary_cifar
 from tests.helpers import LAYERS, ROOT, env, parse, train_cli
 
@@ -48,7 +48,7 @@ def test_flags_reach_the_step():
     """--noconv_l2, --conv_grad_scale and --bn_decay change the built model, not just the config."""
     cfg = parse(["--model_dir=/tmp/x", "--flag_noconv_l2", "--conv_grad_scale", "--bn_decay=0.98",
                  "--batch_size=8"])
-    model = trainer.build_model(cfg, steps_per_epoch=10)
+    model = train.build_model(cfg, steps_per_epoch=10)
     conv = {id(k) for k in models.conv_kernels(model)}
     assert not conv & {id(v) for v in model.l2_variables()}
     assert len(model.l2_variables()) == len(model.trainable_variables) - 22
@@ -57,7 +57,7 @@ def test_flags_reach_the_step():
     sq = np.array([np.sum(k.numpy().astype(np.float64) ** 2) for k in models.conv_kernels(model)])
     factor = model.conv_factor().numpy()
     np.testing.assert_allclose(factor, sq.sum() / 800.0, rtol=1e-5)
-    baseline = trainer.build_model(parse(["--model_dir=/tmp/x", "--batch_size=8"]), 10)
+    baseline = train.build_model(parse(["--model_dir=/tmp/x", "--batch_size=8"]), 10)
     assert len(baseline.l2_variables()) == len(baseline.trainable_variables)
     np.testing.assert_allclose(baseline.conv_factor().numpy(), 1.0)
 
@@ -73,7 +73,7 @@ def cli_doc_row(flag):
 
 
 @pytest.mark.parametrize("flag,registry", [("data_source", cifar_data.SOURCES),
-                                           ("optimizer", optim.OPTIMIZERS)])
+                                           ("optimizer", config_lib.OPTIMIZERS)])
 def test_choice_flags_list_their_registry(flag, registry):
     """--data_source and --optimizer accept, and their help describes, exactly the registry's
     entries; docs/cli.md's row names exactly these, in backticks."""
@@ -85,7 +85,7 @@ def test_choice_flags_list_their_registry(flag, registry):
 
 
 def test_learning_rate_defaults_in_help_and_doc_are_the_registrys():
-    want = {name: spec.default_learning_rate for name, spec in optim.OPTIMIZERS.items()}
+    want = {name: spec.default_learning_rate for name, spec in config_lib.OPTIMIZERS.items()}
     help_text = train.FLAGS["learning_rate"].help
     assert all(f"{rate:g} for {name}" in help_text for name, rate in want.items()), help_text
     # docs/cli.md: "0.1 (momentum), 1e-3 (adam, adamw)"
@@ -205,7 +205,7 @@ def test_output_to_a_pipe_has_one_line_per_epoch(short_run):
     assert len(re.findall(r"^epoch \d/4 \| loss ", r.stdout, flags=re.M)) == 4, r.stdout
 
 
-def test_a_long_epoch_prints_a_status_line_without_the_bar(capsys):
+def test_a_long_epoch_prints_a_status_line_without_the_bar(capsys, tmp_path):
     """Without the progress bar, an epoch longer than `status_every` prints where it is: step,
     rate and the epoch's ETA (here every step, with status_every=0)."""
     import keras
@@ -216,7 +216,7 @@ def test_a_long_epoch_prints_a_status_line_without_the_bar(capsys):
     model, _ = make_model(steps_per_epoch=3, resnet_size=8)
     data = tf_dataset(batch())
     model.fit(data, epochs=1, steps_per_epoch=3, verbose=0,
-              callbacks=[callbacks.EpochSummary(1, status_every=0.0)])
+              callbacks=[callbacks.EpochLog(str(tmp_path), 1, status_every=0.0)])
     out = capsys.readouterr().out.splitlines()
     status = [line for line in out if line.startswith("  epoch 1/1: step ")]
     assert [line.split(",")[0] for line in status] == [f"  epoch 1/1: step {k}/3" for k in (1, 2, 3)], out
@@ -323,9 +323,10 @@ def test_custom_scalars_layout_shows_the_posts_curves_first(short_run):
     # The per-layer curves are apart, folded, and only there.
     per_layer = [t for c in layout.category[1:] for chart in c.chart for rx in chart.multiline.tag
                  for t in logged if re.search(rx, t)]
-    # conv_sqsum and every diagnostic of the step (relative step, factor, angular update), per layer
-    from resnet_cifar.train_step import DIAGNOSTICS
-    assert len(per_layer) == (1 + len(DIAGNOSTICS)) * len(LAYERS) and all(c.closed for c in layout.category[1:])
+    # every per-layer diagnostic of the step (conv_sqsum, relative step, factor, angular update), per layer
+    from resnet_cifar.models import DIAGNOSTICS
+    assert len(per_layer) == sum(1 for d in DIAGNOSTICS if d.layers) * len(LAYERS) == 4 * len(LAYERS)
+    assert all(c.closed for c in layout.category[1:])
     assert not set(per_layer) & {t for ts in chart_tags for t in ts}
 
 

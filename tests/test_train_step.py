@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import conv_scaling, fidelity, models, trainer
+from resnet_cifar import fidelity, models, optim, train
 from tests.helpers import XLA, BATCH, assert_close_update, batch, data_gradients, hand_piecewise, make_model
 
 MOMENTUM = fidelity.MOMENTUM
@@ -89,9 +89,7 @@ def test_keras_sgd_would_fail_the_boundary_check(monkeypatch):
     in place of TF1's momentum, the step after the boundary is off the NumPy update."""
     from resnet_cifar import optim
 
-    keras_sgd = dataclasses.replace(optim.OPTIMIZERS["momentum"],
-                                    build=lambda lr, wd, no_decay: keras.optimizers.SGD(lr, momentum=MOMENTUM))
-    monkeypatch.setitem(optim.OPTIMIZERS, "momentum", keras_sgd)
+    monkeypatch.setitem(optim.BUILD, "momentum", lambda lr, wd, no_decay: keras.optimizers.SGD(lr, momentum=MOMENTUM))
     check_steps(1, **BOUNDARY)                         # before any boundary the two agree
     with pytest.raises(AssertionError):
         check_steps(2, **BOUNDARY)
@@ -132,13 +130,13 @@ def test_l2_term_is_half_sum_of_squares_over_right_variables():
 @pytest.mark.parametrize("epoch,value", [(0, 1.0), (10, 0.5), (30, 0.45), (50, 0.4), (75, 0.55),
                                          (100, 0.7), (150, 0.75)])
 def test_piecewise_factor_matches_post(epoch, value):
-    assert float(conv_scaling.piecewise(float(epoch))) == pytest.approx(value, abs=1e-6)
+    assert float(optim.piecewise(float(epoch))) == pytest.approx(value, abs=1e-6)
     assert hand_piecewise(float(epoch)) == pytest.approx(value, abs=1e-12)
 
 
 def test_piecewise_factor_between_points():
     for e in np.linspace(0, 160, 97):
-        assert float(conv_scaling.piecewise(e)) == pytest.approx(hand_piecewise(e), abs=1e-5)
+        assert float(optim.piecewise(e)) == pytest.approx(hand_piecewise(e), abs=1e-5)
 
 
 def test_diagnostics_of_one_step():
@@ -183,7 +181,7 @@ def test_steps_per_execution_gives_the_same_updates():
         keras.utils.set_random_seed(7)
         cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=BATCH, jit_compile=XLA,
                                      steps_per_execution=spe, conv_l2=False, conv_grad_scale=True)
-        model = trainer.build_model(cfg, steps_per_epoch=4)
+        model = train.build_model(cfg, steps_per_epoch=4)
         ds = tf.data.Dataset.from_tensors((x, y)).repeat(4)
         model.fit(ds, epochs=1, steps_per_epoch=4, verbose=0)
         results.append([v.numpy() for v in model.trainable_variables])
@@ -198,9 +196,9 @@ def test_step_traces_to_at_most_1_25x_the_ops_of_a_bare_step(flags):
     (experiments.reference_step, the benchmark's reference loop): per-layer work is grouped, not 22 chains of ops."""
     from experiments import reference_step
     from resnet_cifar import config as config_lib
-    from resnet_cifar import trainer
+    from resnet_cifar import train
 
-    model = trainer.build_model(config_lib.TrainConfig(model_dir="/unused", **flags), 390)
+    model = train.build_model(config_lib.TrainConfig(model_dir="/unused", **flags), 390)
     spec = (tf.TensorSpec([8, 32, 32, 3], tf.float32), tf.TensorSpec([8], tf.int32))
     project = reference_step.compute_ops(tf.function(model.train_step).get_concrete_function(spec))
     _, bare = reference_step.bare_loop(8)
@@ -225,7 +223,7 @@ def test_diagnostics_restart_at_each_epochs_first_step():
 def test_fit_traces_the_step_once(monkeypatch):
     """Every variable exists before the first trace (a variable created inside it makes
     TensorFlow trace the whole step a second time, seconds of start-up per run)."""
-    from resnet_cifar.train_step import ReproductionModel
+    from resnet_cifar.models import ReproductionModel
 
     traces = {"train": 0, "test": 0}
     for kind in traces:

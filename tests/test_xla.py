@@ -1,6 +1,6 @@
 """What a GPU run does by default, forced on this CPU.
 
-On a GPU, `--jit_compile=auto` compiles the train step with XLA, `setup_devices` turns on
+On a GPU, `--jit_compile=auto` compiles the train step with XLA, `setup_runtime` turns on
 memory growth, and the runner gives each run a share of one GPU. CPU XLA compiles the
 same graph that GPU XLA does, so every step variant trains here with `jit_compile=True`:
 each conv-factor mode, each optimizer, each precision, several steps per call, a killed
@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import conv_scaling, models, trainer
+from resnet_cifar import events, models, optim, train
 from tests.helpers import TAU, U32, batch, fabricate_baseline, meaningful
 from tests.test_per_channel import fabricate_channel_log
 
@@ -67,9 +67,9 @@ def build(jit, baseline_dir=None, seed=1, **fields):
     cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, jit_compile=jit, **fields)
     baseline = None
     if "replay_from" in fields:
-        baseline = conv_scaling.load_baseline(baseline_dir, cfg.train_epochs,
+        baseline = events.load_baseline(baseline_dir, cfg.train_epochs,
                                               per_channel=cfg.conv_lr_factor == "per_channel")
-    model = trainer.build_model(cfg, STEPS_PER_EPOCH, baseline)
+    model = train.build_model(cfg, STEPS_PER_EPOCH, baseline)
     assert model.jit_compile is jit
     return model, cfg
 
@@ -232,7 +232,7 @@ def test_every_precision_trains_under_xla(dtype):
             logs = model.train_on_batch(*batch(step), return_dict=True)
             assert np.isfinite(logs["loss"]), logs
         assert all(v.dtype == "float32" for v in model.trainable_variables)
-        piecewise = float(conv_scaling.piecewise((STEPS - 1) / STEPS_PER_EPOCH))
+        piecewise = float(optim.piecewise((STEPS - 1) / STEPS_PER_EPOCH))
         np.testing.assert_allclose(model.diagnostics.means()["lr_factor"], piecewise * sq / 800.0, rtol=1e-5)
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
@@ -247,7 +247,7 @@ def test_steps_per_execution_under_xla_gives_the_steps_of_one_per_call():
         keras.utils.set_random_seed(7)
         cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8, jit_compile=True, steps_per_execution=spe,
                                      conv_l2=False, conv_grad_scale=True)
-        model = trainer.build_model(cfg, steps_per_epoch=4)
+        model = train.build_model(cfg, steps_per_epoch=4)
         before = [v.numpy().astype(np.float64) for v in model.trainable_variables]
         model.fit(tf.data.Dataset.from_tensors((x, y)).repeat(4), epochs=1, steps_per_epoch=4, verbose=0)
         results.append([v.numpy().astype(np.float64) for v in model.trainable_variables])
@@ -271,21 +271,21 @@ def test_auto_on_a_gpu_means_xla_and_memory_growth(monkeypatch):
     grown = []
     monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda d, on: grown.append((d.name, on)))
     cfg = config_lib.TrainConfig(model_dir="/unused", batch_size=8)
-    assert cfg.jit_compile is None and trainer.use_xla(cfg) is True
-    trainer.setup_devices()
+    assert cfg.jit_compile is None and train.use_xla(cfg) is True
+    train.setup_runtime(cfg)
     assert grown == [(d.name, True) for d in fake]
     keras.utils.set_random_seed(0)
-    model = trainer.build_model(cfg, STEPS_PER_EPOCH)
+    model = train.build_model(cfg, STEPS_PER_EPOCH)
     assert model.jit_compile is True
     logs = model.train_on_batch(*batch(), return_dict=True)
     assert np.isfinite(logs["loss"])
     monkeypatch.setattr(tf.config, "list_physical_devices", real)
-    assert trainer.use_xla(cfg) is False                 # and on this CPU: no XLA
+    assert train.use_xla(cfg) is False                 # and on this CPU: no XLA
 
 
 def test_auto_without_a_gpu_leaves_the_cpu_alone():
     for value, want in ((None, False), (True, True), (False, False)):
-        assert trainer.use_xla(config_lib.TrainConfig(model_dir="/x", jit_compile=value)) is want
+        assert train.use_xla(config_lib.TrainConfig(model_dir="/x", jit_compile=value)) is want
 
 
 def test_deterministic_and_xla_exclude_each_other():
@@ -297,8 +297,8 @@ def test_deterministic_and_xla_exclude_each_other():
     gpu = [tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tf.config, "list_physical_devices", lambda kind=None: gpu)
-        assert trainer.use_xla(cfg) is False
-        assert trainer.use_xla(config_lib.TrainConfig(model_dir="/x")) is True
+        assert train.use_xla(cfg) is False
+        assert train.use_xla(config_lib.TrainConfig(model_dir="/x")) is True
 
 
 # ----------------------------------------------------------------------------- a killed XLA run
