@@ -110,7 +110,7 @@ def point_dir(point) -> str:
 def training_flags(known_flags) -> List[str]:
     """The training program's own flags (not absl's --only_check_args, --verbosity, ...), and
     --noconv_l2, the documented spelling of --conv_l2=false."""
-    return [f.name for f in known_flags.get_flags_for_module("resnet_cifar.train")] + ["noconv_l2"]
+    return [f.name for f in known_flags.get_flags_for_module("resnet_cifar.config")] + ["noconv_l2"]
 
 
 def number_name(value: float) -> str:

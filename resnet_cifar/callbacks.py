@@ -5,10 +5,10 @@
   (conv_channel_sqsum.npz), the console (Keras' progress bar, one line per epoch, a status
   line about every minute without the bar), the stop on a non-finite loss, and signals,
   which take effect between two steps.
-- `EpochCheckpoint`: the checkpoint of each epoch, never over diverged weights.
-
-Neither reads what the other put in `logs` (the step restarts its diagnostic sums at each
-epoch's first step), so their order in the list does not matter.
+- `EpochCheckpoint`: the checkpoint of each epoch, never over diverged weights. `EpochLog`
+  saves it between the epoch's logs and its console line, in that order: a kill leaves at
+  most the logs of one epoch beyond the last checkpoint (which a resume logs again, and
+  the resume check allows), and a printed epoch line means its checkpoint is on disk.
 """
 
 import math
@@ -68,9 +68,10 @@ class EpochLog(keras.callbacks.ProgbarLogger):
     can diverge alone (e.g. NaN batch-norm moving statistics).
     """
 
-    def __init__(self, model_dir, total_epochs, status_every=STATUS_SECONDS):
+    def __init__(self, model_dir, total_epochs, checkpoint=None, status_every=STATUS_SECONDS):
         super().__init__()
         self.model_dir = model_dir
+        self.checkpoint = checkpoint      # an EpochCheckpoint, saved after the logs, before the line
         self.total = total_epochs
         self.status_every = status_every
         self.channel_path = os.path.join(model_dir, tags.CHANNEL_SQSUM_FILE)
@@ -134,6 +135,9 @@ class EpochLog(keras.callbacks.ProgbarLogger):
         # The epoch's diagnostics go into `logs` too: History (after every callback) keeps them for done.json.
         logs.update(diagnostic_totals(values))
         self.note_epoch(epoch, logs)
+        if self.checkpoint is not None:
+            self.checkpoint.set_model(self.model)
+            self.checkpoint.on_epoch_end(epoch, logs)
         self._print_summary(epoch, logs)
 
     def note_batch(self, epoch, batch, logs):

@@ -104,11 +104,8 @@ def _block_v1(x, filters, strides, projection, bn_decay, names):
 
 
 def build_resnet20(bn_decay=fidelity.BATCH_NORM_DECAY, model_cls=keras.Model, name="resnet20_v1"):
-    """The CIFAR-10 ResNet-20 v1 of the original code; returns logits.
-
-    `model_cls` lets the trainer build the same graph as its own `keras.Model`
-    subclass (with the custom `train_step`).
-    """
+    """The CIFAR-10 ResNet-20 v1 of the original code; returns logits. `model_cls`: the trainer
+    builds the same graph as its `ReproductionModel` (with the post's train step)."""
     return build_resnet(fidelity.RESNET_SIZE, bn_decay, model_cls, name)
 
 

@@ -46,33 +46,28 @@ def main(argv):
         fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are spelled --name=value)")
     try:
         config = config_lib.from_flags(FLAGS)
-        with run_dir.opened(config) as state:         # checked, created and locked for the run
-            if state.finished:
-                print(run_dir.finished_message(config), flush=True)
-                return
-            arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
-            config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
-            process.check_signal()      # a signal that something swallowed: not on to TensorFlow
-            train_and_evaluate(config, arrays, state)
+        # The folder is checked before anything is read or written: a finished run needs no data,
+        # and a refusal comes before the data loads. `train_and_evaluate` then takes the folder's
+        # lock and checks it again under the lock: the check that counts.
+        if run_dir.check(config).finished:
+            print(run_dir.finished_message(config), flush=True)
+            return
+        arrays = cifar_data.load_arrays(config.data_source, config.data_dir, config.seed)
+        config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
+        process.check_signal()      # a signal that something swallowed: not on to TensorFlow
+        train_and_evaluate(config, arrays)
     except (config_lib.ConfigError, cifar_data.DataError) as e:
         fail(str(e))
     except TrainingError as e:
         fail(str(e), code=1)
 
 
-def train_and_evaluate(config, arrays, state=None):
-    """Trains `config.train_epochs` epochs on `arrays` (`cifar_data.Arrays`), resuming from the
-    run folder's newest checkpoint; `state`: the folder as `run_dir.opened` gave it (None: it
-    is opened here). SIGINT/SIGTERM (under `process.handlers()`, as the command runs it) raise
+def train_and_evaluate(config, arrays):
+    """Trains `config.train_epochs` epochs on `arrays` (`cifar_data.Arrays`) in the run folder
+    `run_dir.opened` gives it (locked for the run), resuming from its newest checkpoint.
+    SIGINT/SIGTERM (under `process.handlers()`, as the command runs it) raise
     `process.Interrupted` between two steps, with a `message` saying where the run stopped."""
-    if state is None:
-        with run_dir.opened(config) as state:
-            return train_and_evaluate(config, arrays, state)
-    if state.finished:
-        print(run_dir.finished_message(config), flush=True)
-        return
     with process.deferred():      # no signal lands inside TF's imports, where a bare except may eat it
-        import keras
         import tensorflow as tf
 
         from resnet_cifar import callbacks, checkpoints, models
@@ -88,80 +83,87 @@ def train_and_evaluate(config, arrays, state=None):
                                         per_channel=config.conv_lr_factor == "per_channel")
     model = build_model(config, steps_per_epoch, baseline)
     progress = callbacks.Progress(model, steps_per_epoch)
-    try:
+
+    # Everything is checked: only now is the folder created, locked for the run, and checked
+    # under the lock (another process may have written it meanwhile).
+    with run_dir.opened(config) as state:
+        if state.finished:
+            print(run_dir.finished_message(config), flush=True)
+            return
         if state.replace:
             run_dir.clear(config.model_dir)
             print(f"{config.model_dir}: starting afresh (--overwrite); the run it held is deleted", flush=True)
-
-        # Restore: the newest checkpoint that reads back whole, and that is this run's.
-        epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
-        store = checkpoints.CheckpointStore(
-            tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable),
-            os.path.join(config.model_dir, run_dir.CHECKPOINTS), phase_ends=config.phase_end_epochs,
-            identity=run_dir.identity(config))
-        progress.store = store
         try:
-            restored, skipped = store.restore()
-        except checkpoints.NothingReadable as e:
-            raise config_lib.ConfigError(f"{e}; use --overwrite to start this run afresh") from None
-        except checkpoints.ForeignCheckpoint as e:
-            raise config_lib.ConfigError(f"{e}: copied from another run's folder? Use --overwrite to start "
-                                         "this run afresh, or another --model_dir") from None
-        run_dir.check_checkpoints_cover_the_logs(config.model_dir, restored)
-        initial_epoch = int(epoch_variable.numpy())
-        skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
-        if initial_epoch:
-            print(f"resuming {config.model_dir} after epoch {initial_epoch} "
-                  f"({checkpoints.name(restored)}){skipped_text}", flush=True)
-        elif skipped:
-            print(f"{config.model_dir}: no checkpoint to resume from{skipped_text}", flush=True)
-        run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels),
-                                 data=cifar_data.fingerprint(arrays, config.data_source, config.data_dir))
+            # Restore: the newest checkpoint that reads back whole, and that is this run's.
+            epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
+            store = checkpoints.CheckpointStore(
+                tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch_variable),
+                os.path.join(config.model_dir, run_dir.CHECKPOINTS), phase_ends=config.phase_end_epochs,
+                identity=run_dir.identity(config))
+            progress.store = store
+            try:
+                restored, skipped = store.restore()
+            except checkpoints.NothingReadable as e:
+                raise config_lib.ConfigError(f"{e}; use --overwrite to start this run afresh") from None
+            except checkpoints.ForeignCheckpoint as e:
+                raise config_lib.ConfigError(f"{e}: copied from another run's folder? Use --overwrite to start "
+                                             "this run afresh, or another --model_dir") from None
+            run_dir.check_checkpoints_cover_the_logs(config.model_dir, restored)
+            initial_epoch = int(epoch_variable.numpy())
+            skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
+            if initial_epoch:
+                print(f"resuming {config.model_dir} after epoch {initial_epoch} "
+                      f"({checkpoints.name(restored)}){skipped_text}", flush=True)
+            elif skipped:
+                print(f"{config.model_dir}: no checkpoint to resume from{skipped_text}", flush=True)
+            run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels),
+                                     data=cifar_data.fingerprint(arrays, config.data_source, config.data_dir))
 
-        # The data, resumed at the step the checkpoint ends: the batches an uninterrupted run sees.
-        train_ds = cifar_data.train_dataset(arrays.train_images, arrays.train_labels, config.batch_size,
-                                            seed=config.seed, start_step=initial_epoch * steps_per_epoch)
-        test_ds = cifar_data.test_dataset(arrays.test_images, arrays.test_labels, config.batch_size,
-                                          config.eval_steps)
+            # The data, resumed at the step the checkpoint ends: the batches an uninterrupted run sees.
+            train_ds = cifar_data.train_dataset(arrays.train_images, arrays.train_labels, config.batch_size,
+                                                seed=config.seed, start_step=initial_epoch * steps_per_epoch)
+            test_ds = cifar_data.test_dataset(arrays.test_images, arrays.test_labels, config.batch_size,
+                                              config.eval_steps)
 
-        # Fit: each epoch logged (event files, conv_channel_sqsum.npz, console), then checkpointed.
-        epoch_log = callbacks.EpochLog(config.model_dir, config.train_epochs)
-        start = time.time()
-        try:
-            with process.deferred():         # a signal stops the run between two steps (EpochLog)
-                history = model.fit(
-                    train_ds,
-                    epochs=config.train_epochs,
-                    initial_epoch=initial_epoch,
-                    steps_per_epoch=steps_per_epoch,
-                    validation_data=test_ds,
-                    shuffle=False,                 # the stream is shuffled by cifar_data.train_dataset
-                    validation_freq=config.epochs_between_evals,
-                    verbose=config.verbose,
-                    callbacks=[epoch_log, callbacks.EpochCheckpoint(store, epoch_variable)],
-                )
-        except checkpoints.SaveError as e:
-            raise TrainingError(str(e)) from None
-        except (tf.errors.ResourceExhaustedError, OSError) as e:
-            raise TrainingError(out_of_space(e, store)) from None
-        if epoch_log.diverged:
-            epoch, step, what, value = epoch_log.diverged
-            raise TrainingError(f"{what} became {value} at epoch {epoch}, step {step}: training stopped; "
-                                f"logs up to there are in {config.model_dir}")
-    except process.Interrupted as e:
-        e.message = progress.stopped_message(e.name)
-        raise
+            # Fit: each epoch logged (event files, conv_channel_sqsum.npz), checkpointed, then printed.
+            epoch_log = callbacks.EpochLog(config.model_dir, config.train_epochs,
+                                           checkpoint=callbacks.EpochCheckpoint(store, epoch_variable))
+            start = time.time()
+            try:
+                with process.deferred():         # a signal stops the run between two steps (EpochLog)
+                    history = model.fit(
+                        train_ds,
+                        epochs=config.train_epochs,
+                        initial_epoch=initial_epoch,
+                        steps_per_epoch=steps_per_epoch,
+                        validation_data=test_ds,
+                        shuffle=False,                 # the stream is shuffled by cifar_data.train_dataset
+                        validation_freq=config.epochs_between_evals,
+                        verbose=config.verbose,
+                        callbacks=[epoch_log],
+                    )
+            except checkpoints.SaveError as e:
+                raise TrainingError(str(e)) from None
+            except (tf.errors.ResourceExhaustedError, OSError) as e:
+                raise TrainingError(out_of_space(e, store)) from None
+            if epoch_log.diverged:
+                epoch, step, what, value = epoch_log.diverged
+                raise TrainingError(f"{what} became {value} at epoch {epoch}, step {step}: training stopped; "
+                                    f"logs up to there are in {config.model_dir}")
+        except process.Interrupted as e:
+            e.message = progress.stopped_message(e.name)
+            raise
 
-    # Done: the final weights (to share and evaluate without checkpoints), then done.json, so a
-    # finished run always has its final weights; then what it gave and where it is.
-    logs = {k: float(v[-1]) for k, v in history.history.items() if v}
-    process.check_signal()           # a signal that something swallowed: not finished
-    models.save_weights(model, os.path.join(config.model_dir, tags.FINAL_WEIGHTS_FILE))
-    run_dir.mark_done(config, logs)
-    freq = config.epochs_between_evals
-    print(callbacks.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
-                                 last_eval_epoch=config.train_epochs // freq * freq, resumed_after=initial_epoch,
-                                 steps=config.train_epochs * steps_per_epoch, bn_decay=config.bn_decay), flush=True)
+        # Done: the final weights (to share and evaluate without checkpoints), then done.json, so a
+        # finished run always has its final weights; then what it gave and where it is.
+        logs = {k: float(v[-1]) for k, v in history.history.items() if v}
+        process.check_signal()           # a signal that something swallowed: not finished
+        models.save_weights(model, os.path.join(config.model_dir, tags.FINAL_WEIGHTS_FILE))
+        run_dir.mark_done(config, logs)
+        freq = config.epochs_between_evals
+        print(callbacks.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
+                                     last_eval_epoch=config.train_epochs // freq * freq, resumed_after=initial_epoch,
+                                     steps=config.train_epochs * steps_per_epoch, bn_decay=config.bn_decay), flush=True)
 
 
 def build_model(config, steps_per_epoch, baseline=None):

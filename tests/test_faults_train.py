@@ -43,7 +43,7 @@ def float_flags():
 
     from resnet_cifar import train as train_module
 
-    names = [f.name for f in train_module.FLAGS.get_flags_for_module(train_module.__name__)
+    names = [f.name for f in train_module.FLAGS.get_flags_for_module("resnet_cifar.config")
              if isinstance(f.parser, flags.FloatParser)]
     assert {"learning_rate", "weight_decay", "bn_decay"} <= set(names)
     return names + ["boundary_epochs", "decay_rates"]
@@ -64,7 +64,7 @@ def integer_flags():
 
     from resnet_cifar import train as train_module
 
-    names = [f.name for f in train_module.FLAGS.get_flags_for_module(train_module.__name__)
+    names = [f.name for f in train_module.FLAGS.get_flags_for_module("resnet_cifar.config")
              if isinstance(f.parser, flags.IntegerParser)]
     assert {"train_epochs", "batch_size", "steps_per_epoch", "seed", "resnet_size"} <= set(names)
     return names
@@ -262,12 +262,10 @@ def test_a_signal_that_a_library_swallows_still_stops_the_run(tmp_path):
 
 
 def _progress(step, good, steps_per_epoch=4):
-    from resnet_cifar.callbacks import Progress as _Progress
+    from resnet_cifar.callbacks import Progress
 
-    p = _Progress()
-    p.steps_per_epoch = steps_per_epoch
-    p.model = types.SimpleNamespace(optimizer=types.SimpleNamespace(
-        iterations=types.SimpleNamespace(numpy=lambda: step)))
+    p = Progress(types.SimpleNamespace(optimizer=types.SimpleNamespace(
+        iterations=types.SimpleNamespace(numpy=lambda: step))), steps_per_epoch)
     p.store = types.SimpleNamespace(good=good)
     return p.stopped_message("SIGTERM")
 
