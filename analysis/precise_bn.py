@@ -121,8 +121,6 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
 
     import tensorflow as tf
 
-    from resnet_cifar import input_pipeline
-
     try:
         config = events.read_config(run_dir)
     except events.EventsError as e:
@@ -152,12 +150,12 @@ def evaluate(run_dir: str, bn_batches: int = DEFAULT_BN_BATCHES, data_source: Op
 
     model, done = restore_model(run_dir, config, path, done)
     batch = int(config.get("batch_size", fidelity.BATCH_SIZE))
-    test = input_pipeline.test_dataset(arrays.test_images, arrays.test_labels, batch,
+    test = cifar_data.test_dataset(arrays.test_images, arrays.test_labels, batch,
                                        config.get("eval_steps"))
     forward = tf.function(lambda images: model(images, training=False))
     step("1/3 the test set, BN moving averages as stored")
     stored = _accuracy(forward, test)
-    train = input_pipeline.train_dataset(arrays.train_images, arrays.train_labels, batch, seed=SEED)
+    train = cifar_data.train_dataset(arrays.train_images, arrays.train_labels, batch, seed=SEED)
     step(f"2/3 BN statistics from {bn_batches} training batches")
     used = recompute_bn_statistics(model, (images for images, _ in train.take(bn_batches)))
     step("3/3 the test set, recomputed BN statistics")
@@ -213,7 +211,7 @@ def restore_model(run_dir: str, config: dict, path: str, epoch: Optional[int] = 
     import tensorflow as tf
 
     from resnet_cifar import models
-    from resnet_cifar.train_step import ReproductionModel
+    from resnet_cifar.models import ReproductionModel
 
     keras.backend.clear_session()        # one model at a time: a results folder may hold hundreds
     keras.mixed_precision.set_dtype_policy(config.get("dtype", "float32"))

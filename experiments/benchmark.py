@@ -140,7 +140,6 @@ def worker(setting):
     os.dup2(log.fileno(), 1)
     sys.stdout = log
 
-    import keras
     import numpy as np
     import tensorflow as tf
 

@@ -5,7 +5,7 @@ import time
 from typing import Dict, Optional, Sequence
 
 from experiments.plan import Run, checkpoint_epoch
-from resnet_cifar.console import count, hms
+from resnet_cifar.run_dir import count, hms
 
 
 class Progress:

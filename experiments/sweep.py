@@ -5,7 +5,7 @@ Each run is one `python -m resnet_cifar.train` subprocess started by a Ray task
 resources (a fraction of a GPU, or CPUs), orders runs that replay a baseline
 after it (the baseline's task result is their input) and retries a task whose
 worker died or whose trainer was killed by a signal; the retried trainer resumes
-from its last checkpoint. The run folder's lock (`resnet_cifar.run_lock`) keeps
+from its last checkpoint. The run folder's lock (`resnet_cifar.process`) keeps
 two trainers out of one folder: a task whose folder is held waits for the holder.
 
 Library code: `experiments/run_all.py` is the command line around it; the status
@@ -24,7 +24,7 @@ import ray
 
 from experiments.plan import ROOT, Run, checkpoint_epoch
 from experiments.progress import Progress
-from resnet_cifar import events, run_lock
+from resnet_cifar import events, process
 
 LOCK_POLL_SECONDS = 2.0
 WATCH_SECONDS = 2.0
@@ -92,7 +92,7 @@ def train_run(run: Run, board, *baseline):
     log_path = os.path.join(run.run_dir, "train.log")
     start = time.time()
     while True:
-        holder = run_lock.holder(run.run_dir)
+        holder = process.lock_holder(run.run_dir)
         if holder:                       # another trainer writes this folder: never start a second
             board.update.remote(run.label, state="elsewhere", holder=holder)
             time.sleep(LOCK_POLL_SECONDS)
@@ -130,7 +130,7 @@ def train_run(run: Run, board, *baseline):
             trained = run.train_epochs - first_epoch          # fewer than all when it resumed
             return _result(run, "done", node=node, seconds=time.time() - start, epochs=trained,
                            epoch_seconds=(time.time() - spawned) / trained if trained > 0 else None)
-        if code == 2 and run_lock.holder(run.run_dir):
+        if code == 2 and process.lock_holder(run.run_dir):
             continue                     # another trainer took the folder first: wait for it
         if code < 0 or code == 128 + signal.SIGTERM:
             sig = -code if code < 0 else signal.SIGTERM

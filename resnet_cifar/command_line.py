@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from resnet_cifar.config import INT_MAX, _stdout_to_devnull, fail, parse_absl  # noqa: F401  (the commands' one-line errors)
+from resnet_cifar.config import INT_MAX, _stdout_to_devnull, fail  # noqa: F401  (the commands' one-line errors)
 
 _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")     # a negative number is a value, not an option
 

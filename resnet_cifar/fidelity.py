@@ -71,7 +71,7 @@ BN_DECAY_FAST = 0.98              # the fourth run's _BATCH_NORM_DECAY
 def piecewise(epoch, where):
     """The post's tf.where chain over PIECEWISE_FACTOR: 1-0.05e, 0.5-0.0025(e-10),
     0.4+0.006(e-50), 0.7+0.001(e-100). `where` is tf.where or np.where, so training
-    (conv_scaling) and the figures evaluate this one definition."""
+    (optim) and the figures evaluate this one definition."""
     start, value, slope = PIECEWISE_FACTOR[0]
     out = value + slope * (epoch - start)
     for start, value, slope in PIECEWISE_FACTOR[1:]:

@@ -300,7 +300,7 @@ class ReproductionModel(keras.Model):
     def configure(self, *, weight_decay, conv_l2, conv_lr_factor, steps_per_epoch):
         """weight_decay: L2 coefficient (of tf.nn.l2_loss = sum(v^2)/2, not Keras' L2).
         conv_l2: keep the conv kernels in the L2 sum.
-        conv_lr_factor: a `conv_scaling.ConvLRFactor` (mode None for no scaling).
+        conv_lr_factor: an `optim.ConvLRFactor` (mode None for no scaling).
         steps_per_epoch: steps in one epoch, for the fractional epoch.
         """
         conv = conv_kernels(self)

@@ -17,12 +17,10 @@ import contextlib
 import dataclasses
 import datetime
 import glob
-import hashlib
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 

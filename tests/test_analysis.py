@@ -158,9 +158,9 @@ def test_piecewise_figure_shows_the_fit_and_800_over_baseline_sqsum():
 
 
 def test_piecewise_of_the_figures_and_of_training_are_the_posts():
-    """The figure must show the factor training applies (resnet_cifar.conv_scaling): both
+    """The figure must show the factor training applies (resnet_cifar.optim): both
     against a literal transcription of the post's chain, on a fine grid across its breaks."""
-    conv_scaling = pytest.importorskip("resnet_cifar.optim")
+    optim = pytest.importorskip("resnet_cifar.optim")
     epochs = np.linspace(0.0, 160.0, 1601)
     want = np.array([hand_piecewise(e) for e in epochs])
     np.testing.assert_allclose(figures.piecewise_np(epochs), want, rtol=0, atol=1e-12)

@@ -224,7 +224,6 @@ def test_a_new_source_is_loaded_accepted_and_listed(monkeypatch):
     """One entry in cifar_data.SOURCES: load_arrays calls it, TrainConfig accepts its name,
     and the --data_source help lists it."""
     from resnet_cifar import config as config_lib
-    from resnet_cifar import train
 
     calls = []
     monkeypatch.setitem(cifar_data.SOURCES, "fake", fake_source(calls))

@@ -253,7 +253,6 @@ def test_a_new_optimizer_is_an_entry_and_a_builder(monkeypatch, decoupled):
     and --learning_rate help list it, the trainer builds it, and its decoupled_decay alone
     decides whether the L2 term stays in the loss."""
     import keras
-    from resnet_cifar import train
 
     register_sgd(monkeypatch, decoupled)
     cfg = config_lib.TrainConfig(model_dir="/x", optimizer="sgd", batch_size=256)

@@ -28,7 +28,7 @@ import types
 import numpy as np
 import pytest
 
-from resnet_cifar import callbacks, checkpoints, events, optim, process, run_dir, tags
+from resnet_cifar import callbacks, checkpoints, events, process, run_dir, tags
 from resnet_cifar import config as config_lib
 from tests.cifar_files import set_record_label, truncate, write_binary_cifar
 from tests.helpers import (ROOT, assert_same_curves, curves, env, meaningful, one_error_line, python, snapshot,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from resnet_cifar import config as config_lib, cifar_data
-from resnet_cifar import events, models, optim, tags, train
+from resnet_cifar import events, models, tags, train
 from tests.cifar_files import write_binary_cifar
 from tests.helpers import LAYERS, ROOT, env, parse, train_cli
 

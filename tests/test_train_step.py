@@ -1,7 +1,5 @@
 """The custom train step against an independent float64 NumPy computation of the update."""
 
-import dataclasses
-
 import keras
 import numpy as np
 import pytest
