@@ -234,14 +234,13 @@ def restore_model(run_dir: str, config: dict, path: str, epoch: Optional[int] = 
 def export_final_weights(run_dir: str) -> str:
     """Writes a finished run's `final.weights.h5` from its newest checkpoint (for runs trained by
     code that did not write it yet); returns its path."""
-    from resnet_cifar import models
+    from resnet_cifar.run_dir import write_final_weights
 
     if events.done_epochs(run_dir) is None:
         raise EvaluationError(f"{run_dir}: not finished (no readable {tags.DONE_FILE})")
     model, _ = restore_model(run_dir, events.read_config(run_dir), newest_checkpoint(run_dir))
-    path = os.path.join(run_dir, tags.FINAL_WEIGHTS_FILE)
-    models.save_weights(model, path)
-    return path
+    write_final_weights(run_dir, model)
+    return os.path.join(run_dir, tags.FINAL_WEIGHTS_FILE)
 
 
 def newest_checkpoint(run_dir: str) -> str:

@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")      # as the package: no C++
 
 from absl import app, flags  # noqa: E402
 
-from resnet_cifar import checkpoints, cifar_data, command_line, config as config_lib  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
+from resnet_cifar import checkpoints, cifar_data, config as config_lib  # noqa: E402  (NumPy only: TensorFlow starts in the workers)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("data_source", "synthetic", list(cifar_data.SOURCES), "Data for all measurements.")
@@ -367,4 +367,4 @@ def report(r):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=functools.partial(command_line.parse_absl, FLAGS))
+    app.run(main, flags_parser=functools.partial(config_lib.parse_absl, FLAGS))

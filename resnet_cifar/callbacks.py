@@ -22,7 +22,7 @@ import tensorflow as tf
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 
-from resnet_cifar import checkpoints, models, process, tags
+from resnet_cifar import checkpoints, models, optim, process, tags
 from resnet_cifar.models import DIAGNOSTICS
 from resnet_cifar.run_dir import count, hms
 
@@ -173,7 +173,7 @@ class EpochLog(keras.callbacks.ProgbarLogger):
 
     def save_channels(self, epoch, fresh=False):
         layers = models.conv_layers(self.model)
-        row = {layer.name: models.channel_sum_of_squares(layer.kernel).numpy()[None] for layer in layers}
+        row = {layer.name: optim.channel_sum_of_squares(layer.kernel).numpy()[None] for layer in layers}
         epochs = np.array([epoch], np.int64)
         if not fresh and os.path.exists(self.channel_path):
             with np.load(self.channel_path) as old:

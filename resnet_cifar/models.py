@@ -38,7 +38,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from resnet_cifar import fidelity, tags
+from resnet_cifar import fidelity, optim, tags
 
 
 class _Namer:
@@ -142,17 +142,6 @@ def build_resnet(resnet_size=fidelity.RESNET_SIZE, bn_decay=fidelity.BATCH_NORM_
     return model_cls(inputs, logits, name=name)
 
 
-def save_weights(model, path):
-    """The model's weights alone (layers' variables, BN statistics included) to a Keras
-    `.weights.h5` file, written atomically. Keras' own `save_weights` also stores a compiled
-    model's optimizer slots (twice the size); a plain Model over the same layers has none,
-    and its file loads into any model built by `build_resnet` of the same depth."""
-    from resnet_cifar import checkpoints
-
-    with checkpoints.atomic_path(path) as tmp:
-        keras.Model(model.inputs, model.outputs).save_weights(tmp)
-
-
 def conv_layers(model):
     """The Conv2D layers in TF1 creation order: conv2d, conv2d_1, ..., conv2d_21 (ResNet-20).
 
@@ -192,11 +181,6 @@ def expected_initial_conv_sqsum(model):
     post's `initial_conv2d_sqsum`; it is the normalizer of the piecewise factor.
     """
     return float(sum(int(k.shape[-1]) for k in conv_kernels(model)))
-
-
-def channel_sum_of_squares(kernel):
-    """sum(w^2) per output channel of a conv kernel [kh, kw, cin, cout], float32: (cout,)."""
-    return tf.reduce_sum(tf.square(tf.cast(kernel, tf.float32)), axis=[0, 1, 2])
 
 
 # ----------------------------------------------------------------------------- the train step
@@ -297,12 +281,17 @@ class ReproductionModel(keras.Model):
     `configure` once before `compile`.
     """
 
-    def configure(self, *, weight_decay, conv_l2, conv_lr_factor, steps_per_epoch):
+    def configure(self, *, weight_decay, conv_l2, steps_per_epoch, conv_lr_factor=None, baseline=None):
         """weight_decay: L2 coefficient (of tf.nn.l2_loss = sum(v^2)/2, not Keras' L2).
         conv_l2: keep the conv kernels in the L2 sum.
-        conv_lr_factor: an `optim.ConvLRFactor` (mode None for no scaling).
         steps_per_epoch: steps in one epoch, for the fractional epoch.
+        conv_lr_factor: the mode of the conv LR factor (None: no scaling), `optim.ConvLRFactor`;
+        baseline: for the replay modes, the baseline's `optim.BaselineTrajectory`.
         """
+        layers = conv_layers(self)
+        conv_lr_factor = optim.for_layers(conv_lr_factor, baseline, [layer.name for layer in layers],
+                                          [int(layer.kernel.shape[-1]) for layer in layers],
+                                          expected_initial_conv_sqsum(self))
         conv = conv_kernels(self)
         sizes = [int(np.prod(k.shape)) for k in conv]
         # object.__setattr__: plain Python settings, nothing for Keras to track.

@@ -28,7 +28,7 @@ reproduces the baseline's own ||w||^2 trajectory. Three ways to get it:
   baseline's per-channel trajectory comes from its `conv_channel_sqsum.npz`.
 
 Every factor is computed inside the train step from the current weights and the
-fractional epoch (step / steps_per_epoch). `for_model` makes one for a model;
+fractional epoch (step / steps_per_epoch). `for_layers` makes one for a model's layers;
 `ConvLRFactor.multipliers` gives, for
 every mode, one multiplier per conv kernel (a scalar, or a (cout,) vector that
 broadcasts over the kernel's last axis), so the step multiplies conv gradient l by
@@ -43,7 +43,7 @@ import tensorflow as tf
 from keras import ops
 
 from resnet_cifar import config as config_lib
-from resnet_cifar import fidelity, models, tags
+from resnet_cifar import fidelity, tags
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -121,6 +121,15 @@ def make_optimizer(name, learning_rate, weight_decay=0.0, no_decay=()):
     return BUILD[name](learning_rate, weight_decay, no_decay)
 
 
+def for_training(name, base_rate, boundary_epochs, decay_rates, steps_per_epoch, weight_decay, variables,
+                 no_decay=()):
+    """The optimizer `name` on the post's piecewise schedule, its slots built for `variables`."""
+    schedule = piecewise_by_epoch(base_rate, boundary_epochs, decay_rates, steps_per_epoch)
+    optimizer = make_optimizer(name, schedule, weight_decay=weight_decay, no_decay=no_decay)
+    optimizer.build(variables)
+    return optimizer
+
+
 def piecewise_by_epoch(base_rate, boundary_epochs, decay_rates, steps_per_epoch):
     """base_rate * decay_rates[i], where i counts the boundaries at or below the epoch.
 
@@ -157,19 +166,18 @@ def interpolate(epoch, epochs, values):
     return values[i] + t * (values[i + 1] - values[i])
 
 
-def for_model(mode, baseline, model):
-    """The `ConvLRFactor` of `mode` (None: no scaling) for `model`: the baseline's per-layer
-    or per-channel trajectory put in the model's layer order (a one-line ConfigError if it
-    does not fit the model), and the piecewise normalizer of the model's depth."""
-    layers = models.conv_layers(model)
-    names = [layer.name for layer in layers]
+def for_layers(mode, baseline, names, channels, initial_conv_sqsum):
+    """The `ConvLRFactor` of `mode` (None: no scaling) for a model's conv layers (`names`, their
+    output `channels`, in layer order): the baseline's per-layer or per-channel trajectory put
+    in that order (a one-line ConfigError if it does not fit), and the piecewise normalizer of
+    the model's depth (its expected initial conv sum of squares)."""
     if mode == "per_channel":
         try:
-            baseline = baseline.aligned_channels(names, [int(layer.kernel.shape[-1]) for layer in layers])
+            baseline = baseline.aligned_channels(names, channels)
         except (AttributeError, TypeError, KeyError, ValueError):
             raise config_lib.ConfigError(
                 "--conv_lr_factor=per_channel: the baseline run's "
-                f"{tags.CHANNEL_SQSUM_FILE} does not match this model's {len(layers)} conv layers "
+                f"{tags.CHANNEL_SQSUM_FILE} does not match this model's {len(names)} conv layers "
                 "(same --resnet_size?)") from None
     if mode == "per_layer":
         try:
@@ -178,7 +186,12 @@ def for_model(mode, baseline, model):
             raise config_lib.ConfigError(
                 "--conv_lr_factor=per_layer: the baseline run lacks per-layer "
                 f"{tags.per_layer(tags.CONV_SQSUM, '<layer>')} curves for the {len(names)} conv layers") from None
-    return ConvLRFactor(mode, baseline, models.expected_initial_conv_sqsum(model))
+    return ConvLRFactor(mode, baseline, initial_conv_sqsum)
+
+
+def channel_sum_of_squares(kernel):
+    """sum(w^2) per output channel of a conv kernel [kh, kw, cin, cout], float32: (cout,)."""
+    return tf.reduce_sum(tf.square(tf.cast(kernel, tf.float32)), axis=[0, 1, 2])
 
 
 class ConvLRFactor:
@@ -214,7 +227,7 @@ class ConvLRFactor:
         if self.mode is None:
             return None
         if self.mode == "per_channel":
-            factors = self.channel_factors(epoch, [models.channel_sum_of_squares(k) for k in kernels])
+            factors = self.channel_factors(epoch, [channel_sum_of_squares(k) for k in kernels])
             return factors, tf.stack([tf.reduce_mean(f) for f in factors])
         if self.mode == "per_layer":
             factor = layer_sqsum / interpolate(epoch, self.baseline.epochs, self.baseline.per_layer)

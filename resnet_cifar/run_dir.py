@@ -302,10 +302,24 @@ def write_run_config(config, model, steps_per_epoch, num_train_images, data=None
     })
 
 
-def mark_done(config, final_logs):
+def write_final_weights(folder, model):
+    """A run's weights alone, as a Keras `.weights.h5` file, written atomically: `save_weights`
+    of a compiled model also stores the optimizer's slots (twice the size); a plain Model over
+    the same layers has none, and its file loads into any model `models.build_resnet` builds
+    of the same depth."""
+    import keras
+
+    with checkpoints.atomic_path(os.path.join(folder, tags.FINAL_WEIGHTS_FILE)) as tmp:
+        keras.Model(model.inputs, model.outputs).save_weights(tmp)
+
+
+def finish(config, model, final_logs):
+    """The end of a run: its final weights (to share and evaluate without checkpoints), then
+    done.json, so a finished run always has its final weights."""
+    write_final_weights(config.model_dir, model)
     checkpoints.write_json(os.path.join(config.model_dir, tags.DONE_FILE),
-               {"epochs": config.train_epochs, "final": final_logs,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                           {"epochs": config.train_epochs, "final": final_logs,
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 # ----------------------------------------------------------------------------- provenance

@@ -1,6 +1,6 @@
 """Train one run of the post: `python -m resnet_cifar.train --model_dir=DIR [flags]`.
 
-One run, read top to bottom: flags -> config -> run folder -> data -> model -> restore ->
+One run, read top to bottom: flags -> config -> data -> model -> run folder -> restore ->
 fit -> final report. The flags are made from `TrainConfig`'s fields (`config.define_flags`).
 Any bad flag, bad data or diverged run ends with one line on stderr and a non-zero exit
 code. TensorFlow is imported only once the flags, the folder and the data have been
@@ -27,7 +27,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging
 
-from resnet_cifar import cifar_data, config as config_lib, process, run_dir, tags
+from resnet_cifar import cifar_data, config as config_lib, process, run_dir
 from resnet_cifar.config import fail
 
 FLAGS = flags.FLAGS
@@ -70,19 +70,14 @@ def train_and_evaluate(config, arrays):
     with process.deferred():      # no signal lands inside TF's imports, where a bare except may eat it
         import tensorflow as tf
 
-        from resnet_cifar import callbacks, checkpoints, models
+        from resnet_cifar import callbacks, checkpoints
     setup_runtime(config)
 
-    # The model, its optimizer and the conv factor (a replay run's baseline read first).
+    # The model, its optimizer and the conv factor; what the data is.
     steps_per_epoch = config_lib.steps_per_epoch_for(config, len(arrays.train_labels))
-    baseline = None
-    if config.conv_grad_scale and config.conv_lr_factor in config_lib.REPLAY_FACTORS:
-        from resnet_cifar import events      # reads the baseline's run folder back
-
-        baseline = events.load_baseline(config.replay_from, config.train_epochs, resnet_size=config.resnet_size,
-                                        per_channel=config.conv_lr_factor == "per_channel")
-    model = build_model(config, steps_per_epoch, baseline)
+    model = build_model(config, steps_per_epoch)
     progress = callbacks.Progress(model, steps_per_epoch)
+    data = cifar_data.fingerprint(arrays, config.data_source, config.data_dir)
 
     # Everything is checked: only now is the folder created, locked for the run, and checked
     # under the lock (another process may have written it meanwhile).
@@ -93,6 +88,7 @@ def train_and_evaluate(config, arrays):
         if state.replace:
             run_dir.clear(config.model_dir)
             print(f"{config.model_dir}: starting afresh (--overwrite); the run it held is deleted", flush=True)
+        run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels), data=data)
         try:
             # Restore: the newest checkpoint that reads back whole, and that is this run's.
             epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -116,8 +112,6 @@ def train_and_evaluate(config, arrays):
                       f"({checkpoints.name(restored)}){skipped_text}", flush=True)
             elif skipped:
                 print(f"{config.model_dir}: no checkpoint to resume from{skipped_text}", flush=True)
-            run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels),
-                                     data=cifar_data.fingerprint(arrays, config.data_source, config.data_dir))
 
             # The data, resumed at the step the checkpoint ends: the batches an uninterrupted run sees.
             train_ds = cifar_data.train_dataset(arrays.train_images, arrays.train_labels, config.batch_size,
@@ -158,8 +152,7 @@ def train_and_evaluate(config, arrays):
         # finished run always has its final weights; then what it gave and where it is.
         logs = {k: float(v[-1]) for k, v in history.history.items() if v}
         process.check_signal()           # a signal that something swallowed: not finished
-        models.save_weights(model, os.path.join(config.model_dir, tags.FINAL_WEIGHTS_FILE))
-        run_dir.mark_done(config, logs)
+        run_dir.finish(config, model, logs)
         freq = config.epochs_between_evals
         print(callbacks.final_report(config.model_dir, config.train_epochs, logs, time.time() - start,
                                      last_eval_epoch=config.train_epochs // freq * freq, resumed_after=initial_epoch,
@@ -167,35 +160,41 @@ def train_and_evaluate(config, arrays):
 
 
 def build_model(config, steps_per_epoch, baseline=None):
-    """The compiled `models.ReproductionModel` of `config`: the ResNet, the post's objective,
-    the conv factor and the optimizer on the schedule, its slots built."""
+    """The compiled `models.ReproductionModel` of `config`: the ResNet with the post's objective
+    and conv LR factor (`baseline`: a replay mode's `optim.BaselineTrajectory`, read from
+    --replay_from when not given), and the optimizer on the schedule, its slots built."""
     import keras
 
     from resnet_cifar import models, optim
 
+    jit_compile = use_xla(config)
+    mode = config.conv_lr_factor if config.conv_grad_scale else None
+    if mode in config_lib.REPLAY_FACTORS and baseline is None:
+        from resnet_cifar import events      # reads the baseline's run folder back
+
+        baseline = events.load_baseline(config.replay_from, config.train_epochs, resnet_size=config.resnet_size,
+                                        per_channel=mode == "per_channel")
     keras.mixed_precision.set_dtype_policy(config.dtype)
     model = models.build_resnet(config.resnet_size, bn_decay=config.bn_decay, model_cls=models.ReproductionModel)
-    mode = config.conv_lr_factor if config.conv_grad_scale else None
     # An optimizer with decoupled decay (adamw) decays the weights itself: no L2 term in the loss.
     decoupled = config_lib.OPTIMIZERS[config.optimizer].decoupled_decay
     model.configure(weight_decay=0.0 if decoupled else config.weight_decay, conv_l2=config.conv_l2,
-                    conv_lr_factor=optim.for_model(mode, baseline, model), steps_per_epoch=steps_per_epoch)
-    schedule = optim.piecewise_by_epoch(config.base_learning_rate, config.boundary_epochs,
-                                        config.decay_rates, steps_per_epoch)
+                    steps_per_epoch=steps_per_epoch, conv_lr_factor=mode, baseline=baseline)
     decayed = {id(v) for v in model.l2_variables()}     # adamw: the L2 variable set
+    optimizer = optim.for_training(config.optimizer, config.base_learning_rate, config.boundary_epochs,
+                                   config.decay_rates, steps_per_epoch, config.weight_decay,
+                                   model.trainable_variables,
+                                   no_decay=[v for v in model.trainable_variables if id(v) not in decayed])
     model.compile(
-        optimizer=optim.make_optimizer(
-            config.optimizer, schedule, weight_decay=config.weight_decay,
-            no_decay=[v for v in model.trainable_variables if id(v) not in decayed]),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         # A metric object, not the string "accuracy": Keras (TF backend, no distribution
         # strategy) builds a metric named by a string inside the first trace of the step, and
         # a variable created there makes TensorFlow trace the whole step a second time.
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=use_xla(config),
+        jit_compile=jit_compile,
         steps_per_execution=config.steps_per_execution,
     )
-    model.optimizer.build(model.trainable_variables)
     return model
 
 

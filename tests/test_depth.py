@@ -118,12 +118,11 @@ def test_piecewise_refused_outside_the_post(overrides, names):
 
 @pytest.mark.parametrize("size", DEPTHS)
 def test_the_trainers_piecewise_factor_takes_the_models_normalizer(built, size):
-    """for_model, as the trainer builds the factor: the normalizer is the model's sum of
-    output channels (hand-counted: 800 for ResNet-20, 1248 for ResNet-32, ...)."""
-    from resnet_cifar import optim
-
-    factor = optim.for_model("piecewise", None, built[size])
-    assert factor.initial_conv_sqsum == sum(co for _, _, co in hand_convs(size))
+    """As the trainer builds the factor (ReproductionModel.configure): the normalizer is the
+    model's sum of output channels (hand-counted: 800 for ResNet-20, 1248 for ResNet-32, ...)."""
+    model = models.ReproductionModel(built[size].inputs, built[size].outputs)   # the same layers
+    model.configure(weight_decay=0.0, conv_l2=True, steps_per_epoch=1, conv_lr_factor="piecewise")
+    assert model._settings["conv_lr_factor"].initial_conv_sqsum == sum(co for _, _, co in hand_convs(size))
 
 
 def test_piecewise_normalizer_is_the_models_expectation():
