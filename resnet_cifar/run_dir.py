@@ -269,6 +269,14 @@ def clear(d):
             os.remove(path)
 
 
+def start(config, restored, model, steps_per_epoch, num_train_images, data):
+    """A run starts (restored: 0) or resumes from checkpoint `restored`: its logs must not run
+    ahead of that checkpoint (`check_checkpoints_cover_the_logs`), then run_config.json records
+    it. Nothing is written before the check: a refused resume leaves the folder as it was."""
+    check_checkpoints_cover_the_logs(config.model_dir, restored)
+    write_run_config(config, model, steps_per_epoch, num_train_images, data)
+
+
 def write_run_config(config, model, steps_per_epoch, num_train_images, data=None):
     """run_config.json: every setting, versions, parameter count, seed, the data's fingerprint
     (`cifar_data.fingerprint`): a figure's """

@@ -88,7 +88,6 @@ def train_and_evaluate(config, arrays):
         if state.replace:
             run_dir.clear(config.model_dir)
             print(f"{config.model_dir}: starting afresh (--overwrite); the run it held is deleted", flush=True)
-        run_dir.write_run_config(config, model, steps_per_epoch, len(arrays.train_labels), data=data)
         try:
             # Restore: the newest checkpoint that reads back whole, and that is this run's.
             epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -104,7 +103,8 @@ def train_and_evaluate(config, arrays):
             except checkpoints.ForeignCheckpoint as e:
                 raise config_lib.ConfigError(f"{e}: copied from another run's folder? Use --overwrite to start "
                                              "this run afresh, or another --model_dir") from None
-            run_dir.check_checkpoints_cover_the_logs(config.model_dir, restored)
+            # The logs must not run ahead of the checkpoint; run_config.json records this start.
+            run_dir.start(config, restored, model, steps_per_epoch, len(arrays.train_labels), data)
             initial_epoch = int(epoch_variable.numpy())
             skipped_text = "".join(f"; skipped {name}: {reason}" for name, reason in skipped)
             if initial_epoch:

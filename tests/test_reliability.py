@@ -458,7 +458,7 @@ def test_unwritable_model_dir(data, tmp_path):
             (tmp_path / "readonly").chmod(0o700)
 
 
-def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
+def test_too_little_free_disk(data, reference, held_run, tmp_path, monkeypatch):
     from resnet_cifar import cifar_data, train
 
     arrays = cifar_data.synthetic_arrays(RUN["batch_size"], RUN["batch_size"])
@@ -468,14 +468,16 @@ def test_too_little_free_disk(reference, held_run, tmp_path, monkeypatch):
     before = snapshot(held_run)
     fresh = str(tmp_path / "fresh")
     for model_dir in (held_run, fresh):
-        config = config_lib.TrainConfig(**dict(RUN, model_dir=model_dir, data_dir="/nonexistent"))
-        for call in (run_dir.check, lambda c: train.train_and_evaluate(c, arrays)):
+        # run_dir.check reads no data (its --data_dir does not exist); train_and_evaluate, given the
+        # arrays, fingerprints the data's files (`data`) before it opens the folder.
+        for call, data_dir in ((run_dir.check, "/nonexistent"), (lambda c: train.train_and_evaluate(c, arrays), data)):
+            config = config_lib.TrainConfig(**dict(RUN, model_dir=model_dir, data_dir=data_dir))
             with pytest.raises(config_lib.ConfigError) as e:
                 call(config)
             message = str(e.value)
             assert "\n" not in message and model_dir in message, message
             assert "only 10 MB free" in message and "needs 100 MB" in message, message
-    # trainer.run checks the folder under its lock, so it has rewritten .lock (who holds it),
+    # train_and_evaluate checks the folder under its lock, so it has rewritten .lock (who holds it),
     # and nothing else; `python -m resnet_cifar.train` refuses before taking the lock (run_dir.check).
     lock = process.LOCK_FILE
     assert {k: v for k, v in snapshot(held_run).items() if k != lock} == {
